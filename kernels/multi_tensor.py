@@ -1,0 +1,54 @@
+"""Device-resident tables that let one kernel launch cover any number of tensors.
+
+A multi-tensor launch reads two tables:
+
+* the *tensor table*, int64 ``[T, NCOL]``: for tensor ``t``, the addresses of its
+  param, grad and up to three state buffers, the address of its fp32 step counter,
+  its element count and a per-tensor flag word;
+* the *block table*, int32 ``[P, 2]``: program ``pid`` works on block
+  ``blocks[pid, 1]`` of tensor ``blocks[pid, 0]``. Every tensor gets at least one
+  program, so a tensor with no elements still has its step counted.
+
+The block table depends only on the element counts and is built once per parameter
+set. The tensor table is rebuilt on the host each step (addresses change when grads
+are re-allocated) but uploaded only when it differs from the copy on the device, and
+always into the same device buffer, so its address never changes. Neither needs a
+host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._launch import multi_tensor_block, multi_tensor_warps
+
+COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_STEP, COL_NUMEL, COL_FLAGS = range(8)
+NCOL = 8
+
+
+class MultiTensorPlan:
+    """The tables and launch shape for one fixed list of tensor sizes on one device."""
+
+    def __init__(self, numels: list[int], device: torch.device) -> None:
+        self.numels = list(numels)
+        self.device = device
+        self.block = multi_tensor_block(self.numels)
+        self.num_warps = multi_tensor_warps(self.block)
+        counts = torch.tensor([max(1, -(-n // self.block)) for n in self.numels], dtype=torch.int64)
+        tensor_index = torch.repeat_interleave(torch.arange(len(self.numels)), counts)
+        first_program = torch.cumsum(counts, 0) - counts
+        block_index = torch.arange(len(tensor_index)) - torch.repeat_interleave(first_program, counts)
+        blocks = torch.stack([tensor_index, block_index], dim=1).to(torch.int32)
+        self.blocks = blocks.to(device)
+        self.num_programs = int(blocks.shape[0])
+        # Per-tensor count of finished programs; the last one to finish bumps the step
+        # counter and resets its slot to zero, so it is all zeros between launches.
+        self.done = torch.zeros(len(self.numels), dtype=torch.int32, device=device)
+        self.table = torch.zeros((len(self.numels), NCOL), dtype=torch.int64, device=device)
+        self._uploaded: list[list[int]] | None = None
+
+    def set_rows(self, rows: list[list[int]]) -> None:
+        """Upload the tensor table if it changed since the last launch (no host sync)."""
+        if rows != self._uploaded:
+            self.table.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+            self._uploaded = rows

@@ -1,0 +1,129 @@
+"""Drop-in fused replacements for torch.optim.Adam, AdamW, RMSprop and SGD.
+
+Change one import: ``from mechgpu.optim import AdamW``. Constructor signatures, defaults,
+validation messages, param groups, state_dict layout and LR schedulers are torch's.
+Differences from torch:
+
+* one Triton launch per step for each (param group, dtype), whatever the number of tensors;
+  the step counter lives on the device and ``step()`` never synchronises with the host;
+* optimizer states are fp32 for bf16/fp16 params (torch keeps them in the param's dtype);
+* ``foreach`` and ``fused`` are accepted and have no effect; ``capturable`` is always true
+  in effect; ``differentiable=True`` raises NotImplementedError;
+* params must be dense in memory (contiguous, or a permutation of it) with grads of the
+  same dtype, shape and strides; float64 and complex params are rejected;
+* CPU tensors run the kernels under ``TRITON_INTERPRET=1``, and otherwise fall back to
+  torch.optim's own implementation with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import optim as optim_kernels
+from ._fused import FusedOptimizer, reject_differentiable
+
+__all__ = ["Adam", "AdamW", "RMSprop", "SGD"]
+
+
+class _AdamFamily(FusedOptimizer):
+    def _state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
+
+    def _sparse_message(self):
+        return "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def _launch(self, plan, dtype, group, aligned):
+        device = plan.device
+        beta1, beta2 = group["betas"]
+        optim_kernels.adam_step(
+            plan, dtype, lr=self._hyper(group["lr"], device),
+            beta1=self._hyper(beta1, device), beta2=self._hyper(beta2, device),
+            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            aligned=aligned,
+        )
+
+
+class Adam(_AdamFamily, torch.optim.Adam):
+    """Fused multi-tensor Adam; see the module docstring for how it differs from torch.optim.Adam."""
+
+    _torch_name = "Adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False) -> None:
+        reject_differentiable("Adam", differentiable)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable,
+                         differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+
+
+class AdamW(_AdamFamily, torch.optim.AdamW):
+    """Fused multi-tensor AdamW; see the module docstring for how it differs from torch.optim.AdamW."""
+
+    _torch_name = "AdamW"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None) -> None:
+        reject_differentiable("AdamW", differentiable)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, foreach=foreach, capturable=capturable,
+                         differentiable=False, fused=fused)
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """Fused multi-tensor RMSprop; see the module docstring for how it differs from torch.optim.RMSprop."""
+
+    _torch_name = "RMSprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False) -> None:
+        reject_differentiable("RMSprop", differentiable)
+        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                         centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
+                         differentiable=False)
+
+    def _state_keys(self, group):
+        return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
+                "grad_avg" if group["centered"] else None)
+
+    def _sparse_message(self):
+        return "RMSprop does not support sparse gradients"
+
+    def _launch(self, plan, dtype, group, aligned):
+        optim_kernels.rmsprop_step(
+            plan, dtype, lr=self._hyper(group["lr"], plan.device), alpha=group["alpha"], eps=group["eps"],
+            weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
+            maximize=group["maximize"], aligned=aligned,
+        )
+
+
+class SGD(FusedOptimizer, torch.optim.SGD):
+    """Fused multi-tensor SGD; see the module docstring for how it differs from torch.optim.SGD.
+
+    Unlike torch.optim.SGD, sparse gradients are rejected.
+    """
+
+    _torch_name = "SGD"
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None) -> None:
+        reject_differentiable("SGD", differentiable)
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False,
+                         fused=fused)
+
+    def _has_step(self):
+        return False  # torch's SGD keeps no step counter
+
+    def _state_keys(self, group):
+        return ("momentum_buffer" if group["momentum"] != 0 else None,)
+
+    def _launch(self, plan, dtype, group, aligned):
+        device = plan.device
+        optim_kernels.sgd_step(
+            plan, dtype, lr=self._hyper(group["lr"], device),
+            weight_decay=self._hyper(group["weight_decay"], device), momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            aligned=aligned,
+        )
