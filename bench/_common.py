@@ -1,0 +1,116 @@
+"""Helpers shared by the benchmarks in ``bench/``: timing, copy bandwidth, result files.
+
+This module imports triton, so a benchmark must decide on ``TRITON_INTERPRET`` before
+importing it (see the top of ``bench/optim.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# triton.testing.do_bench runs the function for WARMUP_MS, then times it for REP_MS.
+# A second of repetitions gives ~100 samples even for a 10 ms step over 1e9 parameters.
+WARMUP_MS = 100
+REP_MS = 1000
+# The quick timer (smoke runs, where kernels may run in Triton's slow CPU interpreter).
+QUICK_REPS = 5
+
+
+def synchronize() -> None:
+    """Wait for all queued GPU work; nothing to wait for without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
+    """Median time of one ``fn()`` in milliseconds.
+
+    By default this is ``triton.testing.do_bench``: CUDA events around every call and the
+    L2 cache flushed between calls. With ``quick=True`` it is the median of QUICK_REPS
+    calls timed with ``time.perf_counter``, synchronising before and after each call; that
+    works on a CPU-only machine but is only a smoke test, not a GPU measurement.
+    """
+    if not quick:
+        return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    times = []
+    for _ in range(QUICK_REPS):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    """Bytes moved in ``ms`` milliseconds, as decimal GB per second."""
+    return nbytes / ms / 1e6
+
+
+def copy_bandwidth(device: torch.device, buffer_bytes: int, *, quick: bool = False) -> dict:
+    """The device's copy bandwidth: ``dst.copy_(src)`` on an fp32 buffer of ``buffer_bytes``.
+
+    A copy reads and writes every byte, so it moves 2 x buffer_bytes. This is the practical
+    ceiling for any kernel that streams memory; benchmarks report their fraction of it.
+    """
+    src = torch.empty(buffer_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), quick=quick)
+    del src, dst
+    free_memory()
+    moved = 2 * buffer_bytes
+    return {"buffer_bytes": buffer_bytes, "bytes": moved, "ms": ms, "gbps": gbps(moved, ms)}
+
+
+def free_memory() -> None:
+    """Collect unreachable tensors and hand torch's cached CUDA memory back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, library versions and the date (UTC), for the head of a result file."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def device_slug(name: str) -> str:
+    """A file-name form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def markdown_table(header: list[str], rows: list[list[str]], *, text_columns: int = 1) -> str:
+    """A GitHub markdown table: the first ``text_columns`` left-aligned, the rest (numbers) right."""
+    align = [":---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, benchmark: str, results: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<device-slug>-<benchmark>.json`` and ``.md``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{device_slug(results['device'])}-{benchmark}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(markdown + "\n")
+    return json_path, md_path

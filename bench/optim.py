@@ -1,0 +1,307 @@
+"""Benchmark: one step of mechgpu.optim against torch.optim's own implementations.
+
+What it measures
+----------------
+The time of one full ``opt.step()`` on fp32 parameter lists shaped like real models:
+
+* ``gpt2-small``: GPT-2 small's real tensors, 148 of them, 124.4M parameters;
+* ``1b``: a Llama of 1.01e9 parameters (TinyLlama-1.1B's shapes, 20 of its 22 layers), 183 tensors;
+* ``10k-x-1k``: 10,000 tensors of 1,000 elements, where per-tensor overheads dominate.
+
+Adam and AdamW run as mechgpu, torch ``fused=True``, torch ``foreach=True`` and a
+``torch.compile``'d foreach step; SGD (momentum 0.9) as mechgpu, torch fused and torch
+foreach; RMSprop as mechgpu and torch foreach (torch has no fused RMSprop). Grads are
+random and set once; every implementation takes a few untimed steps first (state
+creation, JIT and torch.compile), then the median of ``triton.testing.do_bench`` is taken.
+
+Each row reports the bytes a step must move at least (bytes per element x elements), the
+effective GB/s, its fraction of the device-to-device copy bandwidth measured in the same
+run, and mechgpu's speedup over each torch implementation. Results are written to
+``bench/results/<device>-optim.json`` and ``.md``, and the table is printed.
+
+How to run
+----------
+    python bench/optim.py                                   # everything; needs CUDA and ~16 GB
+    python bench/optim.py --lists gpt2-small --optimizers Adam AdamW --no-compile
+    python bench/optim.py --smoke                           # a tiny run, works on a CPU-only machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
+# Triton reads TRITON_INTERPRET when it is first imported, so set it before anything
+# imports triton: mechgpu.optim and _common both do.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import mechgpu.optim  # noqa: E402
+from _common import (  # noqa: E402
+    QUICK_REPS,
+    REP_MS,
+    RESULTS_DIR,
+    WARMUP_MS,
+    copy_bandwidth,
+    environment,
+    free_memory,
+    gbps,
+    markdown_table,
+    median_ms,
+    synchronize,
+    write_results,
+)
+
+Shapes = list[tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------------
+# Parameter lists
+# ----------------------------------------------------------------------------------
+def gpt2_small() -> Shapes:
+    """GPT-2 small as in Hugging Face's GPT2LMHeadModel (Conv1D weights are [in, out],
+    the LM head is tied to wte): 148 tensors, 124,439,808 parameters."""
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    block = [(d,), (d,),              # ln_1 weight, bias
+             (d, 3 * d), (3 * d,),    # attn.c_attn
+             (d, d), (d,),            # attn.c_proj
+             (d,), (d,),              # ln_2 weight, bias
+             (d, 4 * d), (4 * d,),    # mlp.c_fc
+             (4 * d, d), (d,)]        # mlp.c_proj
+    return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]  # wte, wpe, blocks, ln_f
+
+
+def llama_1b() -> Shapes:
+    """A Llama with TinyLlama-1.1B's shapes and 20 of its 22 layers: hidden 2048, 32 query
+    and 4 key/value heads of 64, SwiGLU MLP of 5632, vocab 32000, untied LM head.
+    183 tensors, 1,011,959,808 parameters."""
+    d, kv, ffn, vocab, layers = 2048, 256, 5632, 32000, 20
+    layer = [(d,),                                  # input_layernorm (RMSNorm, weight only)
+             (d, d), (kv, d), (kv, d), (d, d),      # q, k, v, o projections
+             (d,),                                  # post_attention_layernorm
+             (ffn, d), (ffn, d), (d, ffn)]          # gate, up, down projections
+    return [(vocab, d)] + layer * layers + [(d,), (vocab, d)]  # embed, layers, norm, lm_head
+
+
+PARAM_LISTS: dict[str, Callable[[], Shapes]] = {
+    "gpt2-small": gpt2_small,
+    "1b": llama_1b,
+    "10k-x-1k": lambda: [(1000,)] * 10_000,
+}
+SMOKE_LISTS: dict[str, Callable[[], Shapes]] = {"3-x-1k": lambda: [(1000,)] * 3}
+
+
+def make_params(shapes: Shapes, device: torch.device) -> list[torch.Tensor]:
+    """fp32 leaf tensors on ``device``, each with a random grad of its own shape and strides."""
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, device=device).requires_grad_()
+        p.grad = torch.randn_like(p)
+        params.append(p)
+    return params
+
+
+# ----------------------------------------------------------------------------------
+# Optimizers and their implementations
+# ----------------------------------------------------------------------------------
+# The least a step must move per parameter element, in bytes, with fp32 params (see the
+# kernels' docstrings in kernels/optim.py). Adam/AdamW read p, g, exp_avg, exp_avg_sq and
+# write p, exp_avg, exp_avg_sq: 7 x 4 B. SGD with momentum reads p, g, momentum_buffer and
+# writes p, momentum_buffer: 5 x 4 B. RMSprop reads p, g, square_avg and writes p,
+# square_avg: 5 x 4 B.
+BYTES_PER_ELEMENT = {"Adam": 28, "AdamW": 28, "SGD": 20, "RMSprop": 20}
+
+# torch's defaults, except SGD's momentum.
+HYPERPARAMETERS: dict[str, dict] = {"Adam": {}, "AdamW": {}, "SGD": {"lr": 1e-3, "momentum": 0.9},
+                                    "RMSprop": {}}
+
+IMPLEMENTATIONS = {
+    "Adam": ("mechgpu", "torch fused", "torch foreach", "torch compile"),
+    "AdamW": ("mechgpu", "torch fused", "torch foreach", "torch compile"),
+    "SGD": ("mechgpu", "torch fused", "torch foreach"),
+    "RMSprop": ("mechgpu", "torch foreach"),  # torch has no fused RMSprop
+}
+
+# Untimed steps before timing. The first creates the optimizer state and JIT-compiles the
+# kernels; torch.compile compiles again on the second, once the state exists.
+WARMUP_STEPS = 3
+
+
+def make_step(optimizer: str, implementation: str, params: list[torch.Tensor]) -> Callable[[], object]:
+    """A fresh optimizer over ``params``, as a function that takes one step."""
+    kwargs = HYPERPARAMETERS[optimizer]
+    if implementation == "mechgpu":
+        return getattr(mechgpu.optim, optimizer)(params, **kwargs).step
+    torch_optimizer = getattr(torch.optim, optimizer)
+    if implementation == "torch fused":
+        return torch_optimizer(params, fused=True, **kwargs).step
+    opt = torch_optimizer(params, foreach=True, **kwargs)
+    if implementation == "torch foreach":
+        return opt.step
+
+    # "torch compile": the usual way to compile an optimizer step.
+    @torch.compile(fullgraph=False)
+    def step() -> None:
+        opt.step()
+
+    return step
+
+
+def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *, quick: bool) -> dict:
+    """Warm up a fresh optimizer, then time one step: {"ms", "warmup_s", "error"}.
+
+    Only torch.compile may fail; its error is recorded instead of stopping the run.
+    """
+    step = make_step(optimizer, implementation, params)
+    start = time.perf_counter()
+    try:
+        for _ in range(WARMUP_STEPS):
+            step()
+        synchronize()
+    except Exception as exc:
+        if implementation != "torch compile":
+            raise
+        message = str(exc).strip().splitlines()
+        return {"ms": None, "warmup_s": None,
+                "error": f"{type(exc).__name__}: {message[0] if message else ''}"}
+    warmup_s = time.perf_counter() - start
+    return {"ms": median_ms(step, quick=quick), "warmup_s": warmup_s, "error": None}
+
+
+# ----------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------
+def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, compile: bool,
+        quick: bool) -> dict:
+    """Benchmark every optimizer on every list; returns the results as written to JSON."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
+    copy = copy_bandwidth(device, copy_bytes, quick=quick)
+    results = {
+        **environment(device),
+        "benchmark": "optim",
+        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
+                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        "warmup_steps": WARMUP_STEPS,
+        "copy": copy,
+        "bytes_per_element": BYTES_PER_ELEMENT,
+        "lists": {},
+        "rows": [],
+    }
+    torch.manual_seed(0)
+    for list_name, shapes in lists.items():
+        params = make_params(shapes(), device)
+        numel = sum(p.numel() for p in params)
+        results["lists"][list_name] = {"tensors": len(params), "params": numel}
+        for optimizer in optimizers:
+            moved = BYTES_PER_ELEMENT[optimizer] * numel
+            mechgpu_ms = None
+            for implementation in IMPLEMENTATIONS[optimizer]:
+                if implementation == "torch compile" and not compile:
+                    continue
+                timing = time_step(optimizer, implementation, params, quick=quick)
+                if implementation == "torch compile":
+                    torch._dynamo.reset()  # drop the compiled step and what it holds on to
+                free_memory()  # this optimizer's state is gone before the next one allocates
+                row = {"list": list_name, "optimizer": optimizer, "implementation": implementation,
+                       "bytes": moved, **timing, "gbps": None, "copy_fraction": None, "mechgpu_speedup": None}
+                ms = timing["ms"]
+                if ms is not None:
+                    row["gbps"] = gbps(moved, ms)
+                    row["copy_fraction"] = row["gbps"] / copy["gbps"]
+                    if implementation == "mechgpu":
+                        mechgpu_ms = ms
+                    else:
+                        row["mechgpu_speedup"] = ms / mechgpu_ms
+                results["rows"].append(row)
+                outcome = f"{ms:.3f} ms" if ms is not None else timing["error"]
+                print(f"{list_name} {optimizer} {implementation}: {outcome}", flush=True)
+        del params
+        free_memory()
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    """The results as a markdown report: what was measured, then one table row per result."""
+    copy = results["copy"]
+    timing = results["timing"]
+    if timing["method"].startswith("time.perf_counter"):
+        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
+               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
+    else:
+        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
+               f"rep {timing['rep_ms']} ms) of one full `opt.step()`, after {results['warmup_steps']} "
+               "untimed steps")
+    per_element = ", ".join(f"{name} {b} B" for name, b in results["bytes_per_element"].items())
+    lists = "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
+                      for name, info in results["lists"].items())
+    head = [
+        "# mechgpu.optim vs torch.optim: one optimizer step, fp32 params",
+        "",
+        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
+        "",
+        f"- time: {how}",
+        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on {copy['buffer_bytes'] / 2**20:,.0f} "
+        "MiB of fp32; a copy moves twice the buffer)",
+        f"- MB moved: the least a step must read and write, bytes per element × elements ({per_element})",
+        "- mechgpu speedup: the torch implementation's ms / mechgpu's ms",
+        f"- lists: {lists}",
+        "",
+    ]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    header = ["list", "optimizer", "implementation", "ms", "MB moved", "GB/s", "of copy BW", "mechgpu speedup"]
+    rows, errors = [], []
+    for r in results["rows"]:
+        ms = cell(r["ms"], ".3f")
+        if r["error"] is not None:
+            ms = "failed"
+            errors.append(f"- {r['list']} {r['optimizer']} {r['implementation']}: {r['error']}")
+        speedup = "–" if r["mechgpu_speedup"] is None else f"{r['mechgpu_speedup']:.2f}x"
+        rows.append([r["list"], r["optimizer"], r["implementation"], ms, f"{r['bytes'] / 1e6:,.4g}",
+                     cell(r["gbps"], ",.1f"), cell(r["copy_fraction"], ".0%"), speedup])
+    table = markdown_table(header, rows, text_columns=3)
+    failures = ["", "Failures:", *errors] if errors else []
+    return "\n".join(head + [table] + failures)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--lists", nargs="+", choices=list(PARAM_LISTS), help="default: all")
+    which.add_argument("--smoke", action="store_true",
+                       help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter, no "
+                            "torch.compile; works without a GPU; writes to a temporary folder unless --out")
+    parser.add_argument("--optimizers", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
+    if args.smoke:
+        lists = SMOKE_LISTS
+        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
+    else:
+        lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
+        out = args.out or RESULTS_DIR
+
+    results = run(lists, args.optimizers, compile=not (args.smoke or args.no_compile), quick=args.smoke)
+    markdown = to_markdown(results)
+    print()
+    print(markdown)
+    json_path, md_path = write_results(out, "optim", results, markdown)
+    print(f"\nwrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""mechgpu.optim against torch.optim itself: trajectories, state_dicts, schedulers, bad input.
+
+On CPU the real Triton kernels run in triton's interpreter (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICES, gpu, requires_cuda
+
+import mechgpu.optim as mo
+
+SIZES = (0, 1, 3, 1000, 4097, 65537)
+STEPS = 10
+
+# (name, options); every option of every optimizer appears in some case
+CASES = [
+    ("Adam", {}),
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1}),
+    ("Adam", {"maximize": True, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("Adam", {"decoupled_weight_decay": True, "weight_decay": 0.3, "amsgrad": True}),
+    ("AdamW", {}),
+    ("AdamW", {"amsgrad": True, "maximize": True, "weight_decay": 0.5}),
+    ("RMSprop", {}),
+    ("RMSprop", {"centered": True, "weight_decay": 0.1}),
+    ("RMSprop", {"momentum": 0.9, "maximize": True, "alpha": 0.9}),
+    ("RMSprop", {"momentum": 0.5, "centered": True, "eps": 1e-4}),
+    ("SGD", {}),
+    ("SGD", {"momentum": 0.9, "weight_decay": 0.1}),
+    ("SGD", {"momentum": 0.9, "nesterov": True, "maximize": True}),
+    ("SGD", {"momentum": 0.5, "dampening": 0.3, "weight_decay": 0.01}),
+]
+LR = {"Adam": 1e-2, "AdamW": 1e-2, "RMSprop": 1e-3, "SGD": 1e-2}
+STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg"}
+
+
+def _case_id(case):
+    name, opts = case
+    return name + ("-" + "-".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+
+
+def make_params(sizes, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen).to(device=device, dtype=dtype).requires_grad_() for n in sizes]
+
+
+def clone_params(params, dtype=None):
+    return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]
+
+
+def two_groups(params, name, opts):
+    """Two param groups with different hyperparameters, for both optimizers alike."""
+    half = len(params) // 2
+    second = {"lr": LR[name] * 0.5}
+    if name != "SGD" or opts.get("momentum"):
+        second["weight_decay"] = 0.05
+    return [{"params": params[:half]}, {"params": params[half:], **second}]
+
+
+def set_random_grads(param_lists, gen, dtype=None):
+    for tensors in zip(*param_lists):
+        g = torch.randn(tensors[0].shape, generator=gen)
+        for p in tensors:
+            p.grad = g.to(device=p.device, dtype=dtype or p.dtype)
+
+
+def assert_states_close(ours, ref, rtol=1e-5):
+    """States agree to rtol, with an absolute floor of 1e-6 of the state's largest entry.
+
+    The floor covers entries that pass near zero, where the fp32 rounding of a sum
+    is large relative to the entry but not to the values that were summed.
+    """
+    for p_ours, p_ref in zip(ours.state, ref.state):
+        s_ours, s_ref = ours.state[p_ours], ref.state[p_ref]
+        assert set(s_ours) == set(s_ref)
+        for key in s_ref:
+            expected = s_ref[key].cpu().float()
+            atol = 1e-6 * expected.abs().max().item() if expected.numel() else 0.0
+            torch.testing.assert_close(s_ours[key].cpu().float(), expected, rtol=rtol, atol=atol,
+                                       msg=lambda m, k=key: f"state {k}: {m}")
+
+
+# ----------------------------------------------------------------------------------
+# trajectories against torch.optim
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_torch_fp32(case, device):
+    name, opts = case
+    ours_p = make_params(SIZES, device)
+    ref_p = clone_params(ours_p)
+    ours = getattr(mo, name)(two_groups(ours_p, name, opts), lr=LR[name], **opts)
+    ref = getattr(torch.optim, name)(two_groups(ref_p, name, opts), lr=LR[name], **opts)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        set_random_grads([ours_p, ref_p], gen)
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert_states_close(ours, ref)
+    # the trajectory really moved, so agreement is not trivial
+    assert max((a - b).abs().max().item() for a, b in zip(ours_p, make_params(SIZES, device)) if a.numel()) > 1e-3
+
+
+def ulp_close(actual, expected, dtype):
+    """|actual - expected| within one unit in the last place of `dtype` at `expected`."""
+    expected = expected.float()
+    exponent = torch.floor(torch.log2(expected.abs().clamp_min(torch.finfo(dtype).tiny)))
+    ulp = torch.exp2(exponent) * torch.finfo(dtype).eps
+    diff = (actual.float() - expected).abs()
+    worst = (diff / ulp).nan_to_num(nan=float("inf")).max().item() if diff.numel() else 0.0
+    assert worst <= 1.0, f"{dtype}: {worst:.2f} ulp off (diff {diff.max().item():.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[9], CASES[12]], ids=_case_id)
+def test_low_precision_params_match_torch_fp32_step(case, dtype, device):
+    """bf16/fp16 params: each step equals torch's fp32 step from the same point, rounded once.
+
+    States are fp32 in mechgpu, so they track torch's fp32 states closely; the param is
+    the fp32 result rounded to `dtype`, so it may differ from torch's by one ulp.
+    """
+    name, opts = case
+    sizes = (1, 3, 1000, 4097)
+    ours_p = make_params(sizes, device, dtype)
+    ref_p = clone_params(ours_p, torch.float32)
+    ours = getattr(mo, name)(ours_p, lr=LR[name], **opts)
+    ref = getattr(torch.optim, name)(ref_p, lr=LR[name], **opts)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        set_random_grads([ours_p], gen)
+        for r, p in zip(ref_p, ours_p):
+            r.grad = p.grad.float()
+            r.data.copy_(p.detach().float())  # start from the same point
+        ours.step()
+        ref.step()
+        for a, b in zip(ours_p, ref_p):
+            assert a.dtype == dtype and a.grad.dtype == dtype
+            ulp_close(a.detach(), b.detach().to(dtype), dtype)
+    assert_states_close(ours, ref)
+    for state in ours.state.values():
+        assert all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_lr_and_betas_with_scheduler(device):
+    """lr and betas as tensors; a scheduler writes the tensor lr in place and it takes effect."""
+    ours_p = make_params((5, 1000), device)
+    ref_p = clone_params(ours_p)
+    t = lambda v: torch.tensor(v, device=device)
+    ours = mo.Adam(ours_p, lr=t(0.01), betas=(t(0.9), t(0.99)), capturable=True)
+    ref = torch.optim.Adam(ref_p, lr=t(0.01), betas=(t(0.9), t(0.99)), capturable=device != "cpu")
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, ref)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        set_random_grads([ours_p, ref_p], gen)
+        ours.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    assert float(ours.param_groups[0]["lr"]) == pytest.approx(0.01 * 0.5**3)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_lr_schedulers(name, device):
+    ours_p, kwargs = make_params((7, 300), device), {"momentum": 0.9} if name == "SGD" else {}
+    ref_p = clone_params(ours_p)
+    ours = getattr(mo, name)(ours_p, lr=0.1, **kwargs)
+    ref = getattr(torch.optim, name)(ref_p, lr=0.1, **kwargs)
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=8)
+    scheds = [make(ours), make(ref)]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(8):
+        set_random_grads([ours_p, ref_p], gen)
+        ours.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+        assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# state_dict, groups, closures, None grads
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", ["torch-to-mechgpu", "mechgpu-to-torch"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[9], CASES[12]], ids=_case_id)
+def test_state_dict_round_trip(case, direction):
+    """Save after 5 steps in one implementation, load into the other, and continue identically."""
+    name, opts = case
+    first_cls, second_cls = getattr(torch.optim, name), getattr(mo, name)
+    if direction == "mechgpu-to-torch":
+        first_cls, second_cls = second_cls, first_cls
+    params = make_params((3, 1000, 4097), "cpu")
+    cont_p = clone_params(params)
+    first = first_cls(two_groups(params, name, opts), lr=LR[name], **opts)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        set_random_grads([params], gen)
+        first.step()
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # a real checkpoint: no tensors shared with `first`
+    buffer.seek(0)
+    sd = torch.load(buffer)
+    assert set(sd["state"][0]) <= STATE_KEYS
+    with torch.no_grad():
+        for c, p in zip(cont_p, params):
+            c.copy_(p)
+    second = second_cls(two_groups(cont_p, name, opts), lr=LR[name], **opts)
+    second.load_state_dict(sd)
+    for _ in range(5):
+        set_random_grads([params, cont_p], gen)
+        first.step()
+        second.step()
+    for a, b in zip(params, cont_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert_states_close(first, second)
+
+
+def test_state_dict_keeps_fp32_states_of_bf16_params():
+    params = make_params((3, 1000), "cpu", torch.bfloat16)
+    opt = mo.Adam(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    set_random_grads([params], gen)
+    opt.step()
+    sd = opt.state_dict()
+    saved = {k: v.clone() for k, v in sd["state"][1].items()}
+    fresh = mo.Adam(params, lr=1e-2)
+    fresh.load_state_dict(sd)
+    for key, value in saved.items():
+        assert fresh.state[params[1]][key].dtype == torch.float32
+        assert torch.equal(fresh.state[params[1]][key], value)
+
+
+def test_add_param_group_closure_zero_grad_and_none_grads():
+    ours_p = make_params((3, 1000, 17, 5), "cpu")
+    ref_p = clone_params(ours_p)
+    ours = mo.Adam(ours_p[:2], lr=1e-2)
+    ref = torch.optim.Adam(ref_p[:2], lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+
+    def run(step_index):
+        set_random_grads([ours_p, ref_p], gen)
+        if step_index % 3 == 1:  # the third param has no grad on some steps: skipped, step not counted
+            ours_p[2].grad = ref_p[2].grad = None
+        target = torch.randn(1000, generator=gen)
+
+        def closure(params):
+            def f():
+                return ((params[1] - target) ** 2).sum()
+            return f
+
+        loss_ours = ours.step(closure(ours_p))
+        loss_ref = ref.step(closure(ref_p))
+        assert torch.equal(loss_ours, loss_ref)
+
+    for i in range(3):
+        run(i)
+    ours.add_param_group({"params": ours_p[2:], "lr": 3e-3, "amsgrad": True})
+    ref.add_param_group({"params": ref_p[2:], "lr": 3e-3, "amsgrad": True})
+    for i in range(3, 9):
+        run(i)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert ours.state[ours_p[2]]["step"].item() == ref.state[ref_p[2]]["step"].item() == 4
+    ours.zero_grad()
+    assert all(p.grad is None for p in ours_p)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_signature_matches_torch(name):
+    ours = inspect.signature(getattr(mo, name).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].kind == theirs[key].kind, key
+        assert ours[key].default == theirs[key].default, key
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_constructor_validation_and_flags(name):
+    p = make_params((3,), "cpu")
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        getattr(mo, name)(p, lr=-1.0)
+    with pytest.raises(NotImplementedError, match="differentiable=True"):
+        getattr(mo, name)(p, differentiable=True)
+    opt = getattr(mo, name)(p, foreach=True)  # accepted, no effect
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, getattr(torch.optim, name))
+    if name != "RMSprop":
+        getattr(mo, name)(p, fused=True)
+    if name == "Adam":
+        with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.0"):
+            mo.Adam(p, betas=(0.9, 1.0))
+    if name == "SGD":
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+            mo.SGD(p, nesterov=True)
+
+
+# ----------------------------------------------------------------------------------
+# memory layout: unaligned views, permuted params
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_unaligned_and_permuted_params(name, device):
+    """Views at odd storage offsets (no 16-byte alignment) and transposed params stay correct."""
+    base = torch.randn(5000, device=device)
+    def params():
+        return [
+            torch.nn.Parameter(base[1:4098].clone()),       # aligned
+            torch.nn.Parameter(base.clone()[1:4098]),       # storage offset 1: 4-byte aligned only
+            torch.nn.Parameter(base.clone()[3:1003]),       # storage offset 3
+            torch.nn.Parameter(base[:1200].clone().view(30, 40).t()),  # dense but not contiguous
+        ]
+    ours_p, ref_p = params(), params()
+    assert ours_p[1].data_ptr() % 16 != 0 and not ours_p[3].is_contiguous()
+    kwargs = {"momentum": 0.9} if name != "Adam" else {}
+    ours = getattr(mo, name)(ours_p, lr=1e-2, **kwargs)
+    ref = getattr(torch.optim, name)(ref_p, lr=1e-2, **kwargs)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        for a, b in zip(ours_p, ref_p):
+            g = torch.randn(a.shape, generator=gen).to(device)
+            a.grad = torch.empty_like(a).copy_(g)  # same strides as the param
+            b.grad = g.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# bad input: a clear error, and nothing changes
+# ----------------------------------------------------------------------------------
+def _bad_inputs():
+    def sparse(p):
+        p.grad = torch.sparse_coo_tensor([[0]], [1.0], p.shape)
+
+    def grad_dtype(p):
+        p.grad = torch.zeros_like(p)
+        p.grad.data = torch.zeros(p.shape, dtype=torch.float64)
+
+    def grad_shape(p):
+        p.grad = torch.zeros_like(p)
+        p.grad.data = torch.zeros(p.numel() + 1)
+
+    def grad_strides(p):
+        p.data = torch.randn(6, 4)
+        p.grad = torch.zeros(4, 6).t()
+
+    def non_contiguous(p):
+        p.data = torch.randn(10, 8)[:, ::2]
+        p.grad = torch.zeros_like(p)
+
+    def float64(p):
+        p.data = p.data.double()
+        p.grad = torch.zeros_like(p)
+
+    def complex_param(p):
+        p.data = torch.randn(3, dtype=torch.complex64)
+        p.grad = torch.zeros_like(p)
+
+    return [
+        (sparse, RuntimeError, "does not support sparse gradients"),
+        (grad_dtype, RuntimeError, r"grad of param 1 of group 1 has dtype torch.float64, its param torch.float32"),
+        (grad_shape, RuntimeError, r"grad of param 1 of group 1 has shape \(25,\), its param \(24,\)"),
+        (grad_strides, RuntimeError, r"grad of param 1 of group 1 has stride \(1, 6\), its param \(4, 1\)"),
+        (non_contiguous, RuntimeError, r"param 1 of group 1 is not contiguous"),
+        (float64, RuntimeError, r"supports float32, bfloat16 and float16 parameters; param 1 of group 1 is torch.float64"),
+        (complex_param, RuntimeError, "complex parameters are not supported"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
+@pytest.mark.parametrize("spoil,exc,message", _bad_inputs(), ids=lambda x: getattr(x, "__name__", ""))
+def test_bad_input_raises_and_changes_nothing(name, spoil, exc, message):
+    good = make_params((100, 7), "cpu", seed=9)
+    bad = make_params((5, 24), "cpu", seed=10)
+    kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+    opt = getattr(mo, name)([{"params": good}, {"params": bad}], lr=0.1, **kwargs)
+    for p in good + bad:
+        p.grad = torch.ones_like(p)
+    opt.step()  # states exist; the next step must not touch them either
+    before = [p.detach().clone() for p in good + bad]
+    states = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in good + bad}
+    for p in good + bad:
+        p.grad = torch.ones_like(p)
+    spoil(bad[1])
+    if name == "SGD" and spoil.__name__ == "sparse":
+        message = "mechgpu.optim.SGD does not support sparse gradients"
+    with pytest.raises(exc, match=message):
+        opt.step()
+    for p, b in zip(good + [bad[0]], before[:2] + before[2:3]):
+        assert torch.equal(p.detach(), b)
+    for p in good + bad[:1]:
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, states[id(p)][k]), k
+
+
+def test_params_on_different_devices_in_one_group():
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(4, device="meta"))
+    a.grad, b.grad = torch.ones(4), torch.ones(4, device="meta")
+    opt = mo.Adam([a, b])
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="all params of a group must be on one device; param 1 of group 0 is on meta"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and len(opt.state) == 0
+
+
+# ----------------------------------------------------------------------------------
+# one launch per (group, dtype), whatever the number of tensors
+# ----------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreter launches; CPU only")
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_launches_per_step_do_not_grow_with_tensors(name, monkeypatch):
+    from triton.runtime.interpreter import GridExecutor
+
+    launches = []
+    original = GridExecutor.__call__
+
+    def counting(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GridExecutor, "__call__", counting)
+    counts = {}
+    for n_tensors in (3, 40):
+        fp32 = make_params([5 + i for i in range(n_tensors)], "cpu")
+        bf16 = make_params([5 + i for i in range(n_tensors)], "cpu", torch.bfloat16)
+        opt = getattr(mo, name)([{"params": fp32 + bf16}, {"params": fp32[:0] + make_params((9,), "cpu")}],
+                                lr=0.1, momentum=0.9) if name != "Adam" else \
+            mo.Adam([{"params": fp32 + bf16}, {"params": make_params((9,), "cpu")}])
+        gen = torch.Generator().manual_seed(11)
+        for _ in range(3):
+            set_random_grads([[p for g in opt.param_groups for p in g["params"]]], gen)
+            launches.clear()
+            opt.step()
+        counts[n_tensors] = len(launches)
+    # group 0 holds fp32 and bf16 params: two launches; group 1: one
+    assert counts == {3: 3, 40: 3}
+
+
+# ----------------------------------------------------------------------------------
+# the CPU fallback (no interpreter): torch's own step, with a one-time warning
+# ----------------------------------------------------------------------------------
+def test_cpu_fallback_without_interpreter_warns_once_and_matches_torch():
+    script = r"""
+import warnings, torch
+import mechgpu.optim as mo
+from mechgpu.kernels import optim as k
+assert not k.INTERPRETED
+a = [torch.randn(50, requires_grad=True) for _ in range(2)]
+b = [p.detach().clone().requires_grad_() for p in a]
+ours, ref = mo.AdamW(a, lr=0.1), torch.optim.AdamW(b, lr=0.1)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        for x, y in zip(a, b):
+            g = torch.randn(50); x.grad = g.clone(); y.grad = g.clone()
+        ours.step(); ref.step()
+msgs = [str(w.message) for w in caught if "mechgpu" in str(w.message)]
+assert len(msgs) == 1 and "falls back" not in msgs[0] and "torch.optim.AdamW's own implementation" in msgs[0], msgs
+assert all(torch.equal(x, y) for x, y in zip(a, b))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ----------------------------------------------------------------------------------
+# GPU only: no host sync in step(), no recompilation for a new lr
+# ----------------------------------------------------------------------------------
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_step_never_syncs_and_new_lr_never_recompiles(name):
+    from mechgpu.kernels import optim as kernels
+
+    params = make_params((1000, 4097), "cuda")
+    opt = getattr(mo, name)(params, lr=1e-3, **({"momentum": 0.9} if name != "Adam" else {}))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()  # first steps may upload tables
+    kernel = {"Adam": kernels.adam_kernel, "RMSprop": kernels.rmsprop_kernel, "SGD": kernels.sgd_kernel}[name]
+    compiled = sum(len(c) for c in kernel.device_caches[0][0].values()) if hasattr(kernel, "device_caches") else None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for lr in (1e-3, 2e-3, 5e-4):
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if compiled is not None:
+        assert sum(len(c) for c in kernel.device_caches[0][0].values()) == compiled
