@@ -65,12 +65,11 @@ def copy_bandwidth(device: torch.device, buffer_bytes: int, *, quick: bool = Fal
 
     A copy reads and writes every byte, so it moves 2 x buffer_bytes. This is the practical
     ceiling for any kernel that streams memory; benchmarks report their fraction of it.
+    The buffers are released on return; call ``free_memory()`` to hand them back to the device.
     """
     src = torch.empty(buffer_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), quick=quick)
-    del src, dst
-    free_memory()
     moved = 2 * buffer_bytes
     return {"buffer_bytes": buffer_bytes, "bytes": moved, "ms": ms, "gbps": gbps(moved, ms)}
 

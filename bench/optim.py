@@ -43,7 +43,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import mechgpu.optim  # noqa: E402
 from _common import (  # noqa: E402
     QUICK_REPS,
     REP_MS,
@@ -58,6 +57,8 @@ from _common import (  # noqa: E402
     synchronize,
     write_results,
 )
+
+import mechgpu.optim  # noqa: E402
 
 Shapes = list[tuple[int, ...]]
 
@@ -119,8 +120,7 @@ def make_params(shapes: Shapes, device: torch.device) -> list[torch.Tensor]:
 BYTES_PER_ELEMENT = {"Adam": 28, "AdamW": 28, "SGD": 20, "RMSprop": 20}
 
 # torch's defaults, except SGD's momentum.
-HYPERPARAMETERS: dict[str, dict] = {"Adam": {}, "AdamW": {}, "SGD": {"lr": 1e-3, "momentum": 0.9},
-                                    "RMSprop": {}}
+HYPERPARAMETERS: dict[str, dict] = {"Adam": {}, "AdamW": {}, "SGD": {"momentum": 0.9}, "RMSprop": {}}
 
 IMPLEMENTATIONS = {
     "Adam": ("mechgpu", "torch fused", "torch foreach", "torch compile"),
@@ -159,9 +159,9 @@ def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *
 
     Only torch.compile may fail; its error is recorded instead of stopping the run.
     """
-    step = make_step(optimizer, implementation, params)
     start = time.perf_counter()
     try:
+        step = make_step(optimizer, implementation, params)
         for _ in range(WARMUP_STEPS):
             step()
         synchronize()
@@ -178,18 +178,20 @@ def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *
 # ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
-def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, compile: bool,
+def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_compile: bool,
         quick: bool) -> dict:
     """Benchmark every optimizer on every list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
     copy = copy_bandwidth(device, copy_bytes, quick=quick)
+    free_memory()
     results = {
         **environment(device),
         "benchmark": "optim",
         "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
                    {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
         "warmup_steps": WARMUP_STEPS,
+        "hyperparameters": HYPERPARAMETERS,
         "copy": copy,
         "bytes_per_element": BYTES_PER_ELEMENT,
         "lists": {},
@@ -204,7 +206,7 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, compil
             moved = BYTES_PER_ELEMENT[optimizer] * numel
             mechgpu_ms = None
             for implementation in IMPLEMENTATIONS[optimizer]:
-                if implementation == "torch compile" and not compile:
+                if implementation == "torch compile" and not with_compile:
                     continue
                 timing = time_step(optimizer, implementation, params, quick=quick)
                 if implementation == "torch compile":
@@ -240,6 +242,8 @@ def to_markdown(results: dict) -> str:
                f"rep {timing['rep_ms']} ms) of one full `opt.step()`, after {results['warmup_steps']} "
                "untimed steps")
     per_element = ", ".join(f"{name} {b} B" for name, b in results["bytes_per_element"].items())
+    hyper = "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
+                      for name, kwargs in results["hyperparameters"].items() if kwargs)
     lists = "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
                       for name, info in results["lists"].items())
     head = [
@@ -248,9 +252,10 @@ def to_markdown(results: dict) -> str:
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
         "",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on {copy['buffer_bytes'] / 2**20:,.0f} "
-        "MiB of fp32; a copy moves twice the buffer)",
+        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
+        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
         f"- MB moved: the least a step must read and write, bytes per element × elements ({per_element})",
+        f"- hyperparameters: torch's defaults, except {hyper}",
         "- mechgpu speedup: the torch implementation's ms / mechgpu's ms",
         f"- lists: {lists}",
         "",
@@ -259,7 +264,8 @@ def to_markdown(results: dict) -> str:
     def cell(value: float | None, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    header = ["list", "optimizer", "implementation", "ms", "MB moved", "GB/s", "of copy BW", "mechgpu speedup"]
+    header = ["list", "optimizer", "implementation", "ms", "MB moved", "GB/s", "of copy BW",
+              "mechgpu speedup"]
     rows, errors = [], []
     for r in results["rows"]:
         ms = cell(r["ms"], ".3f")
@@ -275,13 +281,15 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--lists", nargs="+", choices=list(PARAM_LISTS), help="default: all")
     which.add_argument("--smoke", action="store_true",
                        help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter, no "
                             "torch.compile; works without a GPU; writes to a temporary folder unless --out")
-    parser.add_argument("--optimizers", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
+    parser.add_argument("--optimizers", nargs="+", choices=list(IMPLEMENTATIONS),
+                        default=list(IMPLEMENTATIONS))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
     args = parser.parse_args(argv)
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
         out = args.out or RESULTS_DIR
 
-    results = run(lists, args.optimizers, compile=not (args.smoke or args.no_compile), quick=args.smoke)
+    results = run(lists, args.optimizers, with_compile=not (args.smoke or args.no_compile), quick=args.smoke)
     markdown = to_markdown(results)
     print()
     print(markdown)

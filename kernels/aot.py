@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel for sm_80 and sm_90a, with no GPU needed.
 
-``compile_report()`` compiles each registered kernel variant with ``triton.compile``
+``inspect_variant()`` compiles a kernel variant with ``triton.compile``
 and a ``GPUTarget``, then reads the result with the ``ptxas`` and ``cuobjdump`` that
 ship in the triton wheel: registers, spill bytes, and the number of 128-bit global
 loads and stores (``LDG.E.128`` / ``STG.E.128``) in the SASS. ``bench/kernel_report.py``
@@ -9,14 +9,15 @@ prints it; ``tests/test_compile.py`` checks it.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import triton
-import triton.language as tl
 
 ARCHS = (80, 90)
 
@@ -42,64 +43,34 @@ class CompileResult:
     spills: int
     ldg128: int
     stg128: int
-    expect_vector_io: bool = field(default=True)
-
-    def as_json(self) -> dict:
-        return asdict(self)
 
 
-def _optim_variants() -> list[KernelVariant]:
-    from . import optim
-    from ._launch import MULTI_TENSOR_BLOCKS, multi_tensor_warps
+def variant(name: str, fn, signature: dict[str, str], constexprs: dict, aligned: bool,
+            num_warps: int) -> KernelVariant:
+    """A variant whose pointer arguments are 16-byte aligned, as torch allocations are.
 
-    block = MULTI_TENSOR_BLOCKS[0]
-    warps = multi_tensor_warps(block)
-    tables = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32"}
-    variants = []
-    for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
-        for aligned in (True, False):
-            tag = f"{dtype_name}{'' if aligned else ',unaligned'}"
-            common = {"PARAM_DTYPE": dtype, "MAXIMIZE": False, "ALIGNED": aligned, "BLOCK": block}
-            for amsgrad, decoupled in ((False, False), (True, True)):
-                sig = dict(tables, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
-                           one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
-                cx = dict(common, LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=amsgrad,
-                          DECOUPLED_WD=decoupled)
-                name = f"adam[{tag}{',amsgrad,adamw' if amsgrad else ''}]"
-                variants.append(_variant(name, optim.adam_kernel, sig, cx, aligned, warps))
-            for centered, momentum in ((False, False), (True, True)):
-                sig = dict(tables, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",
-                           weight_decay="fp32", momentum="fp32")
-                cx = dict(common, LR_IS_PTR=False, CENTERED=centered, HAS_MOMENTUM=momentum)
-                name = f"rmsprop[{tag}{',centered,momentum' if centered else ''}]"
-                variants.append(_variant(name, optim.rmsprop_kernel, sig, cx, aligned, warps))
-            for momentum, nesterov in ((False, False), (True, True)):
-                sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "lr": "fp32", "weight_decay": "fp32",
-                       "momentum": "fp32", "one_minus_dampening": "fp32"}
-                cx = dict(common, LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=momentum,
-                          NESTEROV=nesterov)
-                name = f"sgd[{tag}{',momentum,nesterov' if momentum else ''}]"
-                variants.append(_variant(name, optim.sgd_kernel, sig, cx, aligned, warps))
-    # tensor hyperparameters (lr and betas read from device memory)
-    sig = dict(tables, lr="*fp32", beta1="*fp32", beta2="*fp32", one_minus_beta1="fp32",
-               one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
-    cx = {"PARAM_DTYPE": tl.float32, "MAXIMIZE": True, "ALIGNED": True, "BLOCK": block,
-          "LR_IS_PTR": True, "BETAS_ARE_PTRS": True, "AMSGRAD": False, "DECOUPLED_WD": False}
-    variants.append(_variant("adam[fp32,tensor-lr-betas]", optim.adam_kernel, sig, cx, True, warps))
-    return variants
-
-
-def _variant(name, fn, signature, constexprs, aligned, warps) -> KernelVariant:
+    ``aligned`` says the kernel was told its tensors are aligned, so the SASS must
+    contain 128-bit loads and stores.
+    """
     full_sig = dict(signature)
     full_sig.update({k: "constexpr" for k in constexprs})
     return KernelVariant(name, fn, full_sig, constexprs,
                          aligned_args=tuple(k for k, v in signature.items() if v.startswith("*")),
-                         expect_vector_io=aligned, num_warps=warps)
+                         expect_vector_io=aligned, num_warps=num_warps)
 
 
 def all_variants() -> list[KernelVariant]:
-    """Every kernel variant the compile test and the kernel report cover."""
-    return _optim_variants()
+    """Every kernel variant the compile test and the kernel report cover.
+
+    Each kernel module of this package lists its own variants in ``aot_variants()``.
+    """
+    variants = []
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]),
+                       key=lambda m: m.name):
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        if hasattr(module, "aot_variants"):
+            variants += module.aot_variants()
+    return variants
 
 
 # ----------------------------------------------------------------------------------
@@ -148,9 +119,4 @@ def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
     return CompileResult(
         kernel=variant.name, arch=gpu_name, registers=registers, spills=spill_stores + spill_loads,
         ldg128=len(re.findall(r"LDG\.E\.128", sass)), stg128=len(re.findall(r"STG\.E\.128", sass)),
-        expect_vector_io=variant.expect_vector_io,
     )
-
-
-def compile_report(archs=ARCHS) -> list[CompileResult]:
-    return [inspect_variant(v, arch) for v in all_variants() for arch in archs]

@@ -447,6 +447,56 @@ def sgd_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, weight_deca
         )
 
 
+def aot_variants() -> list:
+    """The specialisations the compile test and bench/kernel_report.py compile."""
+    from ._launch import MULTI_TENSOR_BLOCKS, multi_tensor_warps
+    from .aot import variant
+
+    block = MULTI_TENSOR_BLOCKS[0]
+    warps = multi_tensor_warps(block)
+    tables = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32"}
+    variants = []
+    for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+        for aligned in (True, False):
+            tag = f"{dtype_name}{'' if aligned else ',unaligned'}"
+            common = {"PARAM_DTYPE": dtype, "MAXIMIZE": False, "ALIGNED": aligned, "BLOCK": block}
+            for amsgrad, decoupled in ((False, False), (True, True)):
+                sig = dict(tables, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
+                           one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
+                cx = dict(common, LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=amsgrad,
+                          DECOUPLED_WD=decoupled)
+                name = f"adam[{tag}{',amsgrad,adamw' if amsgrad else ''}]"
+                variants.append(variant(name, adam_kernel, sig, cx, aligned, warps))
+            for centered, momentum in ((False, False), (True, True)):
+                sig = dict(tables, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",
+                           weight_decay="fp32", momentum="fp32")
+                cx = dict(common, LR_IS_PTR=False, CENTERED=centered, HAS_MOMENTUM=momentum)
+                name = f"rmsprop[{tag}{',centered,momentum' if centered else ''}]"
+                variants.append(variant(name, rmsprop_kernel, sig, cx, aligned, warps))
+            for momentum, nesterov in ((False, False), (True, True)):
+                sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "lr": "fp32", "weight_decay": "fp32",
+                       "momentum": "fp32", "one_minus_dampening": "fp32"}
+                cx = dict(common, LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=momentum,
+                          NESTEROV=nesterov)
+                name = f"sgd[{tag}{',momentum,nesterov' if momentum else ''}]"
+                variants.append(variant(name, sgd_kernel, sig, cx, aligned, warps))
+    # tensor hyperparameters (lr and betas read from device memory)
+    sig = dict(tables, lr="*fp32", beta1="*fp32", beta2="*fp32", one_minus_beta1="fp32",
+               one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
+    cx = {"PARAM_DTYPE": tl.float32, "MAXIMIZE": True, "ALIGNED": True, "BLOCK": block,
+          "LR_IS_PTR": True, "BETAS_ARE_PTRS": True, "AMSGRAD": False, "DECOUPLED_WD": False}
+    variants.append(variant("adam[fp32,tensor-lr-betas]", adam_kernel, sig, cx, True, warps))
+    return variants
+
+
+def variant(name, fn, signature, constexprs, aligned, warps) -> KernelVariant:
+    full_sig = dict(signature)
+    full_sig.update({k: "constexpr" for k in constexprs})
+    return KernelVariant(name, fn, full_sig, constexprs,
+                         aligned_args=tuple(k for k, v in signature.items() if v.startswith("*")),
+                         expect_vector_io=aligned, num_warps=warps)
+
+
 #: True when triton runs these kernels in its interpreter (TRITON_INTERPRET=1 at import),
 #: which is what lets them take CPU tensors.
 INTERPRETED = type(adam_kernel).__name__ == "InterpretedFunction"
