@@ -31,7 +31,8 @@ class KernelVariant:
     signature: dict[str, str]
     constexprs: dict[str, object]
     aligned_args: tuple[str, ...] = ()  # pointer arguments the launcher guarantees 16-byte aligned
-    expect_vector_io: bool = True  # should the SASS contain LDG.E.128 and STG.E.128?
+    expect_ldg128: bool = True  # must the SASS contain LDG.E.128?
+    expect_stg128: bool = True  # must the SASS contain STG.E.128?
     num_warps: int = 4
 
 
@@ -46,17 +47,21 @@ class CompileResult:
 
 
 def variant(name: str, fn, signature: dict[str, str], constexprs: dict, aligned: bool,
-            num_warps: int) -> KernelVariant:
+            num_warps: int, vector_loads: bool | None = None,
+            vector_stores: bool | None = None) -> KernelVariant:
     """A variant whose pointer arguments are 16-byte aligned, as torch allocations are.
 
     ``aligned`` says the kernel was told its tensors are aligned, so the SASS must
-    contain 128-bit loads and stores.
+    contain 128-bit loads and stores; ``vector_loads``/``vector_stores`` override that
+    for kernels that only read (a reduction) or only write (an initialiser).
     """
     full_sig = dict(signature)
     full_sig.update({k: "constexpr" for k in constexprs})
     return KernelVariant(name, fn, full_sig, constexprs,
                          aligned_args=tuple(k for k, v in signature.items() if v.startswith("*")),
-                         expect_vector_io=aligned, num_warps=num_warps)
+                         expect_ldg128=aligned if vector_loads is None else vector_loads,
+                         expect_stg128=aligned if vector_stores is None else vector_stores,
+                         num_warps=num_warps)
 
 
 def all_variants() -> list[KernelVariant]:

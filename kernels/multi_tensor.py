@@ -2,9 +2,9 @@
 
 A multi-tensor launch reads two tables:
 
-* the *tensor table*, int64 ``[T, NCOL]``: for tensor ``t``, the addresses of its
-  param, grad and up to three state buffers, the address of its fp32 step counter,
-  its element count and a per-tensor flag word;
+* the *tensor table*, int64 ``[T, ncol]``: for an optimizer, tensor ``t``'s param, grad,
+  up to three state buffers, its fp32 step counter, its element count and its fp32
+  master copy (columns ``COL_*``); other kernels define their own columns;
 * the *block table*, int32 ``[P, 2]``: program ``pid`` works on block
   ``blocks[pid, 1]`` of tensor ``blocks[pid, 0]``. Every tensor gets at least one
   program, so a tensor with no elements still has its step counted.
@@ -22,14 +22,15 @@ import torch
 
 from ._launch import multi_tensor_block, multi_tensor_warps
 
-COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_STEP, COL_NUMEL, COL_FLAGS = range(8)
+# Optimizer tables: one row per tensor. (The norm kernels use their own three columns.)
+COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_STEP, COL_NUMEL, COL_MASTER = range(8)
 NCOL = 8
 
 
 class MultiTensorPlan:
     """The tables and launch shape for one fixed list of tensor sizes on one device."""
 
-    def __init__(self, numels: list[int], device: torch.device) -> None:
+    def __init__(self, numels: list[int], device: torch.device, ncol: int = NCOL) -> None:
         self.numels = list(numels)
         self.device = device
         self.block = multi_tensor_block(self.numels)
@@ -41,10 +42,11 @@ class MultiTensorPlan:
         blocks = torch.stack([tensor_index, block_index], dim=1).to(torch.int32)
         self.blocks = blocks.to(device)
         self.num_programs = int(blocks.shape[0])
-        # Per-tensor count of finished programs; the last one to finish bumps the step
-        # counter and resets its slot to zero, so it is all zeros between launches.
-        self.done = torch.zeros(len(self.numels), dtype=torch.int32, device=device)
-        self.table = torch.zeros((len(self.numels), NCOL), dtype=torch.int64, device=device)
+        # Per-tensor (or, for reductions, global) count of finished programs; the last one
+        # to finish does the tensor's epilogue and resets its slot, so it is all zeros
+        # between launches.
+        self.done = torch.zeros(max(1, len(self.numels)), dtype=torch.int32, device=device)
+        self.table = torch.zeros((len(self.numels), ncol), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None
 
     def set_rows(self, rows: list[list[int]]) -> None:

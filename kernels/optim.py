@@ -3,13 +3,23 @@
 Every kernel walks a ``MultiTensorPlan`` (see ``multi_tensor.py``): program ``pid``
 updates one BLOCK-sized slice of one tensor, reading the tensor's addresses from the
 device-resident table. The math runs in fp32 and matches ``torch.optim`` to fp32
-rounding; params and grads are fp32, bf16 or fp16, states are fp32. Hyperparameters
-are runtime arguments (or 0-d device tensors, read in the kernel), so a new learning
-rate never recompiles. Constexprs select features that change the code.
+rounding. Params and grads are fp32, bf16 or fp16; states are fp32 or bf16. Hyper-
+parameters are runtime arguments (or 0-d device tensors, read in the kernel), so a new
+learning rate never recompiles. Constexprs select features that change the code.
 
 Step counters live on the device. Each program computes with ``step + 1``; the last
-program of a tensor to finish (counted with an atomic) writes ``step + 1`` back, so
-the step never round-trips through the host.
+program of a tensor to finish (counted with an atomic) writes ``step + 1`` back, so the
+step never round-trips through the host.
+
+Grad control, all read from device memory with no host sync (``StepControl``):
+``grad_scale`` (GradScaler's scale: grads are unscaled in registers), ``found_inf``
+(skip the step), and a clip coefficient from ``clip.py``'s norm kernel (grads are
+multiplied by it in registers; with ``skip_nonfinite`` a non-finite norm skips the
+step). A skipped step writes nothing and does not count.
+
+Precision (``Precision``): with ``master`` the update reads and writes an fp32 master
+copy and stores the param rounded to its dtype in the same pass; with ``stochastic``
+bf16 params are rounded stochastically instead of to nearest.
 
 Full blocks take an unmasked path; with ``ALIGNED`` the launcher promises that every
 address in the table is 16-byte aligned, which lets the compiler emit 128-bit loads
@@ -17,6 +27,8 @@ and stores. Tensors at unaligned storage offsets go to a separate launch without
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -31,7 +43,7 @@ _COL_STATE1 = tl.constexpr(3)
 _COL_STATE2 = tl.constexpr(4)
 _COL_STEP = tl.constexpr(5)
 _COL_NUMEL = tl.constexpr(6)
-_COL_FLAGS = tl.constexpr(7)
+_COL_MASTER = tl.constexpr(7)
 _NCOL = tl.constexpr(8)
 
 
@@ -67,13 +79,35 @@ def _table_ptr(row, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 
 @triton.jit
-def _program_slice(table_ptr, blocks_ptr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """(tensor index, table row, element count, offsets, is-full-block) of this program."""
+def _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr, CLIP: tl.constexpr,
+                  SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr, FOUND_INF: tl.constexpr):
+    """(grad multiplier, skip) from device memory: 1/grad_scale * clip_coef; found_inf or a bad norm."""
+    multiplier = tl.full((), 1.0, tl.float32)
+    skip = tl.full((), 0, tl.int1)
+    if UNSCALE:
+        multiplier = 1.0 / tl.load(grad_scale_ptr).to(tl.float32)
+    if CLIP:
+        multiplier = multiplier * tl.load(control_ptr + 1)
+    if SKIP_NONFINITE:
+        norm = tl.load(control_ptr)
+        skip = skip | (norm != norm) | (tl.abs(norm) == float("inf"))
+    if FOUND_INF:
+        skip = skip | (tl.load(found_inf_ptr) != 0)
+    return multiplier, skip
+
+
+@triton.jit
+def _program_slice(table_ptr, blocks_ptr, skip, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor index, table row, element count, offsets, is-full-block) of this program.
+
+    A skipped step sees an element count of 0, so every access is masked off.
+    """
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)
     block_idx = tl.load(blocks_ptr + 2 * pid + 1)
     row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
     numel = tl.load(row + _COL_NUMEL)
+    numel = tl.where(skip, 0, numel)
     start = block_idx.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
@@ -82,8 +116,17 @@ def _program_slice(table_ptr, blocks_ptr, BLOCK: tl.constexpr, ALIGNED: tl.const
 
 
 @triton.jit
-def _finish_step(row, done_ptr, tensor_idx, numel, new_step, BLOCK: tl.constexpr):
-    """The last program of a tensor to finish stores its incremented step counter."""
+def _read_step(row, skip):
+    """(step pointer, step after this update): the step does not count when skipped."""
+    step_ptr = tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr)
+    return step_ptr, tl.where(skip, step, step + 1.0)
+
+
+@triton.jit
+def _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK: tl.constexpr):
+    """The last program of a tensor to finish stores its step counter."""
+    numel = tl.load(row + _COL_NUMEL)
     nblocks = tl.maximum(tl.cdiv(numel, BLOCK), 1)
     finished = tl.atomic_add(done_ptr + tensor_idx, 1)
     if finished == nblocks - 1:
@@ -96,6 +139,51 @@ def _finish_step(row, done_ptr, tensor_idx, numel, new_step, BLOCK: tl.constexpr
 def _lerp(start, end, weight):
     """torch.lerp's formula, which is exact at both ends."""
     return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier,
+                     SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr):
+    """fp32 param (from the master copy if any) and fp32 grad (unscaled and clipped)."""
+    if MASTER:
+        p = tl.load(master_ptr + offs, mask=mask)
+    else:
+        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+    if SCALE_GRAD:
+        g = g * multiplier
+    return p, g
+
+
+@triton.jit
+def _stochastic_round_bf16(x, seed, offs):
+    """fp32 -> bf16, rounding up with probability equal to the discarded fraction.
+
+    bf16 is the top half of an fp32: add a uniform 16-bit integer to the low half, then
+    truncate. inf and NaN stay as they are.
+    """
+    noise = tl.randint(seed, offs) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    rounded = tl.where(x != x, x, rounded)
+    return rounded.to(tl.bfloat16)
+
+
+@triton.jit
+def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
+                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if MASTER:
+        tl.store(master_ptr + offs, p, mask=mask)
+    if STOCHASTIC:
+        tl.store(param_ptr + offs, _stochastic_round_bf16(p, seed, offs), mask=mask)
+    else:
+        tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rounding_seed(seed, tensor_idx, step):
+    """A fresh Philox seed for each (tensor, step) pair."""
+    return seed + tensor_idx * 1000003 + step.to(tl.int32) * 7919
 
 
 # ----------------------------------------------------------------------------------
@@ -131,49 +219,57 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
-def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, offs, mask,
-                lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, step_size,
+def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs, mask,
+                multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, step_size,
                 bias_correction2_sqrt,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offs, mask=mask)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
+    m = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
     if AMSGRAD:
-        vmax = tl.load(max_sq_ptr + offs, mask=mask)
+        vmax = tl.load(max_sq_ptr + offs, mask=mask).to(tl.float32)
     p, m, v, vmax = adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
                                 weight_decay, step_size, bias_correction2_sqrt,
                                 AMSGRAD, MAXIMIZE, DECOUPLED_WD)
-    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
+    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     if AMSGRAD:
-        tl.store(max_sq_ptr + offs, vmax, mask=mask)
+        tl.store(max_sq_ptr + offs, vmax.to(max_sq_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def adam_kernel(table_ptr, blocks_ptr, done_ptr,
+def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
                 lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
-                PARAM_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+                CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
+                FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Adam/AdamW over every tensor of a table (states: exp_avg, exp_avg_sq, max_exp_avg_sq).
 
     Bias corrections 1 - beta^t are computed per tensor in fp64 from its own step.
-    Bytes per element: reads p, g, m, v and writes p, m, v: 28 B in fp32, 20 B with
-    bf16/fp16 params; amsgrad adds 8 B.
+    Bytes per element: reads p, g, m, v and writes p, m, v: 28 B in fp32; bf16 params
+    with fp32 states 20 B, with bf16 states 12 B; an fp32 master adds 8 B; amsgrad adds
+    2 x the state size.
     """
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, BLOCK, ALIGNED)
+    multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
+                                     CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
+    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
     param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    exp_avg_ptr = _table_ptr(row, _COL_STATE0, tl.float32, ALIGNED)
-    exp_avg_sq_ptr = _table_ptr(row, _COL_STATE1, tl.float32, ALIGNED)
+    exp_avg_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _table_ptr(row, _COL_STATE1, STATE_DTYPE, ALIGNED)
     max_sq_ptr = exp_avg_sq_ptr
     if AMSGRAD:
-        max_sq_ptr = _table_ptr(row, _COL_STATE2, tl.float32, ALIGNED)
-    step_ptr = tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32))
-    new_step = tl.load(step_ptr) + 1.0
+        max_sq_ptr = _table_ptr(row, _COL_STATE2, STATE_DTYPE, ALIGNED)
+    master_ptr = exp_avg_ptr.to(tl.pointer_type(tl.float32))
+    if MASTER:
+        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
+    step_ptr, new_step = _read_step(row, skip)
 
     lr = _scalar(lr, LR_IS_PTR)
     if BETAS_ARE_PTRS:
@@ -195,16 +291,19 @@ def adam_kernel(table_ptr, blocks_ptr, done_ptr,
     bias_correction2 = 1.0 - _pow_int(beta2_64, n)
     step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+    seed = _rounding_seed(seed, tensor_idx, new_step)
 
     if full:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, offs, None,
-                    lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay, step_size,
-                    bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD)
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs, None,
+                    multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay,
+                    step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
+                    CLIP or UNSCALE, MASTER, STOCHASTIC)
     else:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, offs, offs < numel,
-                    lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay, step_size,
-                    bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD)
-    _finish_step(row, done_ptr, tensor_idx, numel, new_step, BLOCK)
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs,
+                    offs < numel, multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps,
+                    weight_decay, step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
+                    CLIP or UNSCALE, MASTER, STOCHASTIC)
+    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
 # ----------------------------------------------------------------------------------
@@ -239,60 +338,67 @@ def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight
 
 
 @triton.jit
-def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, offs, mask,
-                   lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    sq = tl.load(sq_ptr + offs, mask=mask)
+def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, mask,
+                   multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
+    sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
     g_avg = sq
     buf = sq
     if CENTERED:
-        g_avg = tl.load(g_avg_ptr + offs, mask=mask)
+        g_avg = tl.load(g_avg_ptr + offs, mask=mask).to(tl.float32)
     if HAS_MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask)
+        buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
     p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps,
                                        weight_decay, momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
-    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(sq_ptr + offs, sq, mask=mask)
+    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
+    tl.store(sq_ptr + offs, sq.to(sq_ptr.dtype.element_ty), mask=mask)
     if CENTERED:
-        tl.store(g_avg_ptr + offs, g_avg, mask=mask)
+        tl.store(g_avg_ptr + offs, g_avg.to(g_avg_ptr.dtype.element_ty), mask=mask)
     if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, buf, mask=mask)
+        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr,
+def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
                    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                   PARAM_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr, CENTERED: tl.constexpr,
-                   HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr,
+                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
+                   FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """RMSprop over every tensor of a table (states: square_avg, momentum_buffer, grad_avg).
 
     Bytes per element in fp32: 20 B (p, g, square_avg), +8 B each for momentum and centered.
     """
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, BLOCK, ALIGNED)
+    multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
+                                     CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
+    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
     param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    sq_ptr = _table_ptr(row, _COL_STATE0, tl.float32, ALIGNED)
+    sq_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
     buf_ptr = sq_ptr
     g_avg_ptr = sq_ptr
     if HAS_MOMENTUM:
-        buf_ptr = _table_ptr(row, _COL_STATE1, tl.float32, ALIGNED)
+        buf_ptr = _table_ptr(row, _COL_STATE1, STATE_DTYPE, ALIGNED)
     if CENTERED:
-        g_avg_ptr = _table_ptr(row, _COL_STATE2, tl.float32, ALIGNED)
-    step_ptr = tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32))
-    new_step = tl.load(step_ptr) + 1.0
+        g_avg_ptr = _table_ptr(row, _COL_STATE2, STATE_DTYPE, ALIGNED)
+    master_ptr = sq_ptr.to(tl.pointer_type(tl.float32))
+    if MASTER:
+        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
+    step_ptr, new_step = _read_step(row, skip)
     lr = _scalar(lr, LR_IS_PTR)
+    seed = _rounding_seed(seed, tensor_idx, new_step)
     if full:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, offs, None,
-                       lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE)
+        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, None,
+                       multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
     else:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, offs, offs < numel,
-                       lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE)
-    _finish_step(row, done_ptr, tensor_idx, numel, new_step, BLOCK)
+        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, offs < numel,
+                       multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
 # ----------------------------------------------------------------------------------
@@ -325,49 +431,62 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
 
 
 @triton.jit
-def _sgd_block(param_ptr, grad_ptr, buf_ptr, offs, mask, first, lr, weight_decay, momentum,
-               one_minus_dampening,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
-    p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, mask, first, multiplier, seed,
+               lr, weight_decay, momentum, one_minus_dampening,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     buf = g
     if HAS_MOMENTUM:
         if not first:
-            buf = tl.load(buf_ptr + offs, mask=mask)
+            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
     p, buf = sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
                         HAS_MOMENTUM, NESTEROV, MAXIMIZE)
-    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, buf, mask=mask)
+        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def sgd_kernel(table_ptr, blocks_ptr,
+def sgd_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
                lr, weight_decay, momentum, one_minus_dampening,
-               PARAM_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr, WD_IS_PTR: tl.constexpr,
+               PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+               LR_IS_PTR: tl.constexpr, WD_IS_PTR: tl.constexpr,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
+               FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """SGD over every tensor of a table (state: momentum_buffer, fp32).
+    """SGD over every tensor of a table (state: momentum_buffer).
 
-    The table's flag word is 1 on a tensor's first momentum step (buffer <- grad).
+    The step column holds a private count of steps taken (torch's SGD keeps no step);
+    at 0 the momentum buffer is set to the grad, as torch does on its first step.
     Bytes per element in fp32: 12 B without momentum, 20 B with it.
     """
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, BLOCK, ALIGNED)
+    multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
+                                     CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
+    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
     param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    buf_ptr = grad_ptr
-    first = False
+    buf_ptr = grad_ptr.to(tl.pointer_type(STATE_DTYPE))
     if HAS_MOMENTUM:
-        buf_ptr = _table_ptr(row, _COL_STATE0, tl.float32, ALIGNED)
-        first = tl.load(row + _COL_FLAGS) != 0
+        buf_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
+    master_ptr = grad_ptr.to(tl.pointer_type(tl.float32))
+    if MASTER:
+        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
+    step_ptr, new_step = _read_step(row, skip)
+    first = tl.load(step_ptr) == 0.0
     lr = _scalar(lr, LR_IS_PTR)
     weight_decay = _scalar(weight_decay, WD_IS_PTR)
+    seed = _rounding_seed(seed, tensor_idx, new_step)
     if full:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, offs, None, first, lr, weight_decay, momentum,
-                   one_minus_dampening, HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, None, first, multiplier, seed,
+                   lr, weight_decay, momentum, one_minus_dampening,
+                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
     else:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, offs, offs < numel, first, lr, weight_decay,
-                   momentum, one_minus_dampening, HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, offs < numel, first, multiplier, seed,
+                   lr, weight_decay, momentum, one_minus_dampening,
+                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
 # ----------------------------------------------------------------------------------
@@ -376,11 +495,56 @@ def sgd_kernel(table_ptr, blocks_ptr,
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+@dataclass
+class StepControl:
+    """Per-step grad control read by the kernel from device memory (all optional).
+
+    clip: fp32 ``[2]`` tensor ``(total_norm, clip_coef)`` written by ``clip.py``'s norm kernel.
+    skip_nonfinite: skip the step when ``clip[0]`` is inf or NaN.
+    grad_scale, found_inf: GradScaler's tensors (grads are divided by grad_scale; a
+    nonzero found_inf skips the step).
+    """
+
+    clip: torch.Tensor | None = None
+    skip_nonfinite: bool = False
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+
+
+@dataclass
+class Precision:
+    """How params and states are stored: state dtype, fp32 master copy, stochastic rounding."""
+
+    state_dtype: torch.dtype = torch.float32
+    master: bool = False
+    stochastic: bool = False
+    seed: int = 0
+
+
 def _hyper(value):
     """A float stays a runtime scalar; a 0-d tensor is passed by address."""
     if isinstance(value, torch.Tensor):
         return value, True
     return float(value), False
+
+
+def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepControl,
+                 precision: Precision):
+    """(leading tensor/seed arguments, shared constexprs) of every optimizer kernel."""
+    spare = plan.table  # any device pointer, for arguments a variant never reads
+    args = (plan.table, plan.blocks, plan.done,
+            control.clip if control.clip is not None else spare,
+            control.grad_scale if control.grad_scale is not None else spare,
+            control.found_inf if control.found_inf is not None else spare,
+            precision.seed)
+    constexprs = dict(
+        PARAM_DTYPE=_TL_DTYPES[param_dtype], STATE_DTYPE=_TL_DTYPES[precision.state_dtype],
+        CLIP=control.clip is not None, SKIP_NONFINITE=control.skip_nonfinite and control.clip is not None,
+        UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
+        MASTER=precision.master, STOCHASTIC=precision.stochastic,
+        BLOCK=plan.block, num_warps=plan.num_warps,
+    )
+    return args, constexprs
 
 
 def _device_guard(device: torch.device):
@@ -397,7 +561,8 @@ class _NullGuard:
 
 def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, beta2, eps: float,
               weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-              aligned: bool) -> None:
+              aligned: bool, control: StepControl = StepControl(),
+              precision: Precision = Precision()) -> None:
     """Launch one Adam/AdamW step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     betas_are_ptrs = isinstance(beta1, torch.Tensor)
@@ -407,43 +572,42 @@ def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, bet
         # 1 - beta in double on the host, as torch.optim computes it
         beta1, beta2 = float(beta1), float(beta2)
         one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
+    args, constexprs = _common_args(plan, param_dtype, control, precision)
     with _device_guard(plan.device):
         adam_kernel[(plan.num_programs,)](
-            plan.table, plan.blocks, plan.done,
-            lr, beta1, beta2, one_minus_beta1, one_minus_beta2, float(eps), float(weight_decay),
-            PARAM_DTYPE=_TL_DTYPES[param_dtype], LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs,
-            AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED_WD=decoupled_weight_decay,
-            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+            *args, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, float(eps), float(weight_decay),
+            LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            DECOUPLED_WD=decoupled_weight_decay, ALIGNED=aligned, **constexprs,
         )
 
 
 def rmsprop_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, alpha: float, eps: float,
                  weight_decay: float, momentum: float, centered: bool, maximize: bool,
-                 aligned: bool) -> None:
+                 aligned: bool, control: StepControl = StepControl(),
+                 precision: Precision = Precision()) -> None:
     """Launch one RMSprop step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
+    args, constexprs = _common_args(plan, param_dtype, control, precision)
     with _device_guard(plan.device):
         rmsprop_kernel[(plan.num_programs,)](
-            plan.table, plan.blocks, plan.done,
-            lr, float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum),
-            PARAM_DTYPE=_TL_DTYPES[param_dtype], LR_IS_PTR=lr_is_ptr, CENTERED=centered,
-            HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
-            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+            *args, lr, float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum),
+            LR_IS_PTR=lr_is_ptr, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
+            ALIGNED=aligned, **constexprs,
         )
 
 
 def sgd_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, weight_decay, momentum: float,
-             dampening: float, nesterov: bool, maximize: bool, aligned: bool) -> None:
+             dampening: float, nesterov: bool, maximize: bool, aligned: bool,
+             control: StepControl = StepControl(), precision: Precision = Precision()) -> None:
     """Launch one SGD step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     weight_decay, wd_is_ptr = _hyper(weight_decay)
+    args, constexprs = _common_args(plan, param_dtype, control, precision)
     with _device_guard(plan.device):
         sgd_kernel[(plan.num_programs,)](
-            plan.table, plan.blocks,
-            lr, weight_decay, float(momentum), 1.0 - float(dampening),
-            PARAM_DTYPE=_TL_DTYPES[param_dtype], LR_IS_PTR=lr_is_ptr, WD_IS_PTR=wd_is_ptr,
-            HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize,
-            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+            *args, lr, weight_decay, float(momentum), 1.0 - float(dampening),
+            LR_IS_PTR=lr_is_ptr, WD_IS_PTR=wd_is_ptr, HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
+            MAXIMIZE=maximize, ALIGNED=aligned, **constexprs,
         )
 
 
@@ -454,47 +618,57 @@ def aot_variants() -> list:
 
     block = MULTI_TENSOR_BLOCKS[0]
     warps = multi_tensor_warps(block)
-    tables = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32"}
+    lead = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "control_ptr": "*fp32",
+            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "seed": "i32"}
+    plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
+             "MASTER": False, "STOCHASTIC": False}
+    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True}
+    adam_sig = dict(lead, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
+                    one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
+    rms_sig = dict(lead, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",
+                   weight_decay="fp32", momentum="fp32")
+    sgd_sig = dict(lead, lr="fp32", weight_decay="fp32", momentum="fp32", one_minus_dampening="fp32")
     variants = []
     for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         for aligned in (True, False):
             tag = f"{dtype_name}{'' if aligned else ',unaligned'}"
-            common = {"PARAM_DTYPE": dtype, "MAXIMIZE": False, "ALIGNED": aligned, "BLOCK": block}
-            for amsgrad, decoupled in ((False, False), (True, True)):
-                sig = dict(tables, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
-                           one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
-                cx = dict(common, LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=amsgrad,
-                          DECOUPLED_WD=decoupled)
-                name = f"adam[{tag}{',amsgrad,adamw' if amsgrad else ''}]"
-                variants.append(variant(name, adam_kernel, sig, cx, aligned, warps))
-            for centered, momentum in ((False, False), (True, True)):
-                sig = dict(tables, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",
-                           weight_decay="fp32", momentum="fp32")
-                cx = dict(common, LR_IS_PTR=False, CENTERED=centered, HAS_MOMENTUM=momentum)
-                name = f"rmsprop[{tag}{',centered,momentum' if centered else ''}]"
-                variants.append(variant(name, rmsprop_kernel, sig, cx, aligned, warps))
-            for momentum, nesterov in ((False, False), (True, True)):
-                sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "lr": "fp32", "weight_decay": "fp32",
-                       "momentum": "fp32", "one_minus_dampening": "fp32"}
-                cx = dict(common, LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=momentum,
-                          NESTEROV=nesterov)
-                name = f"sgd[{tag}{',momentum,nesterov' if momentum else ''}]"
-                variants.append(variant(name, sgd_kernel, sig, cx, aligned, warps))
+            common = dict(plain, PARAM_DTYPE=dtype, STATE_DTYPE=tl.float32, MAXIMIZE=False,
+                          ALIGNED=aligned, BLOCK=block)
+            for extra in (False, True):
+                name = f"adam[{tag}{',amsgrad,adamw' if extra else ''}]"
+                cx = dict(common, LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=extra, DECOUPLED_WD=extra)
+                variants.append(variant(name, adam_kernel, adam_sig, cx, aligned, warps))
+                name = f"rmsprop[{tag}{',centered,momentum' if extra else ''}]"
+                cx = dict(common, LR_IS_PTR=False, CENTERED=extra, HAS_MOMENTUM=extra)
+                variants.append(variant(name, rmsprop_kernel, rms_sig, cx, aligned, warps))
+                name = f"sgd[{tag}{',momentum,nesterov' if extra else ''}]"
+                cx = dict(common, LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=extra, NESTEROV=extra)
+                variants.append(variant(name, sgd_kernel, sgd_sig, cx, aligned, warps))
     # tensor hyperparameters (lr and betas read from device memory)
-    sig = dict(tables, lr="*fp32", beta1="*fp32", beta2="*fp32", one_minus_beta1="fp32",
-               one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
-    cx = {"PARAM_DTYPE": tl.float32, "MAXIMIZE": True, "ALIGNED": True, "BLOCK": block,
-          "LR_IS_PTR": True, "BETAS_ARE_PTRS": True, "AMSGRAD": False, "DECOUPLED_WD": False}
+    sig = dict(adam_sig, lr="*fp32", beta1="*fp32", beta2="*fp32")
+    cx = dict(plain, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, MAXIMIZE=True, ALIGNED=True,
+              BLOCK=block, LR_IS_PTR=True, BETAS_ARE_PTRS=True, AMSGRAD=False, DECOUPLED_WD=False)
     variants.append(variant("adam[fp32,tensor-lr-betas]", adam_kernel, sig, cx, True, warps))
+    # clip-in-step + AMP, and each mixed-precision mode
+    for name, fn, sig, cx in (
+        ("adam", adam_kernel, adam_sig, dict(LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=False,
+                                             DECOUPLED_WD=True)),
+        ("rmsprop", rmsprop_kernel, rms_sig, dict(LR_IS_PTR=False, CENTERED=False, HAS_MOMENTUM=True)),
+        ("sgd", sgd_kernel, sgd_sig, dict(LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=True,
+                                          NESTEROV=False)),
+    ):
+        base = dict(plain, MAXIMIZE=False, ALIGNED=True, BLOCK=block, **cx)
+        modes = (
+            ("fp32,clip,amp", dict(everything, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32)),
+            ("bf16,master", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, MASTER=True)),
+            ("bf16,bf16-states", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16)),
+            ("bf16,stochastic", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, STOCHASTIC=True)),
+            ("fp16,master,clip,amp", dict(everything, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32,
+                                          MASTER=True)),
+        )
+        for mode, flags in modes:
+            variants.append(variant(f"{name}[{mode}]", fn, sig, dict(base, **flags), True, warps))
     return variants
-
-
-def variant(name, fn, signature, constexprs, aligned, warps) -> KernelVariant:
-    full_sig = dict(signature)
-    full_sig.update({k: "constexpr" for k in constexprs})
-    return KernelVariant(name, fn, full_sig, constexprs,
-                         aligned_args=tuple(k for k, v in signature.items() if v.startswith("*")),
-                         expect_vector_io=aligned, num_warps=warps)
 
 
 #: True when triton runs these kernels in its interpreter (TRITON_INTERPRET=1 at import),

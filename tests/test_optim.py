@@ -283,9 +283,12 @@ def test_add_param_group_closure_zero_grad_and_none_grads():
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
 def test_signature_matches_torch(name):
+    """torch's parameters, in torch's order, then mechgpu's keyword-only options."""
     ours = inspect.signature(getattr(mo, name).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
-    assert list(ours) == list(theirs)
+    assert list(ours) == list(theirs) + list(mo.MECHGPU_OPTIONS)
+    for key in mo.MECHGPU_OPTIONS:
+        assert ours[key].kind == inspect.Parameter.KEYWORD_ONLY
     for key in theirs:
         assert ours[key].kind == theirs[key].kind, key
         assert ours[key].default == theirs[key].default, key

@@ -7,6 +7,9 @@ Differences from torch:
 * one Triton launch per step for each (param group, dtype), whatever the number of tensors;
   the step counter lives on the device and ``step()`` never synchronises with the host;
 * optimizer states are fp32 for bf16/fp16 params (torch keeps them in the param's dtype);
+* extra keyword-only options: ``max_grad_norm`` and ``skip_nonfinite`` (clipping fused
+  into the step), ``master_weights``, ``state_dtype`` and ``stochastic_rounding`` (see
+  ``FusedOptimizer``); GradScaler's ``grad_scale``/``found_inf`` are applied in the kernel;
 * ``foreach`` and ``fused`` are accepted and have no effect; ``capturable`` is always true
   in effect; ``differentiable=True`` raises NotImplementedError;
 * params must be dense in memory (contiguous, or a permutation of it) with grads of the
@@ -22,6 +25,9 @@ import torch
 from ..kernels import optim as optim_kernels
 from ._fused import FusedOptimizer, reject_differentiable
 
+#: keyword-only options every mechgpu optimizer adds to its torch twin's signature
+MECHGPU_OPTIONS = ("max_grad_norm", "skip_nonfinite", "master_weights", "state_dtype", "stochastic_rounding")
+
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD"]
 
 
@@ -32,7 +38,7 @@ class _AdamFamily(FusedOptimizer):
     def _sparse_message(self):
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def _launch(self, plan, dtype, group, aligned):
+    def _launch(self, plan, dtype, group, aligned, control, precision):
         device = plan.device
         beta1, beta2 = group["betas"]
         optim_kernels.adam_step(
@@ -40,7 +46,7 @@ class _AdamFamily(FusedOptimizer):
             beta1=self._hyper(beta1, device), beta2=self._hyper(beta2, device),
             eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            aligned=aligned,
+            aligned=aligned, control=control, precision=precision,
         )
 
 
@@ -51,11 +57,13 @@ class Adam(_AdamFamily, torch.optim.Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False) -> None:
+                 decoupled_weight_decay=False, max_grad_norm=None, skip_nonfinite=False, master_weights=False,
+                 state_dtype=torch.float32, stochastic_rounding=False) -> None:
         reject_differentiable("Adam", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -64,11 +72,14 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
     _torch_name = "AdamW"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None) -> None:
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
+                 stochastic_rounding=False) -> None:
         reject_differentiable("AdamW", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=False, fused=fused)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -77,11 +88,14 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     _torch_name = "RMSprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False) -> None:
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
+                 stochastic_rounding=False) -> None:
         reject_differentiable("RMSprop", differentiable)
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                          centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
                          differentiable=False)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
 
     def _state_keys(self, group):
         return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
@@ -90,11 +104,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _sparse_message(self):
         return "RMSprop does not support sparse gradients"
 
-    def _launch(self, plan, dtype, group, aligned):
+    def _launch(self, plan, dtype, group, aligned, control, precision):
         optim_kernels.rmsprop_step(
             plan, dtype, lr=self._hyper(group["lr"], plan.device), alpha=group["alpha"], eps=group["eps"],
             weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-            maximize=group["maximize"], aligned=aligned,
+            maximize=group["maximize"], aligned=aligned, control=control, precision=precision,
         )
 
 
@@ -107,23 +121,43 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     _torch_name = "SGD"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None) -> None:
+                 maximize=False, foreach=None, differentiable=False, fused=None, max_grad_norm=None,
+                 skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
+                 stochastic_rounding=False) -> None:
         reject_differentiable("SGD", differentiable)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False,
                          fused=fused)
-
-    def _has_step(self):
-        return False  # torch's SGD keeps no step counter
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
 
     def _state_keys(self, group):
         return ("momentum_buffer" if group["momentum"] != 0 else None,)
 
-    def _launch(self, plan, dtype, group, aligned):
+    def _launch(self, plan, dtype, group, aligned, control, precision):
         device = plan.device
         optim_kernels.sgd_step(
             plan, dtype, lr=self._hyper(group["lr"], device),
             weight_decay=self._hyper(group["weight_decay"], device), momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            aligned=aligned,
+            aligned=aligned, control=control, precision=precision,
         )
+
+    def _step_counter(self, p):
+        """A private count of p's steps: torch's SGD state has none, but the kernel must know
+        a first momentum step (buffer <- grad) even when GradScaler skipped the last one."""
+        counters = self.__dict__.setdefault("_sgd_steps", {})
+        counter = counters.get(p)
+        if counter is None:
+            started = "momentum_buffer" in self.state[p]  # e.g. loaded from a state_dict
+            counter = torch.full((), float(started), dtype=torch.float32, device=p.grad.device)
+            counters[p] = counter
+        return counter
+
+    def _ensure_state(self, p, group):
+        if group["momentum"] != 0 and "momentum_buffer" not in self.state[p]:
+            self.__dict__.get("_sgd_steps", {}).pop(p, None)  # a new buffer starts a new count
+        super()._ensure_state(p, group)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.__dict__.pop("_sgd_steps", None)

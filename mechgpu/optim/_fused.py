@@ -2,8 +2,8 @@
 
 Each optimizer subclasses its ``torch.optim`` twin, so the constructor, its validation
 messages, ``param_groups``, ``add_param_group``, ``zero_grad``, ``state_dict`` and
-scheduler hooks are torch's own. Only ``step`` (and a fix-up in ``load_state_dict`` that
-keeps optimizer states in fp32) is ours.
+scheduler hooks are torch's own. ``step`` is ours, and ``load_state_dict`` keeps the
+optimizer states in their own dtype (torch casts them to the param's).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch
 
 from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
+from ..kernels.optim import Precision, StepControl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+MASTER_KEY = "master_param"
 _warned_cpu_fallback = False
 
 
@@ -39,6 +42,11 @@ def _warn_cpu_fallback(name: str) -> None:
         )
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 def _is_dense(t: torch.Tensor) -> bool:
     """True when the elements fill a contiguous span of memory in some order (no gaps, no overlap)."""
     if t.is_contiguous():
@@ -52,19 +60,60 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 
 class FusedOptimizer:
-    """Mixin placed before the torch optimizer class in the MRO."""
+    """Mixin placed before the torch optimizer class in the MRO.
 
-    #: state keys in table order (columns STATE0..STATE2); subclasses fill this in per group
+    mechgpu options beyond torch's (keyword-only in every optimizer):
+
+    * ``max_grad_norm``: clip the global grad norm (2-norm over all params of all groups)
+      inside the step: one norm launch, then the update kernel multiplies each grad by
+      the clip coefficient in registers. Unlike ``torch.nn.utils.clip_grad_norm_``, the
+      grads themselves are not rescaled. The norm before clipping is ``last_grad_norm``.
+    * ``skip_nonfinite``: with ``max_grad_norm``, a step whose grad norm is inf or NaN
+      leaves params and states untouched (and is not counted), without a host sync.
+    * ``master_weights``: bf16/fp16 params get an fp32 master copy in the optimizer state
+      (``master_param``); the kernel updates it and writes the rounded param in one pass.
+    * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
+    * ``stochastic_rounding``: bf16 params without master weights are rounded
+      stochastically, so small updates are not lost to round-to-nearest.
+    """
+
     _torch_name = ""
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
 
     def _state_keys(self, group: dict) -> tuple[str | None, ...]:
         raise NotImplementedError
 
-    def _has_step(self) -> bool:
-        return True
-
-    def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool) -> None:
+    def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool,
+                control: StepControl, precision: Precision) -> None:
         raise NotImplementedError
+
+    def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
+                      state_dtype: torch.dtype, stochastic_rounding: bool) -> None:
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
+        if skip_nonfinite and max_grad_norm is None:
+            raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32 or torch.bfloat16")
+        if stochastic_rounding and master_weights:
+            raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
+                             "with master_weights=True the params are rounded from an fp32 copy")
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self.master_weights = master_weights
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
+        self._plans: dict = {}
+        self._clip_out: torch.Tensor | None = None
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global grad norm of the last step, before clipping (with max_grad_norm set).
+
+        A 0-d view of a device buffer that each step overwrites; reading it is the only sync.
+        """
+        return None if self._clip_out is None else self._clip_out[0]
 
     # ------------------------------------------------------------------------------
     def _error(self, message: str, exc=RuntimeError):
@@ -75,9 +124,9 @@ class FusedOptimizer:
 
     def _check_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
         """Every check that can fail, before anything is written."""
-        device = params[0].device
-        for i, p in enumerate(params):
-            g = p.grad
+        device = _local(params[0]).device
+        for i, param in enumerate(params):
+            p, g = _local(param), _local(param.grad)
             where = f"param {i} of group {group_index}"
             if g.is_sparse:
                 raise RuntimeError(self._sparse_message())
@@ -104,32 +153,40 @@ class FusedOptimizer:
         if isinstance(lr, torch.Tensor) and lr.device != device and lr.device.type != "cpu":
             raise self._error(f"group {group_index}'s tensor lr is on {lr.device}, its params on {device}")
 
-    def _ensure_state(self, p: torch.Tensor, group: dict) -> bool:
-        """Create or repair p's state for the kernel (fp32 states, step on p's device).
-
-        Returns True when a state buffer was created by this call (a first step).
-        """
+    def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 device scalar the kernel counts p's steps in (torch's state['step'])."""
         state = self.state[p]
-        created = False
-        if self._has_step():
-            step = state.get("step")
-            if step is None:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            elif not torch.is_tensor(step):
-                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-            elif step.device != p.device or step.dtype != torch.float32:
-                state["step"] = step.to(device=p.device, dtype=torch.float32)
+        step = state.get("step")
+        if step is None:
+            step = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+        elif not torch.is_tensor(step):
+            step = torch.tensor(float(step), dtype=torch.float32, device=_local(p).device)
+        elif step.device != _local(p).device or step.dtype != torch.float32:
+            step = step.to(device=_local(p).device, dtype=torch.float32)
+        state["step"] = step
+        return step
+
+    def _uses_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.dtype != torch.float32
+
+    def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
+        """Create or repair p's state for the kernel (state dtype, step on p's device)."""
+        self._step_counter(p)  # first, so the state's keys come in torch's order
+        state = self.state[p]
+        local = _local(p)
         for key in self._state_keys(group):
             if key is None:
                 continue
             buf = state.get(key)
             if buf is None:
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                created = True
-            elif buf.dtype != torch.float32 or buf.device != p.device or buf.stride() != p.stride():
-                fixed = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+            elif (buf.dtype != self.state_dtype or _local(buf).device != local.device
+                  or _local(buf).stride() != local.stride()):
+                fixed = torch.empty_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
                 state[key] = fixed.copy_(buf)
-        return created
+        if self._uses_master(p) and MASTER_KEY not in state:
+            state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32,
+                                                 memory_format=torch.preserve_format).copy_(p)
 
     def _hyper(self, value, device: torch.device):
         """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float."""
@@ -140,7 +197,8 @@ class FusedOptimizer:
     # ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """One optimisation step: one kernel launch per (param group, dtype)."""
+        """One optimisation step: one kernel launch per (param group, dtype), plus one norm
+        launch with ``max_grad_norm``. Never synchronises with the host."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -153,48 +211,77 @@ class FusedOptimizer:
             if not params:
                 continue
             self._check_group(group_index, group, params)
-            if kernels_run_on(params[0].device):
+            if kernels_run_on(_local(params[0]).device):
                 work.append((group_index, group, params))
             else:
                 fallback_groups.append(group)
+        devices = {_local(params[0]).device for _, _, params in work}
+        if self.max_grad_norm is not None and len(devices) > 1:
+            raise self._error(f"max_grad_norm needs all params on one device; they are on {sorted(map(str, devices))}")
 
         if fallback_groups:
             _warn_cpu_fallback(self._torch_name)
             self._torch_step(fallback_groups)
+        if not work:
+            return loss
 
-        if not hasattr(self, "_plans"):
-            self._plans = {}
+        device = devices.pop()
+        control = StepControl(grad_scale=self._amp_tensor("grad_scale", device),
+                              found_inf=self._amp_tensor("found_inf", device))
+        if self.max_grad_norm is not None:
+            from ..clip import total_norm_into
+
+            if self._clip_out is None or self._clip_out.device != device:
+                self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
+            grads = [p.grad for _, _, params in work for p in params]
+            total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale)
+            control.clip = self._clip_out
+            control.skip_nonfinite = self.skip_nonfinite
         for group_index, group, params in work:
-            self._step_group(group_index, group, params)
+            self._step_group(group_index, group, params, control)
         return loss
 
-    def _step_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
+    def _amp_tensor(self, name: str, device: torch.device) -> torch.Tensor | None:
+        value = getattr(self, name, None)  # set by torch.amp.GradScaler.step
+        if value is None:
+            return None
+        return value.to(device=device, dtype=torch.float32, non_blocking=True)
+
+    def _step_group(self, group_index: int, group: dict, params: list[torch.Tensor],
+                    control: StepControl) -> None:
         keys = self._state_keys(group)
-        has_step = self._has_step()
         buckets: dict[tuple[torch.dtype, bool], tuple[list, list]] = {}
         for p in params:
-            first = self._ensure_state(p, group)
+            self._ensure_state(p, group)
             state = self.state[p]
-            ptrs = [p.data_ptr(), p.grad.data_ptr()]
-            ptrs += [state[k].data_ptr() if k is not None else 0 for k in keys]
-            aligned = all(ptr % 16 == 0 for ptr in ptrs)
+            local = _local(p)
+            ptrs = [local.data_ptr(), _local(p.grad).data_ptr()]
+            ptrs += [_local(state[k]).data_ptr() if k is not None else 0 for k in keys]
+            master = _local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0
+            aligned = all(ptr % 16 == 0 for ptr in ptrs) and master % 16 == 0
             ptrs += [0] * (5 - len(ptrs))
-            row = ptrs + [state["step"].data_ptr() if has_step else 0, p.numel(), int(first)]
+            row = ptrs + [self._step_counter(p).data_ptr(), local.numel(), master]
             members, rows = buckets.setdefault((p.dtype, aligned), ([], []))
             members.append(p)
             rows.append(row)
 
-        device = params[0].device
+        device = _local(params[0]).device
         for (dtype, aligned), (members, rows) in buckets.items():
             key = (group_index, dtype, aligned)
             ids = [id(p) for p in members]
             plan = self._plans.get(key)
             if plan is None or plan.param_ids != ids or plan.device != device:
-                plan = MultiTensorPlan([p.numel() for p in members], device)
+                plan = MultiTensorPlan([_local(p).numel() for p in members], device)
                 plan.param_ids = ids
                 self._plans[key] = plan
             plan.set_rows(rows)
-            self._launch(plan, dtype, group, aligned)
+            precision = Precision(
+                state_dtype=self.state_dtype,
+                master=self._uses_master(members[0]),
+                stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
+                seed=self._rounding_seed,
+            )
+            self._launch(plan, dtype, group, aligned, control, precision)
 
     def _torch_step(self, groups: list[dict]) -> None:
         """torch.optim's own step, for CPU params when the kernels cannot run there."""
@@ -202,6 +289,19 @@ class FusedOptimizer:
         fn = torch_cls.step
         if getattr(fn, "hooked", False):  # torch's profiling/hook wrapper: our own step already ran the hooks
             fn = fn.__wrapped__
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():  # GradScaler found inf/NaN: skip, like fused torch
+            return
+        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        if grad_scale is not None:
+            for grad in grads:
+                grad.div_(grad_scale.to(grad.device))
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(grads and [p for g in groups for p in g["params"]],
+                                                  self.max_grad_norm)
+            self._clip_out = torch.stack([norm.float(), torch.ones_like(norm, dtype=torch.float32)])
+            if self.skip_nonfinite and not torch.isfinite(norm):
+                return
         saved_groups = self.param_groups
         saved_capturable = [g.get("capturable") for g in groups]
         try:
@@ -209,25 +309,30 @@ class FusedOptimizer:
             for g in groups:
                 if "capturable" in g:
                     g["capturable"] = False  # torch's capturable path rejects CPU tensors
+            for name in ("grad_scale", "found_inf"):
+                self.__dict__.pop(name, None)
             fn(self)
         finally:
             self.param_groups = saved_groups
             for g, c in zip(groups, saved_capturable):
                 if c is not None:
                     g["capturable"] = c
+            if grad_scale is not None:
+                self.grad_scale, self.found_inf = grad_scale, found_inf
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict, but states of bf16/fp16 params stay fp32 as saved."""
+        """torch's load_state_dict, but states keep their saved dtype (torch casts to the param's)."""
         saved_state = state_dict["state"]
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)
+        self._plans = {}
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
-            if p.dtype == torch.float32 or saved_id not in saved_state:
+            if saved_id not in saved_state:
                 continue
             for key, value in saved_state[saved_id].items():
-                if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32:
-                    self.state[p][key] = value.to(device=p.device)
+                if key != "step" and torch.is_tensor(value) and value.dtype != p.dtype:
+                    self.state[p][key] = value.to(device=_local(p).device)
 
 
 def reject_differentiable(name: str, differentiable: bool) -> None:

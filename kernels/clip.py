@@ -1,0 +1,327 @@
+"""Multi-tensor gradient norms and scaling: the kernels behind clip_grad_norm_.
+
+``grad_norm_kernel`` reduces every tensor of a table in one launch: each program
+reduces one block to a partial, added atomically into an fp64 workspace, and the last
+program to finish (counted with an atomic) turns the workspace into the total norm and
+the clip coefficient ``min(max_norm / (norm + 1e-6), 1)``, writes both to ``out`` and
+resets the workspace. Nothing returns to the host. Under torch.distributed the launch
+stops at the partials (``FINALIZE=False``); the caller all-reduces the workspace and runs
+``grad_norm_finalize_kernel``.
+
+No overflow for large gradients: each block's partial is computed in fp32 on values
+divided by the block's largest magnitude, then scaled back in fp64. NaN anywhere makes
+the norm NaN, as in torch.
+
+``grad_scale_kernel`` multiplies every tensor of a table by a coefficient read from
+device memory (torch's ``_foreach_mul_`` with a tensor scalar).
+
+Table columns: address, element count, dtype code (0 fp32, 1 bf16, 2 fp16).
+Bytes per element: the norm reads each grad once (4 B in fp32); scaling reads and
+writes it (8 B).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import MultiTensorPlan
+
+NORM_COLUMNS = 3
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# Norm kinds (constexpr): the code each p needs is different.
+KIND_L2, KIND_L1, KIND_MAX, KIND_MIN, KIND_L0, KIND_LP = range(6)
+WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, running max or min of |g|
+
+
+def norm_kind(norm_type: float) -> int:
+    if norm_type == 2.0:
+        return KIND_L2
+    if norm_type == 1.0:
+        return KIND_L1
+    if norm_type == math.inf:
+        return KIND_MAX
+    if norm_type == -math.inf:
+        return KIND_MIN
+    if norm_type == 0.0:
+        return KIND_L0
+    return KIND_LP
+
+
+def new_workspace(kind: int, device: torch.device) -> torch.Tensor:
+    """The fp64 workspace in its reset state (the kernels leave it that way)."""
+    extreme = math.inf if kind == KIND_MIN else 0.0
+    return torch.tensor([0.0, 0.0, extreme], dtype=torch.float64, device=device)
+
+
+@triton.jit
+def _typed_ptr(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """An address from the table as a typed pointer (16-byte aligned when ALIGNED).
+
+    The alignment hint must be applied to a fresh value, not to a reassigned function
+    argument, or the compiler drops it and emits scalar accesses.
+    """
+    ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_typed(ptr, offs, mask):
+    if mask is None:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_any(row, offs, mask, ALIGNED: tl.constexpr):
+    """The block of a tensor of any float dtype, as fp32 (zeros where masked)."""
+    code = tl.load(row + 2)
+    address = tl.load(row)
+    if code == 0:
+        x = _load_typed(_typed_ptr(address, tl.float32, ALIGNED), offs, mask)
+    elif code == 1:
+        x = _load_typed(_typed_ptr(address, tl.bfloat16, ALIGNED), offs, mask)
+    else:
+        x = _load_typed(_typed_ptr(address, tl.float16, ALIGNED), offs, mask)
+    return x
+
+
+@triton.jit
+def _block_partial(a, norm_type, KIND: tl.constexpr):
+    """fp64 partial of |g|^p over a block of magnitudes a (NaN-free, >= 0)."""
+    if KIND == 4:  # p = 0: count of nonzeros
+        return tl.sum((a != 0.0).to(tl.float32), axis=0).to(tl.float64)
+    else:
+        largest = tl.max(a, axis=0)
+        inv = tl.where(largest > 0.0, 1.0 / largest, 0.0)
+        scaled = a * inv
+        if KIND == 0:
+            s = tl.sum(scaled * scaled, axis=0)
+            largest64 = largest.to(tl.float64)
+            partial = largest64 * largest64 * s.to(tl.float64)
+        elif KIND == 1:
+            partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
+        else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
+            zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
+            powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(scaled)), zero_power)
+            log2_scale = norm_type * tl.log2(largest)
+            partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
+            partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
+        # an inf in the block: the sum is inf (the scaled values above are NaN/0)
+        return tl.where(largest == float("inf"), float("inf"), partial)
+
+
+@triton.jit
+def _accumulate_block(row, offs, mask, acc_ptr, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """Add one block's partial, NaN count and extreme into the fp64 workspace."""
+    a = tl.abs(_load_any(row, offs, mask, ALIGNED))
+    is_nan = a != a
+    nan_count = tl.sum(is_nan.to(tl.float32), axis=0)
+    if KIND == 4:  # p = 0 counts NaN as nonzero, as torch does; the norm is not NaN
+        a = tl.where(is_nan, 1.0, a)
+        nan_count = nan_count * 0.0
+    a = tl.where(is_nan, 0.0, a)
+    if KIND == 2:
+        tl.atomic_max(acc_ptr + 2, tl.max(a, axis=0).to(tl.float64))
+    elif KIND == 3:
+        if mask is not None:
+            a = tl.where(mask, a, float("inf"))
+        tl.atomic_min(acc_ptr + 2, tl.min(a, axis=0).to(tl.float64))
+    else:
+        tl.atomic_add(acc_ptr, _block_partial(a, norm_type, KIND))
+    tl.atomic_add(acc_ptr + 1, nan_count.to(tl.float64))
+
+
+@triton.jit
+def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
+              KIND: tl.constexpr, UNSCALE: tl.constexpr):
+    """Workspace -> (total norm, clip coefficient) in out; then reset the workspace."""
+    total_pow = tl.atomic_add(acc_ptr, 0.0)  # coherent reads of what other programs added
+    nan_count = tl.atomic_add(acc_ptr + 1, 0.0)
+    extreme = tl.atomic_add(acc_ptr + 2, 0.0)
+    if KIND == 0:
+        total = tl.sqrt(total_pow).to(tl.float32)
+    elif KIND == 1 or KIND == 4:
+        total = total_pow.to(tl.float32)
+    elif KIND == 2 or KIND == 3:
+        total = extreme.to(tl.float32)
+    else:
+        # total_pow^(1/p) without leaving fp64's range: split off the binary exponent
+        bits = total_pow.to(tl.int64, bitcast=True)
+        exponent = ((bits >> 52) & 0x7FF) - 1023
+        mantissa = ((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)
+        log2_total = exponent.to(tl.float32) + tl.log2(mantissa.to(tl.float32))
+        total = tl.exp2(log2_total / norm_type)
+        # 0^(1/p) and inf^(1/p): 0 and inf for p > 0, the other way round for p < 0
+        low = tl.where(norm_type > 0.0, 0.0, float("inf"))
+        total = tl.where(total_pow == 0.0, low, total)
+        total = tl.where(total_pow == float("inf"), tl.where(norm_type > 0.0, float("inf"), 0.0), total)
+    if UNSCALE:
+        if KIND != 4:
+            total = total / tl.load(grad_scale_ptr).to(tl.float32)
+    total = tl.where(nan_count > 0.0, float("nan"), total)
+    coef = tl.minimum(max_norm * tl.div_rn(1.0, total + 1e-6), 1.0)  # torch: reciprocal, then multiply
+    coef = tl.where(total != total, total, coef)  # torch: NaN norm -> NaN coefficient
+    tl.store(out_ptr, total)
+    tl.store(out_ptr + 1, coef)
+    tl.store(acc_ptr, 0.0)
+    tl.store(acc_ptr + 1, 0.0)
+    if KIND == 3:
+        tl.store(acc_ptr + 2, float("inf"))
+    else:
+        tl.store(acc_ptr + 2, 0.0)
+
+
+@triton.jit
+def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, acc_ptr, out_ptr, grad_scale_ptr,
+                     norm_type, max_norm, num_programs,
+                     KIND: tl.constexpr, FINALIZE: tl.constexpr, UNSCALE: tl.constexpr,
+                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The p-norm of all tensors of a table together, and the clip coefficient.
+
+    out[0] = (sum_i |g_i|^p)^(1/p) (max/min |g| for p = +-inf, nonzero count for p = 0),
+    divided by grad_scale when UNSCALE; out[1] = min(max_norm / (out[0] + 1e-6), 1).
+    Reads each element once: 4 B per fp32 element, 2 B per bf16/fp16 element.
+    """
+    pid = tl.program_id(0)
+    tensor_idx = tl.load(blocks_ptr + 2 * pid)
+    block_idx = tl.load(blocks_ptr + 2 * pid + 1)
+    row = table_ptr + tensor_idx.to(tl.int64) * 3
+    numel = tl.load(row + 1)
+    start = block_idx.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= numel:
+        _accumulate_block(row, offs, None, acc_ptr, norm_type, KIND, ALIGNED)
+    else:
+        _accumulate_block(row, offs, offs < numel, acc_ptr, norm_type, KIND, ALIGNED)
+    if FINALIZE:
+        finished = tl.atomic_add(done_ptr, 1)
+        if finished == num_programs - 1:
+            _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
+            tl.store(done_ptr, 0)
+
+
+@triton.jit
+def grad_norm_finalize_kernel(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
+                              KIND: tl.constexpr, UNSCALE: tl.constexpr):
+    """One program: finish a norm whose workspace was all-reduced across ranks."""
+    _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
+
+
+@triton.jit
+def _scale_any(row, offs, mask, coef, ALIGNED: tl.constexpr):
+    code = tl.load(row + 2)
+    address = tl.load(row)
+    if code == 0:
+        _scale_typed(_typed_ptr(address, tl.float32, ALIGNED), offs, mask, coef)
+    elif code == 1:
+        _scale_typed(_typed_ptr(address, tl.bfloat16, ALIGNED), offs, mask, coef)
+    else:
+        _scale_typed(_typed_ptr(address, tl.float16, ALIGNED), offs, mask, coef)
+
+
+@triton.jit
+def _scale_typed(ptr, offs, mask, coef):
+    x = tl.load(ptr + offs, mask=mask).to(tl.float32)
+    tl.store(ptr + offs, (x * coef).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """g <- g * coef for every tensor of a table, coef read from device memory.
+
+    Reads and writes each element: 8 B per fp32 element.
+    """
+    pid = tl.program_id(0)
+    tensor_idx = tl.load(blocks_ptr + 2 * pid)
+    block_idx = tl.load(blocks_ptr + 2 * pid + 1)
+    row = table_ptr + tensor_idx.to(tl.int64) * 3
+    numel = tl.load(row + 1)
+    coef = tl.load(coef_ptr).to(tl.float32)
+    start = block_idx.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= numel:
+        _scale_any(row, offs, None, coef, ALIGNED)
+    else:
+        _scale_any(row, offs, offs < numel, coef, ALIGNED)
+
+
+# ----------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------
+def norm_rows(tensors: list[torch.Tensor]) -> list[list[int]]:
+    return [[t.data_ptr(), t.numel(), DTYPE_CODES[t.dtype]] for t in tensors]
+
+
+def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float,
+              max_norm: float, aligned: bool, finalize: bool = True,
+              grad_scale: torch.Tensor | None = None) -> None:
+    """Launch the norm over every tensor in ``plan`` (table rows from ``norm_rows``)."""
+    kind = norm_kind(norm_type)
+    with _device_guard(plan.device):
+        grad_norm_kernel[(plan.num_programs,)](
+            plan.table, plan.blocks, plan.done, workspace, out,
+            grad_scale if grad_scale is not None else out,
+            float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm), plan.num_programs,
+            KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None, ALIGNED=aligned,
+            BLOCK=plan.block, num_warps=plan.num_warps,
+        )
+
+
+def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float, max_norm: float,
+                       grad_scale: torch.Tensor | None = None) -> None:
+    with _device_guard(workspace.device):
+        grad_norm_finalize_kernel[(1,)](
+            workspace, out, grad_scale if grad_scale is not None else out,
+            float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm),
+            KIND=norm_kind(norm_type), UNSCALE=grad_scale is not None,
+        )
+
+
+def scale_(plan: MultiTensorPlan, coef: torch.Tensor, *, aligned: bool) -> None:
+    """Multiply every tensor in ``plan`` by the 0-d device tensor ``coef`` (one launch)."""
+    with _device_guard(plan.device):
+        grad_scale_kernel[(plan.num_programs,)](plan.table, plan.blocks, coef, ALIGNED=aligned,
+                                                BLOCK=plan.block, num_warps=plan.num_warps)
+
+
+def _device_guard(device: torch.device):
+    from .optim import _device_guard as guard
+
+    return guard(device)
+
+
+def aot_variants() -> list:
+    from ._launch import MULTI_TENSOR_BLOCKS, multi_tensor_warps
+    from .aot import variant
+
+    block = MULTI_TENSOR_BLOCKS[0]
+    warps = multi_tensor_warps(block)
+    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "acc_ptr": "*fp64",
+           "out_ptr": "*fp32", "grad_scale_ptr": "*fp32", "norm_type": "fp32", "max_norm": "fp32",
+           "num_programs": "i32"}
+    variants = []
+    for kind, label in ((KIND_L2, "l2"), (KIND_L1, "l1"), (KIND_MAX, "inf"), (KIND_MIN, "-inf"),
+                        (KIND_L0, "l0"), (KIND_LP, "lp")):
+        cx = {"KIND": kind, "FINALIZE": True, "UNSCALE": kind == KIND_L2, "ALIGNED": True, "BLOCK": block}
+        variants.append(variant(f"grad_norm[{label}]", grad_norm_kernel, sig, cx, True, warps,
+                                vector_stores=False))
+    fin_sig = {"acc_ptr": "*fp64", "out_ptr": "*fp32", "grad_scale_ptr": "*fp32", "norm_type": "fp32",
+               "max_norm": "fp32"}
+    fin = variant("grad_norm_finalize[l2]", grad_norm_finalize_kernel, fin_sig,
+                  {"KIND": KIND_L2, "UNSCALE": True}, False, 1)
+    scale_sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "coef_ptr": "*fp32"}
+    scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True, warps)
+    return variants + [fin, scale]

@@ -1,0 +1,230 @@
+"""Gradient clipping on one multi-tensor reduction kernel: torch's signatures and semantics.
+
+``clip_grad_norm_``, ``get_total_norm`` and ``clip_grads_with_norm_`` behave as their
+``torch.nn.utils`` twins (norm_type 2, inf, -inf, 0 or any p; ``error_if_nonfinite``; the
+total norm comes back as a tensor). Differences from torch:
+
+* the norm is one launch for all tensors of a device, accumulated in fp32 per block and
+  fp64 across blocks, without overflow for large gradients; scaling is one more launch;
+* nothing synchronises with the host unless ``error_if_nonfinite=True``;
+* ``foreach`` is accepted and has no effect;
+* on DTensor grads (FSDP2) the norm of the local shards is all-reduced over the mesh, so
+  every rank clips alike, and the norm comes back as a plain tensor holding the full norm.
+
+For clipping fused into the optimizer step (no separate scaling pass), pass
+``max_grad_norm=`` to any ``mechgpu.optim`` optimizer instead.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from .kernels import clip as clip_kernels
+from .kernels.multi_tensor import MultiTensorPlan
+
+__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
+
+_MAX_CACHED_PLANS = 32
+_plans: dict[tuple, MultiTensorPlan] = {}
+
+
+def _kernels_run_on(device: torch.device) -> bool:
+    from .optim._fused import kernels_run_on
+
+    return kernels_run_on(device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _reduce_groups(t: torch.Tensor) -> tuple:
+    """Process groups across which a DTensor's local norms must be combined."""
+    if not _is_dtensor(t):
+        return ()
+    mesh = t.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(t.placements)
+                 if not placement.is_replicate())
+
+
+def _plan_for(tensors: list[torch.Tensor], device: torch.device, aligned: bool) -> MultiTensorPlan:
+    key = (device, aligned, tuple(t.numel() for t in tensors))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _MAX_CACHED_PLANS:
+            _plans.pop(next(iter(_plans)))
+        plan = MultiTensorPlan([t.numel() for t in tensors], device, ncol=clip_kernels.NORM_COLUMNS)
+        plan.workspaces = {}
+        _plans[key] = plan
+    plan.set_rows(clip_kernels.norm_rows(tensors))
+    return plan
+
+
+def _segments(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """Local tensors grouped by (device, 16-byte aligned?, reduce groups)."""
+    segments: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        local = _local(t)
+        if local.dtype not in clip_kernels.DTYPE_CODES:
+            raise RuntimeError(f"mechgpu.clip: gradients must be float32, bfloat16 or float16, got {local.dtype}")
+        if not local.is_contiguous():
+            local = local.contiguous()  # a norm reads only: a contiguous copy is correct
+        segments.setdefault((local.device, local.data_ptr() % 16 == 0, _reduce_groups(t)), []).append(local)
+    return segments
+
+
+def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: float, max_norm: float,
+                    grad_scale: torch.Tensor | None = None) -> None:
+    """Write (norm of all tensors together, clip coefficient) into the fp32 [2] tensor ``out``.
+
+    One launch per device when nothing needs combining; otherwise partial launches, an
+    all-reduce for sharded DTensors, and a one-program finalize. No host sync.
+    """
+    segments = _segments(tensors)
+    kind = clip_kernels.norm_kind(norm_type)
+    if len(segments) == 1:
+        (device, aligned, groups), members = next(iter(segments.items()))
+        if not groups and device == out.device:
+            plan = _plan_for(members, device, aligned)
+            workspace = plan.workspaces.setdefault(kind, clip_kernels.new_workspace(kind, device))
+            clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
+                                   aligned=aligned, grad_scale=grad_scale)
+            return
+    partials = []
+    for (device, aligned, groups), members in segments.items():
+        plan = _plan_for(members, device, aligned)
+        workspace = clip_kernels.new_workspace(kind, device)
+        clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
+                               aligned=aligned, finalize=False)
+        for group in groups:
+            _all_reduce_workspace(workspace, kind, group)
+        partials.append(workspace.to(out.device, non_blocking=True))
+    stacked = torch.stack(partials)
+    combined = stacked.sum(0)
+    if kind == clip_kernels.KIND_MAX:
+        combined[2] = stacked[:, 2].max()
+    elif kind == clip_kernels.KIND_MIN:
+        combined[2] = stacked[:, 2].min()
+    clip_kernels.grad_norm_finalize(combined, out, norm_type=norm_type, max_norm=max_norm,
+                                    grad_scale=grad_scale)
+
+
+def _all_reduce_workspace(workspace: torch.Tensor, kind: int, group) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(workspace[:2], op=dist.ReduceOp.SUM, group=group)
+    if kind in (clip_kernels.KIND_MAX, clip_kernels.KIND_MIN):
+        op = dist.ReduceOp.MAX if kind == clip_kernels.KIND_MAX else dist.ReduceOp.MIN
+        dist.all_reduce(workspace[2:], op=op, group=group)
+
+
+def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
+    """torch's check and message; reading the norm synchronises with the device."""
+    if torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set `error_if_nonfinite=False`"
+        )
+
+
+def _as_list(tensors) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: float = 2.0,
+                   error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """The norm of all ``tensors`` together, as torch.nn.utils.get_total_norm computes it."""
+    tensors = _as_list(tensors)
+    norm_type = float(norm_type)
+    if len(tensors) == 0:
+        return torch.tensor(0.0)
+    first_device = _local(tensors[0]).device
+    if not all(_kernels_run_on(_local(t).device) for t in tensors):
+        from torch.nn.utils import get_total_norm as torch_get_total_norm
+
+        return torch_get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+    out = torch.empty(2, dtype=torch.float32, device=first_device)
+    total_norm_into(out, tensors, norm_type, max_norm=1.0)
+    total = out[0].to(_result_dtype(tensors))
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)
+    return total
+
+
+def clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
+                          total_norm: torch.Tensor, foreach: bool | None = None) -> None:
+    """Scale the grads of ``parameters`` by min(max_norm / (total_norm + 1e-6), 1), in place."""
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    max_norm = float(max_norm)
+    if len(grads) == 0:
+        return
+    if _is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()
+    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    _scale_grads(grads, coef)
+
+
+def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """grads *= coef (a 0-d tensor) with one launch per (device, alignment)."""
+    by_key: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        local = _local(g)
+        if not _kernels_run_on(local.device) or not local.is_contiguous():
+            local.mul_(coef.to(local.device, non_blocking=True))
+            continue
+        by_key.setdefault((local.device, local.data_ptr() % 16 == 0), []).append(local)
+    for (device, aligned), members in by_key.items():
+        plan = _plan_for(members, device, aligned)
+        clip_kernels.scale_(plan, coef.to(device, non_blocking=True), aligned=aligned)
+
+
+def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None) -> torch.Tensor:
+    """Clip the grads of ``parameters`` to a total norm of at most ``max_norm``; return that norm.
+
+    Same contract as torch.nn.utils.clip_grad_norm_: the norm is of all grads together, and
+    grads are scaled by min(max_norm / (norm + 1e-6), 1).
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)
+        if is_generator and len(parameters) == 0:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or not all(_kernels_run_on(_local(g).device) for g in grads):
+        total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        clip_grads_with_norm_(parameters, max_norm, total, foreach)
+        return total
+    first_device = _local(grads[0]).device
+    out = torch.empty(2, dtype=torch.float32, device=first_device)
+    norm_type = float(norm_type)
+    total_norm_into(out, grads, norm_type, float(max_norm))
+    total = out[0].to(_result_dtype(grads))
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)
+    _scale_grads(grads, out[1])
+    return total
