@@ -29,12 +29,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import MultiTensorPlan
+from .rounding import round_like
 
 NORM_COLUMNS = 3
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# Norm kinds (constexpr): the code each p needs is different.
-KIND_L2, KIND_L1, KIND_MAX, KIND_MIN, KIND_L0, KIND_LP = range(6)
+# Norm kinds (constexpr): the code each p needs is different. (p = 0 is not a reduction
+# here: torch's clip counts the tensors with a nonzero norm, which mechgpu.clip leaves to torch.)
+KIND_L2, KIND_L1, KIND_MAX, KIND_MIN, KIND_LP = range(5)
 WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, running max or min of |g|
 
 
@@ -48,7 +50,7 @@ def norm_kind(norm_type: float) -> int:
     if norm_type == -math.inf:
         return KIND_MIN
     if norm_type == 0.0:
-        return KIND_L0
+        raise ValueError("the p = 0 'norm' has no kernel; mechgpu.clip computes it with torch")
     return KIND_LP
 
 
@@ -97,26 +99,23 @@ def _load_any(row, offs, mask, ALIGNED: tl.constexpr):
 @triton.jit
 def _block_partial(a, norm_type, KIND: tl.constexpr):
     """fp64 partial of |g|^p over a block of magnitudes a (NaN-free, >= 0)."""
-    if KIND == 4:  # p = 0: count of nonzeros
-        return tl.sum((a != 0.0).to(tl.float32), axis=0).to(tl.float64)
-    else:
-        largest = tl.max(a, axis=0)
-        inv = tl.where(largest > 0.0, 1.0 / largest, 0.0)
-        scaled = a * inv
-        if KIND == 0:
-            s = tl.sum(scaled * scaled, axis=0)
-            largest64 = largest.to(tl.float64)
-            partial = largest64 * largest64 * s.to(tl.float64)
-        elif KIND == 1:
-            partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
-        else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
-            zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
-            powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(scaled)), zero_power)
-            log2_scale = norm_type * tl.log2(largest)
-            partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
-            partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
-        # an inf in the block: the sum is inf (the scaled values above are NaN/0)
-        return tl.where(largest == float("inf"), float("inf"), partial)
+    largest = tl.max(a, axis=0)
+    inv = tl.where(largest > 0.0, 1.0 / tl.where(largest > 0.0, largest, 1.0), 0.0)
+    scaled = a * inv
+    if KIND == 0:
+        s = tl.sum(scaled * scaled, axis=0)
+        largest64 = largest.to(tl.float64)
+        partial = largest64 * largest64 * s.to(tl.float64)
+    elif KIND == 1:
+        partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
+    else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
+        zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
+        powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(tl.where(scaled > 0.0, scaled, 1.0))), zero_power)
+        log2_scale = norm_type * tl.log2(tl.where(largest > 0.0, largest, 1.0))
+        partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
+        partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
+    # an inf in the block: the sum is inf (the scaled values above are NaN/0)
+    return tl.where(largest == float("inf"), float("inf"), partial)
 
 
 @triton.jit
@@ -125,9 +124,6 @@ def _accumulate_block(row, offs, mask, acc_ptr, norm_type, KIND: tl.constexpr, A
     a = tl.abs(_load_any(row, offs, mask, ALIGNED))
     is_nan = a != a
     nan_count = tl.sum(is_nan.to(tl.float32), axis=0)
-    if KIND == 4:  # p = 0 counts NaN as nonzero, as torch does; the norm is not NaN
-        a = tl.where(is_nan, 1.0, a)
-        nan_count = nan_count * 0.0
     a = tl.where(is_nan, 0.0, a)
     if KIND == 2:
         tl.atomic_max(acc_ptr + 2, tl.max(a, axis=0).to(tl.float64))
@@ -149,7 +145,7 @@ def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
     extreme = tl.atomic_add(acc_ptr + 2, 0.0)
     if KIND == 0:
         total = tl.sqrt(total_pow).to(tl.float32)
-    elif KIND == 1 or KIND == 4:
+    elif KIND == 1:
         total = total_pow.to(tl.float32)
     elif KIND == 2 or KIND == 3:
         total = extreme.to(tl.float32)
@@ -165,8 +161,7 @@ def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
         total = tl.where(total_pow == 0.0, low, total)
         total = tl.where(total_pow == float("inf"), tl.where(norm_type > 0.0, float("inf"), 0.0), total)
     if UNSCALE:
-        if KIND != 4:
-            total = total / tl.load(grad_scale_ptr).to(tl.float32)
+        total = total / tl.load(grad_scale_ptr).to(tl.float32)
     total = tl.where(nan_count > 0.0, float("nan"), total)
     coef = tl.minimum(max_norm * tl.div_rn(1.0, total + 1e-6), 1.0)  # torch: reciprocal, then multiply
     coef = tl.where(total != total, total, coef)  # torch: NaN norm -> NaN coefficient
@@ -187,7 +182,7 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, acc_ptr, out_ptr, grad_sca
                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """The p-norm of all tensors of a table together, and the clip coefficient.
 
-    out[0] = (sum_i |g_i|^p)^(1/p) (max/min |g| for p = +-inf, nonzero count for p = 0),
+    out[0] = (sum_i |g_i|^p)^(1/p) (max/min |g| for p = +-inf),
     divided by grad_scale when UNSCALE; out[1] = min(max_norm / (out[0] + 1e-6), 1).
     Reads each element once: 4 B per fp32 element, 2 B per bf16/fp16 element.
     """
@@ -233,7 +228,7 @@ def _scale_any(row, offs, mask, coef, ALIGNED: tl.constexpr):
 @triton.jit
 def _scale_typed(ptr, offs, mask, coef):
     x = tl.load(ptr + offs, mask=mask).to(tl.float32)
-    tl.store(ptr + offs, (x * coef).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offs, round_like(x * coef, ptr), mask=mask)
 
 
 @triton.jit
@@ -314,7 +309,7 @@ def aot_variants() -> list:
            "num_programs": "i32"}
     variants = []
     for kind, label in ((KIND_L2, "l2"), (KIND_L1, "l1"), (KIND_MAX, "inf"), (KIND_MIN, "-inf"),
-                        (KIND_L0, "l0"), (KIND_LP, "lp")):
+                        (KIND_LP, "lp")):
         cx = {"KIND": kind, "FINALIZE": True, "UNSCALE": kind == KIND_L2, "ALIGNED": True, "BLOCK": block}
         variants.append(variant(f"grad_norm[{label}]", grad_norm_kernel, sig, cx, True, warps,
                                 vector_stores=False))

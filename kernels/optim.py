@@ -18,7 +18,8 @@ multiplied by it in registers; with ``skip_nonfinite`` a non-finite norm skips t
 step). A skipped step writes nothing and does not count.
 
 Precision (``Precision``): with ``master`` the update reads and writes an fp32 master
-copy and stores the param rounded to its dtype in the same pass; with ``stochastic``
+copy and stores the param rounded to its dtype in the same pass (the param itself is not
+read, so a change made to it outside the optimizer is overwritten); with ``stochastic``
 bf16 params are rounded stochastically instead of to nearest.
 
 Full blocks take an unmasked path; with ``ALIGNED`` the launcher promises that every
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import MultiTensorPlan
+from .rounding import round_like
 
 _COL_PARAM = tl.constexpr(0)
 _COL_GRAD = tl.constexpr(1)
@@ -177,7 +179,7 @@ def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
     if STOCHASTIC:
         tl.store(param_ptr + offs, _stochastic_round_bf16(p, seed, offs), mask=mask)
     else:
-        tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + offs, round_like(p, param_ptr), mask=mask)
 
 
 @triton.jit
@@ -234,10 +236,10 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, ma
                                 weight_decay, step_size, bias_correction2_sqrt,
                                 AMSGRAD, MAXIMIZE, DECOUPLED_WD)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offs, round_like(m, exp_avg_ptr), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, round_like(v, exp_avg_sq_ptr), mask=mask)
     if AMSGRAD:
-        tl.store(max_sq_ptr + offs, vmax.to(max_sq_ptr.dtype.element_ty), mask=mask)
+        tl.store(max_sq_ptr + offs, round_like(vmax, max_sq_ptr), mask=mask)
 
 
 @triton.jit
@@ -252,9 +254,10 @@ def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, fo
     """Adam/AdamW over every tensor of a table (states: exp_avg, exp_avg_sq, max_exp_avg_sq).
 
     Bias corrections 1 - beta^t are computed per tensor in fp64 from its own step.
-    Bytes per element: reads p, g, m, v and writes p, m, v: 28 B in fp32; bf16 params
-    with fp32 states 20 B, with bf16 states 12 B; an fp32 master adds 8 B; amsgrad adds
-    2 x the state size.
+    Bytes per element, with P the param size and S the state size: reads p, g, m, v and
+    writes p, m, v, 3P + 4S: 28 B in fp32, 22 B for bf16 params with fp32 states, 14 B
+    with bf16 states. With an fp32 master the param is written but not read, 2P + 8 + 4S:
+    28 B for bf16. amsgrad adds 2S.
     """
     multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
                                      CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
@@ -353,11 +356,11 @@ def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, 
     p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps,
                                        weight_decay, momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    tl.store(sq_ptr + offs, sq.to(sq_ptr.dtype.element_ty), mask=mask)
+    tl.store(sq_ptr + offs, round_like(sq, sq_ptr), mask=mask)
     if CENTERED:
-        tl.store(g_avg_ptr + offs, g_avg.to(g_avg_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_avg_ptr + offs, round_like(g_avg, g_avg_ptr), mask=mask)
     if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        tl.store(buf_ptr + offs, round_like(buf, buf_ptr), mask=mask)
 
 
 @triton.jit
@@ -444,7 +447,7 @@ def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, mask, first, mult
                         HAS_MOMENTUM, NESTEROV, MAXIMIZE)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        tl.store(buf_ptr + offs, round_like(buf, buf_ptr), mask=mask)
 
 
 @triton.jit

@@ -6,11 +6,15 @@ on that to set TRITON_INTERPRET=1 on a machine without a GPU before triton is im
 
 import importlib
 
-__all__ = ["optim"]
+_SUBMODULES = ["optim", "clip", "nn", "init", "diagnostics"]
+_FUNCTIONS = {"clip_grad_norm_": "clip", "clip_grads_with_norm_": "clip", "get_total_norm": "clip"}
+__all__ = _SUBMODULES + list(_FUNCTIONS)
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in __all__:
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _FUNCTIONS:
+        return getattr(importlib.import_module(f".{_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module 'mechgpu' has no attribute {name!r}")

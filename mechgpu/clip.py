@@ -4,6 +4,7 @@
 ``torch.nn.utils`` twins (norm_type 2, inf, -inf, 0 or any p; ``error_if_nonfinite``; the
 total norm comes back as a tensor). Differences from torch:
 
+* the p = 0 "norm" (torch counts the tensors with a nonzero norm) is computed by torch;
 * the norm is one launch for all tensors of a device, accumulated in fp32 per block and
   fp64 across blocks, without overflow for large gradients; scaling is one more launch;
 * nothing synchronises with the host unless ``error_if_nonfinite=True``;
@@ -17,6 +18,7 @@ For clipping fused into the optimizer step (no separate scaling pass), pass
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 from collections.abc import Iterable
@@ -141,6 +143,14 @@ def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
         )
 
 
+def _reject_empty_for_inf_norm(tensors: list[torch.Tensor], norm_type: float) -> None:
+    """torch's error: max and min have no identity, so an empty tensor has no inf norm."""
+    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
+        which = "infinity" if norm_type > 0 else "-inf"
+        raise RuntimeError(f"_foreach_norm cannot compute the {which} norm on an empty tensor because the "
+                           "operation does not have an identity")
+
+
 def _as_list(tensors) -> list[torch.Tensor]:
     return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
 
@@ -160,7 +170,8 @@ def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: fl
     if len(tensors) == 0:
         return torch.tensor(0.0)
     first_device = _local(tensors[0]).device
-    if not all(_kernels_run_on(_local(t).device) for t in tensors):
+    _reject_empty_for_inf_norm(tensors, norm_type)
+    if norm_type == 0.0 or not all(_kernels_run_on(_local(t).device) for t in tensors):
         from torch.nn.utils import get_total_norm as torch_get_total_norm
 
         return torch_get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
@@ -215,13 +226,14 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
         if is_generator and len(parameters) == 0:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads or not all(_kernels_run_on(_local(g).device) for g in grads):
+    norm_type = float(norm_type)
+    if not grads or norm_type == 0.0 or not all(_kernels_run_on(_local(g).device) for g in grads):
         total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         clip_grads_with_norm_(parameters, max_norm, total, foreach)
         return total
     first_device = _local(grads[0]).device
     out = torch.empty(2, dtype=torch.float32, device=first_device)
-    norm_type = float(norm_type)
+    _reject_empty_for_inf_norm(grads, norm_type)
     total_norm_into(out, grads, norm_type, float(max_norm))
     total = out[0].to(_result_dtype(grads))
     if error_if_nonfinite:

@@ -72,6 +72,7 @@ class FusedOptimizer:
       leaves params and states untouched (and is not counted), without a host sync.
     * ``master_weights``: bf16/fp16 params get an fp32 master copy in the optimizer state
       (``master_param``); the kernel updates it and writes the rounded param in one pass.
+      The param is not read: to change it from outside, change the master too.
     * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.

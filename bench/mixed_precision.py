@@ -1,0 +1,335 @@
+"""Benchmark: one AdamW step in each of mechgpu's mixed-precision modes.
+
+What it measures
+----------------
+The time of one full ``opt.step()`` of AdamW (torch's defaults: lr 1e-3, weight decay
+1e-2) on GPT-2 small's tensors (the ``gpt2-small`` list of ``bench/optim.py``: 148 tensors,
+124.4M parameters), in each mode mechgpu offers, against ``torch.optim.AdamW(fused=True)``
+on fp32 params:
+
+=============================  ======  ===============  =====================  ========  =======
+mode                           params  states           mechgpu options        B/param   state B
+=============================  ======  ===============  =====================  ========  =======
+torch fused fp32 (reference)   fp32    fp32             (torch, fused=True)    28        8
+fp32                           fp32    fp32                                    28        8
+bf16                           bf16    fp32                                    22        8
+bf16, bf16 states              bf16    bf16             state_dtype=bf16       14        4
+bf16, master weights           bf16    fp32 + master    master_weights=True    28        12
+bf16, stochastic rounding      bf16    fp32             stochastic_rounding    22        8
+fp16, master, GradScaler       fp16    fp32 + master    master_weights=True    28        12
+=============================  ======  ===============  =====================  ========  =======
+
+B/param, the least a step moves per parameter, follows from what ``adam_kernel`` in
+``kernels/optim.py`` loads and stores, with P the param's size in bytes (the grad has the
+param's dtype) and S a state's: it reads g (P) and the two states (2S) and writes the two
+states (2S) and the param (P); without master weights it also reads the param (P), with
+them it reads and writes the fp32 master instead (8) and never reads the param::
+
+    bytes/param = 3P + 4S              (no master weights)
+                = 2P + 8 + 4S          (master weights)
+
+So bf16 with fp32 states is 6 + 16 = 22 B, with bf16 states 6 + 8 = 14 B, and bf16 or fp16
+with a master 4 + 8 + 16 = 28 B. (The kernel's docstring says 20 B, 12 B and "+8 B for a
+master"; those leave out one 2-byte stream, and a master replaces the 2-byte param read.)
+Stochastic rounding draws its random bits in registers: same bytes as plain bf16.
+GradScaler's ``grad_scale`` and ``found_inf`` are two scalars read once per program.
+
+"state B" is the optimizer state kept between steps, per parameter: exp_avg and
+exp_avg_sq (2S) plus the fp32 master (4 B) when there is one. The JSON has it both as
+derived here and as measured from ``opt.state`` after the run (it includes the per-tensor
+step counters, a few bytes per tensor).
+
+The GradScaler mode sets ``opt.grad_scale`` (65536, GradScaler's initial scale) and
+``opt.found_inf`` (0) by hand, as ``torch.amp.GradScaler.step`` does for an optimizer with
+``_step_supports_amp_scaling``, on grads of N(0, 1e-3) scaled by 65536 and stored in fp16:
+the step unscales the grads in registers. The rest of a real GradScaler iteration (its
+inf check over the grads, 2 B/param in fp16, and ``update()``) is not timed here.
+
+Every mode checks after its untimed steps that each of them was taken (step counters)
+and that the params are finite. Rows report ms, B/param, effective GB/s, the fraction of
+the device-to-device copy bandwidth measured in the same run, and torch fused fp32's ms
+divided by the mode's ms. Results go to ``bench/results/<device>-mixed_precision.json``
+and ``.md``.
+
+How to run
+----------
+    python bench/mixed_precision.py            # needs CUDA
+    python bench/mixed_precision.py --smoke    # a tiny run, works on a CPU-only machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
+# Set TRITON_INTERPRET before anything imports triton (_common, optim and mechgpu do).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from _common import (  # noqa: E402
+    QUICK_REPS,
+    REP_MS,
+    RESULTS_DIR,
+    WARMUP_MS,
+    copy_bandwidth,
+    environment,
+    free_memory,
+    gbps,
+    markdown_table,
+    median_ms,
+    synchronize,
+    write_results,
+)
+from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small  # noqa: E402
+
+import mechgpu.optim  # noqa: E402
+
+PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small}
+
+# GradScaler's default initial scale, and the spread of the unscaled grads in that mode
+# (so that scaled grads, ~65 here, fit fp16 comfortably).
+GRAD_SCALE = 65536.0
+UNSCALED_GRAD_STD = 1e-3
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    implementation: str  # "mechgpu" or "torch fused"
+    param_dtype: torch.dtype
+    options: dict = field(default_factory=dict)  # mechgpu AdamW keyword options
+    grad_scaler: bool = False  # set opt.grad_scale / opt.found_inf as GradScaler does
+
+    @property
+    def master(self) -> bool:
+        return bool(self.options.get("master_weights")) and self.param_dtype != torch.float32
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.options.get("state_dtype", torch.float32 if self.implementation == "mechgpu"
+                                else self.param_dtype)  # torch keeps states in the param's dtype
+
+    def bytes_per_param(self) -> int:
+        """The least one step moves per parameter (see the module docstring)."""
+        p = _size(self.param_dtype)
+        s = _size(self.state_dtype)
+        return (2 * p + 8 if self.master else 3 * p) + 4 * s
+
+    def state_bytes_per_param(self) -> int:
+        """exp_avg + exp_avg_sq, plus the fp32 master copy when there is one."""
+        return 2 * _size(self.state_dtype) + (4 if self.master else 0)
+
+    def describe(self) -> str:
+        parts = [f"{k}={_dtype_name(v) if isinstance(v, torch.dtype) else v}"
+                 for k, v in self.options.items()]
+        if self.grad_scaler:
+            parts.append(f"grad_scale={GRAD_SCALE:g}, found_inf=0")
+        if self.implementation == "torch fused":
+            parts.append("fused=True")
+        return ", ".join(parts) or "–"
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+MODES = (
+    Mode("torch fused fp32", "torch fused", torch.float32),
+    Mode("fp32", "mechgpu", torch.float32),
+    Mode("bf16", "mechgpu", torch.bfloat16),
+    Mode("bf16, bf16 states", "mechgpu", torch.bfloat16, {"state_dtype": torch.bfloat16}),
+    Mode("bf16, master weights", "mechgpu", torch.bfloat16, {"master_weights": True}),
+    Mode("bf16, stochastic rounding", "mechgpu", torch.bfloat16, {"stochastic_rounding": True}),
+    Mode("fp16, master, GradScaler", "mechgpu", torch.float16, {"master_weights": True}, grad_scaler=True),
+)
+REFERENCE = MODES[0].name
+
+
+def make_params(shapes: Shapes, device: torch.device, mode: Mode) -> list[torch.Tensor]:
+    """Leaf tensors of the mode's dtype, each with a grad (pre-scaled for the GradScaler mode)."""
+    torch.manual_seed(0)  # the same values in every mode, up to rounding
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, device=device).to(mode.param_dtype).requires_grad_()
+        g = torch.randn(shape, device=device)
+        if mode.grad_scaler:
+            g = g * (UNSCALED_GRAD_STD * GRAD_SCALE)
+        p.grad = g.to(mode.param_dtype)
+        params.append(p)
+    return params
+
+
+def make_optimizer(mode: Mode, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if mode.implementation == "torch fused":
+        return torch.optim.AdamW(params, fused=True)
+    opt = mechgpu.optim.AdamW(params, **mode.options)
+    if mode.grad_scaler:
+        # What torch.amp.GradScaler.step sets on an optimizer with _step_supports_amp_scaling
+        # (fp32 0-d tensors on the params' device) before calling its step().
+        device = params[0].device
+        opt.grad_scale = torch.full((), GRAD_SCALE, dtype=torch.float32, device=device)
+        opt.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    return opt
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer state (states, masters, step counters)."""
+    return sum(t.numel() * t.element_size() for state in opt.state.values()
+               for t in state.values() if torch.is_tensor(t))
+
+
+def check_steps_taken(mode: Mode, opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int) -> None:
+    """Every untimed step was taken (not skipped, e.g. by a found_inf), and the params are finite."""
+    counted = {float(opt.state[p]["step"]) for p in params}
+    if counted != {float(steps)}:
+        raise RuntimeError(f"{mode.name}: after {steps} steps the step counters read {sorted(counted)}")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise RuntimeError(f"{mode.name}: non-finite params after {steps} steps")
+
+
+def time_mode(mode: Mode, params: list[torch.Tensor], *, quick: bool) -> dict:
+    """Warm up a fresh optimizer, check it, then time one step: {"ms", "warmup_s", "state_bytes"}."""
+    start = time.perf_counter()
+    opt = make_optimizer(mode, params)
+    for _ in range(WARMUP_STEPS):
+        opt.step()
+    synchronize()
+    warmup_s = time.perf_counter() - start
+    check_steps_taken(mode, opt, params, WARMUP_STEPS)
+    return {"ms": median_ms(opt.step, quick=quick), "warmup_s": warmup_s, "state_bytes": state_bytes(opt)}
+
+
+# ----------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------
+def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
+    """Benchmark every mode on one list; returns the results as written to JSON."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
+    copy = copy_bandwidth(device, copy_bytes, quick=quick)
+    free_memory()
+    shape_list = shapes()
+    numel = sum(torch.Size(s).numel() for s in shape_list)
+    results = {
+        **environment(device),
+        "benchmark": "mixed_precision",
+        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
+                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        "warmup_steps": WARMUP_STEPS,
+        "optimizer": "AdamW, torch's defaults",
+        "bytes_formula": "3P + 4S without master weights, 2P + 8 + 4S with (P param bytes, S state bytes)",
+        "grad_scale": GRAD_SCALE,
+        "copy": copy,
+        "list": {"name": list_name, "tensors": len(shape_list), "params": numel},
+        "rows": [],
+    }
+    reference_ms = None
+    for mode in MODES:
+        params = make_params(shape_list, device, mode)
+        timing = time_mode(mode, params, quick=quick)
+        del params
+        free_memory()  # this mode's params and state are gone before the next one allocates
+        ms = timing["ms"]
+        if mode.name == REFERENCE:
+            reference_ms = ms
+        measured = timing["state_bytes"] / numel
+        if abs(measured - mode.state_bytes_per_param()) > 0.05:  # step counters add a few B per tensor
+            raise RuntimeError(f"{mode.name}: the optimizer state holds {measured:.3f} B/param, "
+                               f"not the {mode.state_bytes_per_param()} B/param derived for this mode")
+        moved = mode.bytes_per_param() * numel
+        row = {
+            "mode": mode.name, "implementation": mode.implementation,
+            "param_dtype": _dtype_name(mode.param_dtype), "state_dtype": _dtype_name(mode.state_dtype),
+            "master_weights": mode.master, "options": mode.describe(),
+            "bytes_per_param": mode.bytes_per_param(), "bytes": moved,
+            "state_bytes_per_param": mode.state_bytes_per_param(),
+            "measured_state_bytes_per_param": measured,
+            "param_plus_state_bytes_per_param": _size(mode.param_dtype) + mode.state_bytes_per_param(),
+            "ms": ms, "warmup_s": timing["warmup_s"],
+            "gbps": gbps(moved, ms), "copy_fraction": gbps(moved, ms) / copy["gbps"],
+            "speedup_vs_torch_fused_fp32": reference_ms / ms,
+        }
+        results["rows"].append(row)
+        print(f"{list_name} {mode.name}: {ms:.3f} ms", flush=True)
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    """The results as a markdown report: what was measured, then one table row per mode."""
+    copy = results["copy"]
+    timing = results["timing"]
+    if timing["method"].startswith("time.perf_counter"):
+        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
+               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
+    else:
+        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
+               f"rep {timing['rep_ms']} ms) of one full `opt.step()`, after {results['warmup_steps']} "
+               "untimed steps")
+    info = results["list"]
+    head = [
+        "# mechgpu AdamW in each mixed-precision mode vs torch fused AdamW (fp32)",
+        "",
+        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
+        "",
+        f"- time: {how}",
+        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
+        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        f"- B/param: the least a step reads and writes per parameter: {results['bytes_formula']}",
+        "- state B/param: optimizer state kept between steps (exp_avg, exp_avg_sq, fp32 master); "
+        "param + state adds the param itself",
+        f"- GradScaler: `opt.grad_scale` = {results['grad_scale']:g} and `opt.found_inf` = 0 set by hand, "
+        "as GradScaler.step sets them; its inf check and update() are not timed",
+        f"- {results['optimizer']}; list: {info['name']}, {info['tensors']:,} tensors, "
+        f"{info['params']:,} params",
+        "- vs torch: torch fused fp32's ms / the mode's ms",
+        "",
+    ]
+    header = ["mode", "options", "ms", "B/param", "GB/s", "of copy BW", "state B/param",
+              "param + state B/param", "vs torch"]
+    rows = [[r["mode"], r["options"], f"{r['ms']:.3f}", str(r["bytes_per_param"]), f"{r['gbps']:,.1f}",
+             f"{r['copy_fraction']:.0%}", str(r["state_bytes_per_param"]),
+             str(r["param_plus_state_bytes_per_param"]), f"{r['speedup_vs_torch_fused_fp32']:.2f}x"]
+            for r in results["rows"]]
+    return "\n".join(head + [markdown_table(header, rows, text_columns=2)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter; works "
+                             "without a GPU; writes to a temporary folder unless --out")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
+    if args.smoke:
+        (list_name, shapes), = SMOKE_LISTS.items()
+        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
+    else:
+        (list_name, shapes), = PARAM_LISTS.items()
+        out = args.out or RESULTS_DIR
+
+    results = run(list_name, shapes, quick=args.smoke)
+    markdown = to_markdown(results)
+    print()
+    print(markdown)
+    json_path, md_path = write_results(out, "mixed_precision", results, markdown)
+    print(f"\nwrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""mechgpu's clipping against torch.nn.utils: every norm type, awkward inputs, clip-in-step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import mechgpu
+import mechgpu.optim as mo
+
+NORM_TYPES = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.5, 0.5]
+SIZES = (0, 1, 3, 1000, 4097)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+       torch.float16: dict(rtol=2e-3, atol=1e-5)}
+
+
+def make_params(sizes, device, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for n in sizes:
+        p = torch.randn(n, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        p.grad = (scale * torch.randn(n, generator=gen)).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out
+
+
+def float64_norm(grads, norm_type):
+    """torch's definition in float64: the norm of the per-tensor norms."""
+    norms = [torch.linalg.vector_norm(g.detach().double(), norm_type) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.tensor(0.0).double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_clip_grad_norm_matches_torch(norm_type, dtype, device):
+    sizes = SIZES[1:] if math.isinf(norm_type) else SIZES  # torch rejects empty tensors there
+    ours = make_params(sizes, device, dtype, scale=3.0)
+    ref = clone_params(ours)
+    max_norm = 0.5 if norm_type != 0.0 else 100.0
+    n_ours = mechgpu.clip_grad_norm_(ours, max_norm, norm_type=norm_type)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type)
+    assert n_ours.dtype == n_ref.dtype and n_ours.shape == ()
+    # the norm itself: against a float64 reference (torch's own is rounded in `dtype`)
+    original = make_params(sizes, "cpu", dtype, scale=3.0)
+    expected = float64_norm([p.grad for p in original], norm_type).to(dtype)
+    torch.testing.assert_close(n_ours.cpu(), expected, **TOL[dtype])
+    torch.testing.assert_close(n_ours.cpu(), n_ref.cpu(), **TOL[dtype])
+    for a, b in zip(ours, ref):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 0.0], ids=str)
+def test_special_values_none_and_empty_grads(norm_type, device):
+    ours = make_params((5, 1000, 0, 7), device)
+    ours[2].grad = None
+    ours.append(torch.zeros(3, device=device, requires_grad=True))  # never had a grad
+    ref = clone_params(ours)
+    for params in (ours, ref):
+        params[1].grad[17] = math.inf
+        params[1].grad[900] = -math.inf
+    n_ours = mechgpu.clip_grad_norm_(ours, 1.0, norm_type=norm_type)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type=norm_type)
+    torch.testing.assert_close(n_ours.cpu(), n_ref.cpu(), equal_nan=True)
+    for a, b in zip(ours, ref):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
+    # NaN anywhere: the norm is NaN and so is every clipped grad, as in torch (p = 0 counts it)
+    ours, ref = make_params((5, 300), device), None
+    ref = clone_params(ours)
+    for params in (ours, ref):
+        params[0].grad[2] = math.nan
+    n_ours = mechgpu.clip_grad_norm_(ours, 1.0, norm_type=norm_type)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type=norm_type)
+    torch.testing.assert_close(n_ours.cpu(), n_ref.cpu(), equal_nan=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [math.inf, -math.inf], ids=str)
+def test_inf_norm_of_an_empty_grad_is_torchs_error(norm_type, device):
+    params = make_params((0, 3), device)
+    with pytest.raises(RuntimeError) as ours:
+        mechgpu.clip_grad_norm_(params, 1.0, norm_type=norm_type)
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_(clone_params(params), 1.0, norm_type=norm_type)
+    assert "norm on an empty tensor because the operation does not have an identity" in str(ours.value)
+    assert str(theirs.value).split(" norm ")[1] == str(ours.value).split(" norm ")[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    assert torch.equal(mechgpu.get_total_norm([]), torch.nn.utils.get_total_norm([]))
+    params = [torch.zeros(3, device=device, requires_grad=True)]
+    assert torch.equal(mechgpu.clip_grad_norm_(params, 1.0).cpu(), torch.tensor(0.0))
+    with pytest.warns(UserWarning, match="empty generator"):
+        mechgpu.clip_grad_norm_((p for p in []), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0], ids=str)
+def test_large_gradients_do_not_overflow(norm_type, device):
+    """|g| ~ 1e30: g^2 overflows fp32, but the norm is exact to fp32 rounding."""
+    params = make_params((1000, 4097), device, scale=1e30)
+    expected = float64_norm([p.grad for p in params], norm_type)
+    got = mechgpu.get_total_norm([p.grad for p in params], norm_type)
+    assert math.isfinite(got.item())
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_error_if_nonfinite_raises_and_changes_nothing(device):
+    params = make_params((10, 100), device)
+    params[1].grad[3] = math.inf
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="The total norm of order 2.0 for gradients from `parameters` is non-finite"):
+        mechgpu.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_get_total_norm_and_clip_grads_with_norm(device):
+    ours = make_params((3, 1000, 4097), device, scale=2.0)
+    ref = clone_params(ours)
+    total_ours = mechgpu.get_total_norm([p.grad for p in ours], 2.0)
+    total_ref = torch.nn.utils.get_total_norm([p.grad for p in ref], 2.0)
+    torch.testing.assert_close(total_ours.cpu(), total_ref.cpu(), rtol=1e-5, atol=0)
+    mechgpu.clip_grads_with_norm_(ours, 0.3, total_ref)
+    torch.nn.utils.clip_grads_with_norm_(ref, 0.3, total_ref)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unaligned_grads(device):
+    base = torch.randn(5001, device=device)
+    p = torch.nn.Parameter(torch.randn(5000, device=device))
+    p.grad = base[1:]  # 4-byte aligned only
+    q = torch.nn.Parameter(torch.randn(777, device=device))
+    q.grad = torch.randn(777, device=device)
+    ref = clone_params([p, q])
+    n_ours = mechgpu.clip_grad_norm_([p, q], 1.0)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    torch.testing.assert_close(n_ours.cpu(), n_ref.cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(p.grad.cpu(), ref[0].grad.cpu(), rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------
+# clip-in-step: the norm and the coefficient stay on the device, grads are not rescaled
+# ----------------------------------------------------------------------------------
+OPTIMIZERS = [("Adam", {}), ("AdamW", {"amsgrad": True}), ("RMSprop", {"momentum": 0.9}),
+              ("SGD", {"momentum": 0.9, "nesterov": True})]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,opts", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_clip_in_step_matches_torch_clip_then_step(name, opts, device):
+    gen = torch.Generator().manual_seed(3)
+    ours = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in (7, 1000, 4097)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    half = {"params": ours[2:], "lr": 5e-3}
+    opt = getattr(mo, name)([{"params": ours[:2]}, half], lr=1e-2, max_grad_norm=1.5, **opts)
+    ref_opt = getattr(torch.optim, name)([{"params": ref[:2]}, {"params": ref[2:], "lr": 5e-3}], lr=1e-2,
+                                         **opts)
+    for step in range(6):
+        scale = 0.01 if step == 2 else 1.0  # one step whose norm is under max_norm: no clipping
+        grads = [scale * torch.randn(a.shape, generator=gen).to(device) for a in ours]
+        for a, b, g in zip(ours, ref, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref, 1.5)
+        ref_opt.step()
+        torch.testing.assert_close(opt.last_grad_norm.cpu(), norm_ref.cpu(), rtol=1e-5, atol=0)
+        assert (norm_ref > 1.5) == (scale == 1.0)
+        assert all(torch.equal(a.grad, g) for a, g in zip(ours, grads))  # ours are not rescaled
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,opts", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+def test_skip_nonfinite_leaves_everything_untouched(name, opts, device):
+    params = [torch.randn(n, device=device, requires_grad=True) for n in (5, 1000)]
+    opt = getattr(mo, name)(params, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, **opts)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    counters = getattr(opt, "_sgd_steps", {})
+    before_counters = {k: v.clone() for k, v in counters.items()}
+    for bad in (math.inf, math.nan):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        params[1].grad[10] = bad
+        opt.step()
+        assert not math.isfinite(opt.last_grad_norm.item())
+        for p, b in zip(params, before_params):
+            assert torch.equal(p.detach(), b)
+        for p in params:
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, before_state[id(p)][k]), k
+        for k, v in counters.items():
+            assert torch.equal(v, before_counters[k])
+    for p in params:  # and a finite step afterwards goes through
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before_params))
