@@ -531,9 +531,11 @@ def _hyper(value):
     return float(value), False
 
 
-def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepControl,
-                 precision: Precision):
+def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepControl | None,
+                 precision: Precision | None):
     """(leading tensor/seed arguments, shared constexprs) of every optimizer kernel."""
+    control = control or StepControl()
+    precision = precision or Precision()
     spare = plan.table  # any device pointer, for arguments a variant never reads
     args = (plan.table, plan.blocks, plan.done,
             control.clip if control.clip is not None else spare,
@@ -564,8 +566,7 @@ class _NullGuard:
 
 def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, beta2, eps: float,
               weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-              aligned: bool, control: StepControl = StepControl(),
-              precision: Precision = Precision()) -> None:
+              aligned: bool, control: StepControl | None = None, precision: Precision | None = None) -> None:
     """Launch one Adam/AdamW step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     betas_are_ptrs = isinstance(beta1, torch.Tensor)
@@ -586,8 +587,8 @@ def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, bet
 
 def rmsprop_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, alpha: float, eps: float,
                  weight_decay: float, momentum: float, centered: bool, maximize: bool,
-                 aligned: bool, control: StepControl = StepControl(),
-                 precision: Precision = Precision()) -> None:
+                 aligned: bool, control: StepControl | None = None,
+                 precision: Precision | None = None) -> None:
     """Launch one RMSprop step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     args, constexprs = _common_args(plan, param_dtype, control, precision)
@@ -601,7 +602,7 @@ def rmsprop_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, alpha: 
 
 def sgd_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, weight_decay, momentum: float,
              dampening: float, nesterov: bool, maximize: bool, aligned: bool,
-             control: StepControl = StepControl(), precision: Precision = Precision()) -> None:
+             control: StepControl | None = None, precision: Precision | None = None) -> None:
     """Launch one SGD step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     weight_decay, wd_is_ptr = _hyper(weight_decay)

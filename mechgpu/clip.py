@@ -101,7 +101,9 @@ def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: f
         (device, aligned, groups), members = next(iter(segments.items()))
         if not groups and device == out.device:
             plan = _plan_for(members, device, aligned)
-            workspace = plan.workspaces.setdefault(kind, clip_kernels.new_workspace(kind, device))
+            workspace = plan.workspaces.get(kind)
+            if workspace is None:  # made once: nothing is allocated or copied in a captured step
+                workspace = plan.workspaces[kind] = clip_kernels.new_workspace(kind, device)
             clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
                                    aligned=aligned, grad_scale=grad_scale)
             return

@@ -382,7 +382,8 @@ def _bad_inputs():
         (grad_shape, RuntimeError, r"grad of param 1 of group 1 has shape \(25,\), its param \(24,\)"),
         (grad_strides, RuntimeError, r"grad of param 1 of group 1 has stride \(1, 6\), its param \(4, 1\)"),
         (non_contiguous, RuntimeError, r"param 1 of group 1 is not contiguous"),
-        (float64, RuntimeError, r"supports float32, bfloat16 and float16 parameters; param 1 of group 1 is torch.float64"),
+        (float64, RuntimeError,
+         r"supports float32, bfloat16 and float16 parameters; param 1 of group 1 is torch.float64"),
         (complex_param, RuntimeError, "complex parameters are not supported"),
     ]
 
@@ -419,7 +420,8 @@ def test_params_on_different_devices_in_one_group():
     a.grad, b.grad = torch.ones(4), torch.ones(4, device="meta")
     opt = mo.Adam([a, b])
     before = a.detach().clone()
-    with pytest.raises(RuntimeError, match="all params of a group must be on one device; param 1 of group 0 is on meta"):
+    message = "all params of a group must be on one device; param 1 of group 0 is on meta"
+    with pytest.raises(RuntimeError, match=message):
         opt.step()
     assert torch.equal(a.detach(), before) and len(opt.state) == 0
 
