@@ -50,7 +50,17 @@ class MultiTensorPlan:
         self._uploaded: list[list[int]] | None = None
 
     def set_rows(self, rows: list[list[int]]) -> None:
-        """Upload the tensor table if it changed since the last launch (no host sync)."""
+        """Upload the tensor table if it changed since the last upload (no host sync)."""
         if rows != self._uploaded:
             self.table.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
-            self._uploaded = rows
+            self._uploaded = [list(row) for row in rows]
+
+    def set_column(self, col: int, values: list[int]) -> None:
+        """Upload one column (say, the grad addresses of a new step) if it changed."""
+        uploaded = self._uploaded
+        if uploaded is not None and all(row[col] == v for row, v in zip(uploaded, values)):
+            return
+        self.table[:, col].copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+        if uploaded is not None:
+            for row, v in zip(uploaded, values):
+                row[col] = v

@@ -513,3 +513,28 @@ def test_step_never_syncs_and_new_lr_never_recompiles(name):
         torch.cuda.set_sync_debug_mode("default")
     if compiled is not None:
         assert sum(len(c) for c in kernel.device_caches[0][0].values()) == compiled
+
+
+def test_cached_tables_follow_moved_params_and_grads():
+    """The per-group table cache notices a param or grad whose storage was swapped in place."""
+    ours_p = make_params((1000, 33), "cpu")
+    ref_p = clone_params(ours_p)
+    ours, ref = mo.Adam(ours_p, lr=1e-2), torch.optim.Adam(ref_p, lr=1e-2)
+    gen = torch.Generator().manual_seed(12)
+    grads = [torch.randn(p.shape, generator=gen) for p in ours_p]
+    for a, b, g in zip(ours_p, ref_p, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    for a, b in zip(ours_p, ref_p):  # new storage under the same param objects
+        a.data = a.data.clone()
+        b.data = b.data.clone()
+        a.grad.data = torch.randn(a.shape, generator=gen)  # same grad object, new storage
+        b.grad.copy_(a.grad)
+    ours.step()
+    ref.step()
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    ours_p[1].grad.data = torch.zeros(34)  # same object, wrong shape: still caught
+    with pytest.raises(RuntimeError, match=r"grad of param 1 of group 0 has shape \(34,\)"):
+        ours.step()

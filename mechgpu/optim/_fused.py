@@ -9,13 +9,14 @@ optimizer states in their own dtype (torch casts them to the param's).
 from __future__ import annotations
 
 import itertools
+import operator
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from ..kernels import optim as optim_kernels
-from ..kernels.multi_tensor import MultiTensorPlan
+from ..kernels.multi_tensor import COL_GRAD, COL_NUMEL, MultiTensorPlan
 from ..kernels.optim import Precision, StepControl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,9 +43,78 @@ def _warn_cpu_fallback(name: str) -> None:
         )
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    if type(t) in _PLAIN_TENSORS:
+        return t
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+class _Bucket:
+    """One launch: the tensors of a group with one dtype and one alignment."""
+
+    __slots__ = ("plan", "dtype", "aligned", "precision", "indices")
+
+    def __init__(self, plan, dtype, aligned, precision, indices):
+        self.plan, self.dtype, self.aligned, self.precision, self.indices = plan, dtype, aligned, precision, indices
+
+
+class _GroupCache:
+    """A param group's launches, kept while its params and states stay where they are.
+
+    A step whose grads are the very same tensors at the same addresses launches straight
+    away; new grad tensors (zero_grad(set_to_none=True)) only have their checks redone and
+    their table column uploaded. Anything else (another param set, a param moved, a grad
+    that lost 16-byte alignment) rebuilds the cache.
+    """
+
+    def __init__(self, params: list[torch.Tensor], buckets: list[_Bucket]) -> None:
+        self.params = params
+        self.buckets = buckets
+        self.plain = all(type(p) in _PLAIN_TENSORS and type(p.grad) in _PLAIN_TENSORS for p in params)
+        self.grads = [p.grad for p in params]
+        self.param_ptrs = self._pointers(params)
+        self.grad_ptrs = self._pointers(self.grads)
+        self.meta = [(p.dtype, _local(p).shape, _local(p).stride(), _local(p).get_device()) for p in params]
+
+    def _pointers(self, tensors: list[torch.Tensor]) -> list[int]:
+        if self.plain:
+            return list(map(torch.Tensor.data_ptr, tensors))
+        return [_local(t).data_ptr() for t in tensors]
+
+    def _same_params(self, params: list[torch.Tensor]) -> bool:
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and self._pointers(params) == self.param_ptrs)
+
+    def serves(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+        """Same params and the same grad tensors, all where they were: launch as is."""
+        return (self._same_params(params) and all(map(operator.is_, grads, self.grads))
+                and self._pointers(grads) == self.grad_ptrs)
+
+    def takes_new_grads(self, optimizer, group_index, group, params, grads) -> bool:
+        """Same params, new grads: check them and point the grad column at them, if that is all."""
+        if not self._same_params(params):
+            return False
+        strided = torch.strided
+        for g, (dtype, shape, stride, device) in zip(grads, self.meta):
+            local = g if self.plain else _local(g)
+            if (local.layout is not strided or local.dtype is not dtype or local.shape != shape
+                    or local.stride() != stride or local.get_device() != device):
+                optimizer._check_group(group_index, group, params)  # raises with the details
+                return False
+        grad_ptrs = self._pointers(grads)
+        for bucket in self.buckets:
+            if bucket.aligned and any(grad_ptrs[i] % 16 for i in bucket.indices):
+                return False
+        self.grads, self.grad_ptrs = grads, grad_ptrs
+        return True
+
+    def launch_tables(self, bucket: _Bucket) -> None:
+        """Point bucket's table at this step's grads (an upload only if they moved)."""
+        bucket.plan.set_column(COL_GRAD, [self.grad_ptrs[i] for i in bucket.indices])
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -105,7 +175,6 @@ class FusedOptimizer:
         self.state_dtype = state_dtype
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
-        self._plans: dict = {}
         self._clip_out: torch.Tensor | None = None
 
     @property
@@ -208,15 +277,27 @@ class FusedOptimizer:
         work = []
         fallback_groups = []
         for group_index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    params.append(p)
+                    grads.append(g)
             if not params:
                 continue
-            self._check_group(group_index, group, params)
-            if kernels_run_on(_local(params[0]).device):
-                work.append((group_index, group, params))
-            else:
-                fallback_groups.append(group)
-        devices = {_local(params[0]).device for _, _, params in work}
+            cache = self._group_caches.get(group_index)
+            if cache is not None and cache.serves(params, grads):
+                work.append((group_index, group, params, cache))
+                continue
+            if cache is not None and not cache.takes_new_grads(self, group_index, group, params, grads):
+                cache = None
+            if cache is None:
+                self._check_group(group_index, group, params)
+                if not kernels_run_on(_local(params[0]).device):
+                    fallback_groups.append(group)
+                    continue
+            work.append((group_index, group, params, cache))
+        devices = {_local(params[0]).device for _, _, params, _ in work}
         if self.max_grad_norm is not None and len(devices) > 1:
             raise self._error(f"max_grad_norm needs all params on one device; they are on {sorted(map(str, devices))}")
 
@@ -234,12 +315,16 @@ class FusedOptimizer:
 
             if self._clip_out is None or self._clip_out.device != device:
                 self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
-            grads = [p.grad for _, _, params in work for p in params]
+            grads = [p.grad for _, _, params, _ in work for p in params]
             total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale)
             control.clip = self._clip_out
             control.skip_nonfinite = self.skip_nonfinite
-        for group_index, group, params in work:
-            self._step_group(group_index, group, params, control)
+        for group_index, group, params, cache in work:
+            if cache is None:
+                cache = self._group_caches[group_index] = self._build_cache(group_index, group, params)
+            for bucket in cache.buckets:
+                cache.launch_tables(bucket)
+                self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
         return loss
 
     def _amp_tensor(self, name: str, device: torch.device) -> torch.Tensor | None:
@@ -248,11 +333,16 @@ class FusedOptimizer:
             return None
         return value.to(device=device, dtype=torch.float32, non_blocking=True)
 
-    def _step_group(self, group_index: int, group: dict, params: list[torch.Tensor],
-                    control: StepControl) -> None:
+    @property
+    def _group_caches(self) -> dict:
+        return self.__dict__.setdefault("_mechgpu_group_caches", {})
+
+    def _build_cache(self, group_index: int, group: dict, params: list[torch.Tensor]) -> _GroupCache:
+        """States made or repaired, params sorted into (dtype, alignment) buckets, tables built."""
         keys = self._state_keys(group)
-        buckets: dict[tuple[torch.dtype, bool], tuple[list, list]] = {}
-        for p in params:
+        by_bucket: dict[tuple[torch.dtype, bool], list[int]] = {}
+        rows = []
+        for index, p in enumerate(params):
             self._ensure_state(p, group)
             state = self.state[p]
             local = _local(p)
@@ -261,28 +351,24 @@ class FusedOptimizer:
             master = _local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0
             aligned = all(ptr % 16 == 0 for ptr in ptrs) and master % 16 == 0
             ptrs += [0] * (5 - len(ptrs))
-            row = ptrs + [self._step_counter(p).data_ptr(), local.numel(), master]
-            members, rows = buckets.setdefault((p.dtype, aligned), ([], []))
-            members.append(p)
-            rows.append(row)
+            rows.append(ptrs + [self._step_counter(p).data_ptr(), local.numel(), master])
+            by_bucket.setdefault((p.dtype, aligned), []).append(index)
 
         device = _local(params[0]).device
-        for (dtype, aligned), (members, rows) in buckets.items():
-            key = (group_index, dtype, aligned)
-            ids = [id(p) for p in members]
-            plan = self._plans.get(key)
-            if plan is None or plan.param_ids != ids or plan.device != device:
-                plan = MultiTensorPlan([_local(p).numel() for p in members], device)
-                plan.param_ids = ids
-                self._plans[key] = plan
-            plan.set_rows(rows)
-            precision = Precision(
-                state_dtype=self.state_dtype,
-                master=self._uses_master(members[0]),
-                stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
-                seed=self._rounding_seed,
-            )
-            self._launch(plan, dtype, group, aligned, control, precision)
+        old = self._group_caches.get(group_index)
+        old_plans = {} if old is None else {(b.dtype, b.aligned): b.plan for b in old.buckets}
+        buckets = []
+        for (dtype, aligned), indices in by_bucket.items():
+            numels = [rows[i][COL_NUMEL] for i in indices]
+            plan = old_plans.get((dtype, aligned))
+            if plan is None or plan.numels != numels or plan.device != device:
+                plan = MultiTensorPlan(numels, device)
+            precision = Precision(state_dtype=self.state_dtype, master=self._uses_master(params[indices[0]]),
+                                  stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
+                                  seed=self._rounding_seed)
+            plan.set_rows([rows[i] for i in indices])
+            buckets.append(_Bucket(plan, dtype, aligned, precision, indices))
+        return _GroupCache(params, buckets)
 
     def _torch_step(self, groups: list[dict]) -> None:
         """torch.optim's own step, for CPU params when the kernels cannot run there."""
@@ -326,7 +412,7 @@ class FusedOptimizer:
         saved_state = state_dict["state"]
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)
-        self._plans = {}
+        self._group_caches.clear()  # state tensors were replaced
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:

@@ -1,0 +1,169 @@
+"""Worker processes for test_distributed.py: two gloo ranks on CPU running every scenario.
+
+Each rank trains the same tiny model three times from the same init and data (its own shard
+of every batch): (a) torch.optim + torch.nn.utils.clip_grad_norm_, (b) mechgpu.optim +
+mechgpu.clip.clip_grad_norm_, (c) mechgpu.optim with max_grad_norm (clipping fused into the
+step). It records losses, norms, the norms of every rank (all-gathered), final full params,
+clipped grads and optimizer states, and torch.save's them for the parent test to compare.
+
+``run`` sets TRITON_INTERPRET=1 before it imports triton (nothing imported here does), so
+the mechgpu kernels run in triton's interpreter on the CPU tensors whatever the parent's
+environment; importing this module in the parent changes nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZE = 2
+STEPS = 4
+GLOBAL_BATCH = 8
+IN_FEATURES = 16
+VARIANTS = ("torch", "mechgpu_clip", "mechgpu_fused")
+
+# name -> (wrapper, optimizer, optimizer kwargs, max_norm)
+SCENARIOS = {
+    "fsdp_adamw": ("fsdp", "AdamW", {"lr": 1e-2, "weight_decay": 0.1}, 0.05),
+    "fsdp_sgd": ("fsdp", "SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, 0.05),
+    "ddp_adamw": ("ddp", "AdamW", {"lr": 1e-2, "weight_decay": 0.1}, 0.05),
+    # grads as views into DDP's flat buckets: shared storage, 4 of 6 at unaligned offsets
+    "ddp_sgd_bucket_view": ("ddp", "SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, 0.05),
+}
+
+
+def make_model() -> torch.nn.Module:
+    """~1.4k params. The odd width gives uneven FSDP shards (33 rows -> 17/16) and, with DDP's
+    gradient_as_bucket_view, grads at offsets that are not 16-byte aligned (4 mod 16); the
+    1-wide head leaves FSDP rank 1 with empty (0-element) shards of its weight and bias."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN_FEATURES, 33), torch.nn.Tanh(),
+        torch.nn.Linear(33, 24), torch.nn.Tanh(),
+        torch.nn.Linear(24, 1),
+    )
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of the global batch of ``step`` (same global batch on every rank)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, IN_FEATURES, generator=gen)
+    y = 3.0 * torch.randn(GLOBAL_BATCH, 1, generator=gen)  # large targets: large grads, so clipping bites
+    shard = GLOBAL_BATCH // WORLD_SIZE
+    return x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]
+
+
+def full(t):
+    """A plain tensor holding the full value of a DTensor (or of a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().clone()
+
+
+def wrap(model: torch.nn.Module, wrapper: str, bucket_view: bool) -> torch.nn.Module:
+    if wrapper == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+
+
+def make_optimizer(variant: str, name: str, kwargs: dict, max_norm: float, params):
+    if variant == "torch":
+        return getattr(torch.optim, name)(params, **kwargs)
+    import mechgpu.optim
+
+    extra = {"max_grad_norm": max_norm} if variant == "mechgpu_fused" else {}
+    return getattr(mechgpu.optim, name)(params, **kwargs, **extra)
+
+
+def train(rank: int, scenario: str, variant: str) -> dict:
+    import mechgpu.clip
+
+    wrapper, opt_name, opt_kwargs, max_norm = SCENARIOS[scenario]
+    model = wrap(make_model(), wrapper, bucket_view=scenario.endswith("bucket_view"))
+    params = list(model.parameters())
+    opt = make_optimizer(variant, opt_name, opt_kwargs, max_norm, params)
+    out = {"losses": [], "global_losses": [], "norms": [], "norms_all_ranks": [], "norm_types": [],
+           "param_types": sorted({type(p).__name__ for p in params}),
+           "local_numels": [p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params]}
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if variant == "torch":
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        elif variant == "mechgpu_clip":
+            norm = mechgpu.clip.clip_grad_norm_(params, max_norm)
+        if variant != "mechgpu_fused":
+            out["norm_types"].append(type(norm).__name__)
+            out["clipped_grads"] = [full(p.grad) for p in params]  # after clipping, before the step
+        opt.step()
+        if variant == "mechgpu_fused":
+            norm = opt.last_grad_norm
+            out["norm_types"].append(type(norm).__name__)
+        norm = full(norm).float().reshape(())
+        gathered = [torch.zeros(()) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, norm)
+        out["norms"].append(norm)
+        out["norms_all_ranks"].append(torch.stack(gathered))
+        out["losses"].append(loss.detach().clone())
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        out["global_losses"].append(global_loss / WORLD_SIZE)
+        opt.zero_grad()
+    out["params"] = [full(p) for p in params]
+    out["states"] = {i: {k: full(v) for k, v in opt.state[p].items() if k != "step"}
+                     for i, p in enumerate(params)}
+    return out
+
+
+def run(rank: int, scenarios: list[str], init_file: str, out_dir: str) -> None:
+    """torch.multiprocessing entry point: the scenarios in order on one process group.
+
+    Results go to out_dir/<scenario>_rank<r>.pt. The first failure writes its traceback to
+    out_dir/<scenario>_rank<r>.err (or setup_rank<r>.err) and is re-raised, which ends this
+    rank (and makes torch.multiprocessing stop the other): later scenarios do not run.
+    """
+    torch.set_num_threads(1)
+    label = "setup"
+    try:
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        from mechgpu.kernels import optim as optim_kernels
+
+        assert optim_kernels.INTERPRETED, (
+            "mechgpu's kernels are not running in triton's interpreter in the worker: triton was "
+            "imported before TRITON_INTERPRET=1 was set, so the CPU steps would silently fall back "
+            "to torch.optim and this test would compare torch with itself")
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD_SIZE, timeout=timedelta(seconds=90))
+        try:
+            for label in scenarios:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    results = {variant: train(rank, label, variant) for variant in VARIANTS}
+                results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+                torch.save(results, os.path.join(out_dir, f"{label}_rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"{label}_rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
