@@ -12,8 +12,12 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests parametrised over DEVICES run on CPU (kernels in the interpreter) and, where a
-# GPU is present, on CUDA as well.
+# Tests parametrised over DEVICES run the kernels on CPU tensors in the interpreter where
+# there is no GPU, and on CUDA tensors where there is one. (With a GPU, triton compiles
+# for it, and CPU params would take torch's own fallback instead of the kernels.)
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is present")
-DEVICES = ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])]
+on_cpu = pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: the kernels are tested on it instead")
+DEVICES = [pytest.param("cpu", marks=on_cpu), pytest.param("cuda", marks=[gpu, requires_cuda])]
+#: where the kernels run in this session, for tests that need one device
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"

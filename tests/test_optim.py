@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, gpu, requires_cuda
+from conftest import DEVICES, KERNEL_DEVICE, gpu, requires_cuda
 
 import mechgpu.optim as mo
 
@@ -205,7 +205,7 @@ def test_state_dict_round_trip(case, direction):
     first_cls, second_cls = getattr(torch.optim, name), getattr(mo, name)
     if direction == "mechgpu-to-torch":
         first_cls, second_cls = second_cls, first_cls
-    params = make_params((3, 1000, 4097), "cpu")
+    params = make_params((3, 1000, 4097), KERNEL_DEVICE)
     cont_p = clone_params(params)
     first = first_cls(two_groups(params, name, opts), lr=LR[name], **opts)
     gen = torch.Generator().manual_seed(5)
@@ -232,7 +232,7 @@ def test_state_dict_round_trip(case, direction):
 
 
 def test_state_dict_keeps_fp32_states_of_bf16_params():
-    params = make_params((3, 1000), "cpu", torch.bfloat16)
+    params = make_params((3, 1000), KERNEL_DEVICE, torch.bfloat16)
     opt = mo.Adam(params, lr=1e-2)
     gen = torch.Generator().manual_seed(6)
     set_random_grads([params], gen)
@@ -247,7 +247,7 @@ def test_state_dict_keeps_fp32_states_of_bf16_params():
 
 
 def test_add_param_group_closure_zero_grad_and_none_grads():
-    ours_p = make_params((3, 1000, 17, 5), "cpu")
+    ours_p = make_params((3, 1000, 17, 5), KERNEL_DEVICE)
     ref_p = clone_params(ours_p)
     ours = mo.Adam(ours_p[:2], lr=1e-2)
     ref = torch.optim.Adam(ref_p[:2], lr=1e-2)
@@ -257,7 +257,7 @@ def test_add_param_group_closure_zero_grad_and_none_grads():
         set_random_grads([ours_p, ref_p], gen)
         if step_index % 3 == 1:  # the third param has no grad on some steps: skipped, step not counted
             ours_p[2].grad = ref_p[2].grad = None
-        target = torch.randn(1000, generator=gen)
+        target = torch.randn(1000, generator=gen).to(KERNEL_DEVICE)
 
         def closure(params):
             def f():
@@ -517,7 +517,7 @@ def test_step_never_syncs_and_new_lr_never_recompiles(name):
 
 def test_cached_tables_follow_moved_params_and_grads():
     """The per-group table cache notices a param or grad whose storage was swapped in place."""
-    ours_p = make_params((1000, 33), "cpu")
+    ours_p = make_params((1000, 33), KERNEL_DEVICE)
     ref_p = clone_params(ours_p)
     ours, ref = mo.Adam(ours_p, lr=1e-2), torch.optim.Adam(ref_p, lr=1e-2)
     gen = torch.Generator().manual_seed(12)
@@ -529,12 +529,12 @@ def test_cached_tables_follow_moved_params_and_grads():
     for a, b in zip(ours_p, ref_p):  # new storage under the same param objects
         a.data = a.data.clone()
         b.data = b.data.clone()
-        a.grad.data = torch.randn(a.shape, generator=gen)  # same grad object, new storage
+        a.grad.data = torch.randn(a.shape, generator=gen).to(KERNEL_DEVICE)  # same grad object, new storage
         b.grad.copy_(a.grad)
     ours.step()
     ref.step()
     for a, b in zip(ours_p, ref_p):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
-    ours_p[1].grad.data = torch.zeros(34)  # same object, wrong shape: still caught
+    ours_p[1].grad.data = torch.zeros(34, device=KERNEL_DEVICE)  # same object, wrong shape: still caught
     with pytest.raises(RuntimeError, match=r"grad of param 1 of group 0 has shape \(34,\)"):
         ours.step()
