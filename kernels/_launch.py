@@ -23,3 +23,35 @@ def multi_tensor_block(numels: list[int]) -> int:
 def multi_tensor_warps(block: int) -> int:
     """8 elements per thread: two 128-bit accesses per fp32 stream, moderate registers."""
     return max(2, min(16, block // 256))
+
+
+# Random fills (kernels/init.py): a fill only stores, and one Philox4x32 call feeds four
+# neighbouring elements, so a program of BLOCK elements makes BLOCK / 4 Philox calls. A
+# single-tensor fill takes the block a multi-tensor launch of that one tensor would take.
+def fill_block(numel: int) -> int:
+    """Block for a single-tensor fill of ``numel`` elements."""
+    return multi_tensor_block([numel])
+
+
+def fill_warps(block: int) -> int:
+    """Warps for a fill program of ``block`` elements."""
+    return multi_tensor_warps(block)
+
+
+# Elementwise kernels (activations): a flat 1-D grid, one program per BLOCK elements.
+# Large tensors take 4096-element blocks over 8 warps: 16 elements per thread, four
+# 128-bit accesses per fp32 stream in flight. Below ELEMENTWISE_SMALL_NUMEL, 1024-element
+# blocks over 4 warps give 4x more programs, so a mid-sized tensor still reaches every SM.
+# Each block must hold a whole number of 32-bit mask words (BLOCK % 32 == 0).
+ELEMENTWISE_BLOCKS = (4096, 1024)
+ELEMENTWISE_SMALL_NUMEL = 1 << 22
+
+
+def elementwise_block(numel: int) -> int:
+    """Elements per program for an elementwise kernel over ``numel`` elements."""
+    return ELEMENTWISE_BLOCKS[0] if numel >= ELEMENTWISE_SMALL_NUMEL else ELEMENTWISE_BLOCKS[1]
+
+
+def elementwise_warps(block: int) -> int:
+    """8 elements per thread for 1024-element blocks, 16 for 4096 (4 and 8 warps)."""
+    return 4 if block <= 1024 else 8
