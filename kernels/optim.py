@@ -673,8 +673,3 @@ def aot_variants() -> list:
         for mode, flags in modes:
             variants.append(variant(f"{name}[{mode}]", fn, sig, dict(base, **flags), True, warps))
     return variants
-
-
-#: True when triton runs these kernels in its interpreter (TRITON_INTERPRET=1 at import),
-#: which is what lets them take CPU tensors.
-INTERPRETED = type(adam_kernel).__name__ == "InterpretedFunction"

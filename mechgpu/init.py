@@ -37,8 +37,8 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out
 
+from ._backend import is_dense, kernels_run_on, warn_fallback_once
 from .kernels import init as init_kernels
-from .optim._fused import _is_dense, kernels_run_on
 
 __all__ = [
     "calculate_gain", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
@@ -63,29 +63,24 @@ __all__ = [
 GELU_GAIN = 1.5335304411955352
 SILU_GAIN = 1.6765324703310912
 
-_warned_fallback = False
-
-
 # ----------------------------------------------------------------------------------
 # the kernel path and its fallback
 # ----------------------------------------------------------------------------------
 def _use_kernels(tensor: Tensor, caller: str) -> bool:
     """True when a Triton kernel can fill ``tensor``; otherwise torch's implementation runs."""
-    global _warned_fallback
     if type(tensor) not in (torch.Tensor, nn.Parameter):
         return False  # subclasses (DTensor, ...) sample through their own uniform_/normal_
     if tensor.is_meta or tensor.dtype not in init_kernels.SUPPORTED_DTYPES:
         return False
     if kernels_run_on(tensor.device):
         return True
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"mechgpu.init.{caller}: the tensor is on {tensor.device.type} and the Triton kernels "
-            f"cannot run there (on a CPU they need TRITON_INTERPRET=1 set before triton is imported), "
-            f"so torch.nn.init's own sampling runs instead. This warning is shown once.",
-            stacklevel=3,
-        )
+    warn_fallback_once(
+        "init",
+        f"mechgpu.init.{caller}: the tensor is on {tensor.device.type} and the Triton kernels "
+        f"cannot run there (on a CPU they need TRITON_INTERPRET=1 set before triton is imported), "
+        f"so torch.nn.init's own sampling runs instead.",
+        stacklevel=4,
+    )
     return False
 
 
@@ -97,7 +92,7 @@ def _draw_seed(generator: torch.Generator | None) -> int:
 
 def _dense_view(tensor: Tensor) -> Tensor | None:
     """A contiguous view of the same memory when ``tensor`` is dense in some order, else None."""
-    if not _is_dense(tensor) or any(s < 0 for s in tensor.stride()):
+    if not is_dense(tensor) or any(s < 0 for s in tensor.stride()):
         return None
     order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
     view = tensor.permute(order)

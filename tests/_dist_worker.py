@@ -146,9 +146,9 @@ def run(rank: int, scenarios: list[str], init_file: str, out_dir: str) -> None:
     try:
         if "triton" not in sys.modules:
             os.environ["TRITON_INTERPRET"] = "1"
-        from mechgpu.kernels import optim as optim_kernels
+        from mechgpu import _backend
 
-        assert optim_kernels.INTERPRETED, (
+        assert _backend.INTERPRETED, (
             "mechgpu's kernels are not running in triton's interpreter in the worker: triton was "
             "imported before TRITON_INTERPRET=1 was set, so the CPU steps would silently fall back "
             "to torch.optim and this test would compare torch with itself")

@@ -20,7 +20,7 @@ TIMEOUT_S = 300  # each takes seconds; this only stops a hang
 
 
 def test_known_benchmarks_have_smoke_runs():
-    assert {"optim.py", "clip.py", "mixed_precision.py"} <= {p.name for p in SMOKE_SCRIPTS}
+    assert {"optim.py", "clip.py", "mixed_precision.py", "activations.py", "init.py"} <= {p.name for p in SMOKE_SCRIPTS}
 
 
 @pytest.mark.parametrize("script", SMOKE_SCRIPTS, ids=lambda p: p.stem)

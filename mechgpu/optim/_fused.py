@@ -10,37 +10,28 @@ from __future__ import annotations
 
 import itertools
 import operator
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from ..kernels import optim as optim_kernels
+from .._backend import is_dense, kernels_run_on, warn_fallback_once
 from ..kernels.multi_tensor import COL_GRAD, COL_NUMEL, MultiTensorPlan
 from ..kernels.optim import Precision, StepControl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"
-_warned_cpu_fallback = False
-
-
-def kernels_run_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or (device.type == "cpu" and optim_kernels.INTERPRETED)
 
 
 def _warn_cpu_fallback(name: str) -> None:
-    global _warned_cpu_fallback
-    if not _warned_cpu_fallback:
-        _warned_cpu_fallback = True
-        warnings.warn(
-            f"mechgpu.optim.{name}: parameters are on the CPU and TRITON_INTERPRET=1 is not set, so "
-            f"this step runs torch.optim.{name}'s own implementation instead of mechgpu's Triton "
-            "kernel. Move the model to CUDA, or set TRITON_INTERPRET=1 before importing triton to "
-            "run the kernels on the CPU (slowly). This warning is shown once.",
-            stacklevel=3,
-        )
+    warn_fallback_once(
+        "optim",
+        f"mechgpu.optim.{name}: parameters are on the CPU and TRITON_INTERPRET=1 is not set, so "
+        f"this step runs torch.optim.{name}'s own implementation instead of mechgpu's Triton "
+        "kernel. Move the model to CUDA, or set TRITON_INTERPRET=1 before importing triton to "
+        "run the kernels on the CPU (slowly).",
+        stacklevel=4,
+    )
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -115,18 +106,6 @@ class _GroupCache:
     def launch_tables(self, bucket: _Bucket) -> None:
         """Point bucket's table at this step's grads (an upload only if they moved)."""
         bucket.plan.set_column(COL_GRAD, [self.grad_ptrs[i] for i in bucket.indices])
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """True when the elements fill a contiguous span of memory in some order (no gaps, no overlap)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class FusedOptimizer:
@@ -213,7 +192,7 @@ class FusedOptimizer:
                 raise self._error(f"the grad of {where} has shape {tuple(g.shape)}, its param {tuple(p.shape)}")
             if g.device != p.device:
                 raise self._error(f"the grad of {where} is on {g.device}, its param on {p.device}")
-            if not _is_dense(p):
+            if not is_dense(p):
                 raise self._error(f"{where} is not contiguous (shape {tuple(p.shape)}, stride {p.stride()}); "
                                   "pass contiguous parameters")
             if g.stride() != p.stride():
