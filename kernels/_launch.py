@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch (triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.
 # Larger blocks amortise the per-program table reads; smaller blocks waste fewer
 # lanes on small tensors. We take the largest block whose padding costs at most

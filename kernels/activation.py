@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
+
 # The activation kinds (the KIND constexpr). relu and leaky_relu save a bit mask.
 SIGMOID, TANH, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU = range(7)
 KINDS = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU, "leaky_relu": LEAKY_RELU,
@@ -506,17 +508,6 @@ def _check(x: torch.Tensor, kind: str) -> None:
         raise TypeError(f"mechgpu activation kernels take float32, bfloat16 or float16 tensors, not {x.dtype}")
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NullGuard()
-
-
-class _NullGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 def forward(x: torch.Tensor, kind: str, *, slope: float = 0.0, save_mask: bool = False,
             out: torch.Tensor | None = None,
@@ -543,7 +534,7 @@ def forward(x: torch.Tensor, kind: str, *, slope: float = 0.0, save_mask: bool =
     if n == 0:
         return y, mask
     block = elementwise_block(n)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         activation_fwd_kernel[(triton.cdiv(n, block),)](
             x, y, mask if save_mask else y, n, float(slope),
             KIND=KINDS[kind], SAVE_MASK=save_mask, PRECISE=x.dtype == torch.float32,
@@ -577,7 +568,7 @@ def backward(grad: torch.Tensor, saved: torch.Tensor, kind: str, *, slope: float
     if n == 0:
         return dx
     block = elementwise_block(n)
-    with _device_guard(grad.device):
+    with device_guard(grad.device):
         activation_bwd_kernel[(triton.cdiv(n, block),)](
             grad, saved, dx, n, float(slope),
             KIND=KINDS[kind], PRECISE=grad.dtype == torch.float32,

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
 from .multi_tensor import MultiTensorPlan
 from .rounding import round_like
 
@@ -265,7 +266,7 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
               grad_scale: torch.Tensor | None = None) -> None:
     """Launch the norm over every tensor in ``plan`` (table rows from ``norm_rows``)."""
     kind = norm_kind(norm_type)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         grad_norm_kernel[(plan.num_programs,)](
             plan.table, plan.blocks, plan.done, workspace, out,
             grad_scale if grad_scale is not None else out,
@@ -277,7 +278,7 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
 
 def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float, max_norm: float,
                        grad_scale: torch.Tensor | None = None) -> None:
-    with _device_guard(workspace.device):
+    with device_guard(workspace.device):
         grad_norm_finalize_kernel[(1,)](
             workspace, out, grad_scale if grad_scale is not None else out,
             float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm),
@@ -287,15 +288,10 @@ def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type:
 
 def scale_(plan: MultiTensorPlan, coef: torch.Tensor, *, aligned: bool) -> None:
     """Multiply every tensor in ``plan`` by the 0-d device tensor ``coef`` (one launch)."""
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         grad_scale_kernel[(plan.num_programs,)](plan.table, plan.blocks, coef, ALIGNED=aligned,
                                                 BLOCK=plan.block, num_warps=plan.num_warps)
 
-
-def _device_guard(device: torch.device):
-    from .optim import _device_guard as guard
-
-    return guard(device)
 
 
 def aot_variants() -> list:

@@ -54,9 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import fill_block, fill_warps
+from ._launch import device_guard, fill_block, fill_warps
 from .multi_tensor import MultiTensorPlan
-from .optim import _device_guard
 from .rounding import round_like
 
 KIND_UNIFORM = tl.constexpr(0)
@@ -363,7 +362,7 @@ def fill_(tensor: torch.Tensor, fill: Fill, seed: int, stream: int = 0) -> None:
         return
     block = fill_block(numel)
     kind, *params = fill.kind, *fill.fp32_params()
-    with _device_guard(tensor.device):
+    with device_guard(tensor.device):
         fill_kernel[(triton.cdiv(numel, block),)](
             tensor, numel, seed, stream, *params,
             KIND=kind, BLOCK=block, num_warps=fill_warps(block),
@@ -419,7 +418,7 @@ class FillPlan:
             raise RuntimeError("a tensor of this FillPlan was re-allocated since the plan was built; "
                                "build a new plan")
         for plan, dtype, aligned in self._buckets:
-            with _device_guard(plan.device):
+            with device_guard(plan.device):
                 fill_multi_kernel[(plan.num_programs,)](
                     plan.table, plan.blocks, seed,
                     DTYPE=dtype, ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,

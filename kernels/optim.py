@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
 from .multi_tensor import MultiTensorPlan
 from .rounding import round_like
 
@@ -552,17 +553,6 @@ def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepC
     return args, constexprs
 
 
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NullGuard()
-
-
-class _NullGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
 
 def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, beta2, eps: float,
               weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
@@ -577,7 +567,7 @@ def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, bet
         beta1, beta2 = float(beta1), float(beta2)
         one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
     args, constexprs = _common_args(plan, param_dtype, control, precision)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         adam_kernel[(plan.num_programs,)](
             *args, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, float(eps), float(weight_decay),
             LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, AMSGRAD=amsgrad, MAXIMIZE=maximize,
@@ -592,7 +582,7 @@ def rmsprop_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, alpha: 
     """Launch one RMSprop step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
     args, constexprs = _common_args(plan, param_dtype, control, precision)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         rmsprop_kernel[(plan.num_programs,)](
             *args, lr, float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum),
             LR_IS_PTR=lr_is_ptr, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
@@ -607,7 +597,7 @@ def sgd_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, weight_deca
     lr, lr_is_ptr = _hyper(lr)
     weight_decay, wd_is_ptr = _hyper(weight_decay)
     args, constexprs = _common_args(plan, param_dtype, control, precision)
-    with _device_guard(plan.device):
+    with device_guard(plan.device):
         sgd_kernel[(plan.num_programs,)](
             *args, lr, weight_decay, float(momentum), 1.0 - float(dampening),
             LR_IS_PTR=lr_is_ptr, WD_IS_PTR=wd_is_ptr, HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
