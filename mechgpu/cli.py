@@ -3,6 +3,11 @@
     mechgpu demo    train a small model with every mechgpu optimizer beside its torch.optim twin
     mechgpu flow    push real data through a deep MLP and show, layer by layer, how activations
                     and gradients grow or vanish under different initialisations
+    mechgpu train   train a small character-level GPT on stdlib source with mechgpu's optimizer,
+                    activations and init; gradient accumulation and checkpointing; prints loss,
+                    throughput, peak memory and saved activations
+    mechgpu profile sweep checkpoint policy x accumulation steps x micro-batch beside a torch
+                    baseline: a table and a plot of memory against throughput
 """
 
 from __future__ import annotations
@@ -53,6 +58,33 @@ def main(argv: list[str] | None = None) -> int:
     flow.add_argument("--device", choices=["cpu", "cuda"], default=None,
                       help="default: cuda when available, else cpu (kernels in triton's interpreter)")
     flow.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train a character-level GPT with mechgpu's pieces and show what "
+                                         "checkpointing and accumulation cost")
+    _model_args(train)
+    train.add_argument("--checkpoint", default="none",
+                       help="none | all | sqrt | N segments | a memory budget such as 2GiB (default none)")
+    train.add_argument("--accum-steps", default=None,
+                       help="micro-batches per optimizer step, or 'all' (full-batch GD over 8 micro-batches)")
+    train.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch and rank")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    train.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out text every N steps")
+    train.add_argument("--log-dir", default=None, help="write train_log.csv, train_log.jsonl, summary.json here")
+    train.add_argument("--torch-baseline", action="store_true",
+                       help="torch.optim.AdamW and torch.nn.GELU instead of mechgpu's")
+    train.add_argument("--distributed", choices=["ddp", "fsdp"], default=None,
+                       help="under torchrun: DDP or FSDP2 (gloo on CPU, nccl on CUDA)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    profile = sub.add_parser("profile", help="sweep checkpoint policy x accumulation x micro-batch beside a "
+                                             "torch baseline; table and PNG of memory against throughput")
+    _model_args(profile)
+    profile.add_argument("--policies", nargs="+", default=["none", "sqrt", "all"])
+    profile.add_argument("--accum", nargs="+", type=int, default=[1, 2])
+    profile.add_argument("--micro", nargs="+", type=int, default=None, help="micro-batch sizes")
+    profile.add_argument("--steps", type=int, default=None, help="steps per run (default 3 on CPU, 20 on CUDA)")
+    profile.add_argument("--no-baseline", action="store_true", help="leave out the torch baseline")
+    profile.add_argument("--plot", type=Path, default=Path("profile.png"), help="PNG to write; 'none' for none")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -68,4 +100,35 @@ def main(argv: list[str] | None = None) -> int:
         run_flow(args.depth, args.width, args.activation, args.init, batch=args.batch, dtype=args.dtype,
                  device=device, seed=args.seed, plot=plot)
         return 0
+    if args.command in ("train", "profile"):
+        device = _select_device(args.device)
+        from .train.jobs import TrainConfig, run_profile, run_train
+
+        cfg = TrainConfig(device=device, dim=args.dim, depth=args.depth, heads=args.heads, context=args.context,
+                          lr=args.lr, dropout=args.dropout, bf16=args.bf16, seed=args.seed)
+        if args.command == "train":
+            cfg.checkpoint, cfg.accum_steps, cfg.micro_batch = args.checkpoint, args.accum_steps, args.micro_batch
+            cfg.steps, cfg.eval_every, cfg.log_dir = args.steps, args.eval_every, args.log_dir
+            cfg.torch_baseline, cfg.distributed = args.torch_baseline, args.distributed
+            cfg.progress = not args.no_progress
+            run_train(cfg)
+            return 0
+        cfg.steps = args.steps or (3 if device == "cpu" else 20)
+        micros = args.micro or ([4] if device == "cpu" else [16, 32])
+        plot = None if str(args.plot) == "none" else args.plot
+        run_profile(cfg, args.policies, args.accum, micros, plot, baseline=not args.no_baseline)
+        return 0
     return 2
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, default=None, help="model width (default 32 on CPU, 384 on CUDA)")
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 4 on CPU, 12 on CUDA)")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="characters per sequence")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu (kernels in triton's interpreter)")
+    p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,262 @@
+"""``mechgpu train`` and ``mechgpu profile``: the character GPT on stdlib source.
+
+``run_train`` trains one configuration and prints what it cost; ``run_profile`` sweeps
+checkpoint policy x accumulation steps x micro-batch size beside a torch baseline
+(``torch.optim.AdamW``, ``torch.nn.GELU``, no checkpointing) and writes a table and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpointing import format_bytes
+from .gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
+from .trainer import Trainer
+
+#: the defaults, by device: a CPU run goes through triton's interpreter (~10 us per element of
+#: an activation, ~2.5 us per parameter of an Adam step), so it is kept small.
+DEFAULTS = {
+    "cpu": dict(dim=32, depth=4, heads=4, context=32, micro_batch=4, accum_steps=2, steps=30, lr=1e-2),
+    "cuda": dict(dim=384, depth=12, heads=6, context=256, micro_batch=32, accum_steps=2, steps=300, lr=1e-3),
+}
+
+
+@dataclass
+class TrainConfig:
+    device: str = "cpu"
+    dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    context: int | None = None
+    micro_batch: int | None = None
+    accum_steps: int | str | None = None
+    steps: int | None = None
+    lr: float | None = None
+    checkpoint: str = "none"
+    dropout: float = 0.1
+    bf16: bool = False
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    seed: int = 0
+    torch_baseline: bool = False
+    log_dir: str | None = None
+    progress: bool = True
+    distributed: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self) -> TrainConfig:
+        defaults = DEFAULTS["cuda" if self.device == "cuda" else "cpu"]
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if isinstance(self.accum_steps, str) and self.accum_steps.isdigit():
+            self.accum_steps = int(self.accum_steps)
+        return self
+
+
+def _lr_schedule(optimizer, steps: int):
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _setup_distributed(kind: str | None, device: str) -> tuple[int, int, str]:
+    if kind is None:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def _wrap(model: torch.nn.Module, kind: str | None, device: str) -> torch.nn.Module:
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[torch.device(device).index] if "cuda" in device else None)
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def build(cfg: TrainConfig, corpus: CharCorpus | None = None, rank: int = 0, world: int = 1,
+          device: str | None = None):
+    """(trainer, train data, corpus) for one configuration."""
+    device = device or cfg.device
+    corpus = corpus or CharCorpus()
+    torch.manual_seed(cfg.seed)
+    model = CharGPT(corpus.vocab, cfg.context, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
+                    torch_baseline=cfg.torch_baseline).to(device)
+    init_gpt(model, cfg.seed)
+    model = _wrap(model, cfg.distributed, device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.torch_baseline:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+        clip = cfg.max_grad_norm
+    else:
+        from ..optim import AdamW
+
+        optimizer = AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm)
+        clip = None  # fused into the step
+    data = CharBatches(corpus.train, cfg.micro_batch, cfg.context, batches=10**9 if cfg.accum_steps != "all" else 8,
+                       seed=cfg.seed, device=device, rank=rank, world=world)
+    eval_data = list(CharBatches(corpus.val, cfg.micro_batch, cfg.context, batches=4, seed=cfg.seed + 1,
+                                 device=device, rank=rank, world=world)) if cfg.eval_every else None
+    trainer = Trainer(model, TokenLoss(), optimizer, scheduler=_lr_schedule(optimizer, cfg.steps),
+                      accum_steps=cfg.accum_steps, checkpoint=cfg.checkpoint, blocks="blocks",
+                      max_grad_norm=clip, autocast="bf16" if cfg.bf16 else None, eval_data=eval_data,
+                      eval_every=cfg.eval_every, log_every=max(1, cfg.steps // 20), log_dir=cfg.log_dir,
+                      progress=cfg.progress and rank == 0, predict=True)
+    return trainer, data, corpus
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    cfg.resolve()
+    rank, world, device = _setup_distributed(cfg.distributed, cfg.device)
+    trainer, data, corpus = build(cfg, rank=rank, world=world, device=device)
+    n_params = sum(p.numel() for p in trainer.params)
+    if rank == 0:
+        mode = "CUDA" if device.startswith("cuda") else "CPU, mechgpu kernels in triton's interpreter"
+        print(f"mechgpu train: character GPT on {len(corpus.train) + len(corpus.val):,} characters of stdlib "
+              f"source (vocab {corpus.vocab}); {cfg.depth} blocks of width {cfg.dim}, context {cfg.context}, "
+              f"{n_params:,} params\ndevice: {mode}; world size {world}; {cfg.steps} steps of "
+              f"{cfg.accum_steps} x {cfg.micro_batch * world} sequences "
+              f"({'torch baseline' if cfg.torch_baseline else 'mechgpu AdamW (fused clip), mechgpu GELU'})")
+    start = time.perf_counter()
+    summary = trainer.fit(data, cfg.steps)
+    summary["wall_s"] = time.perf_counter() - start
+    summary["world_size"] = world
+    summary["losses"] = [r["loss"] for r in trainer.history]
+    if rank == 0:
+        print_summary(summary, trainer)
+    if cfg.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+def print_summary(s: dict[str, Any], trainer: Trainer) -> None:
+    h = trainer.history
+    print(f"\n{s['checkpoint']}")
+    points = sorted({0, len(h) // 4, len(h) // 2, 3 * len(h) // 4, len(h) - 1})
+    print("step  " + "  ".join(f"{h[i]['step']:>7}" for i in points))
+    print("loss  " + "  ".join(f"{h[i]['loss']:>7.4f}" for i in points))
+    print(f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}"
+          + (f"; eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else ""))
+    if s["items_per_s"]:
+        print(f"throughput {s['items_per_s']:,.0f} tokens/s, {s['samples_per_s']:,.1f} samples/s, "
+              f"{1e3 * s['step_s']:.1f} ms/step (first {trainer.warmup_steps} step(s) excluded)")
+    saved = s["saved_activation_bytes"]
+    pred = s["predicted_saved_activation_bytes"]
+    line = f"saved activations (one micro-batch, measured) {format_bytes(saved or 0)}"
+    if pred is not None:
+        peak = format_bytes(s["predicted_backward_peak_bytes"])
+        line += f"; predicted {format_bytes(pred)}, backward peak predicted {peak}"
+    print(line)
+    mem = (f"params {format_bytes(s['params_bytes'])}, grads {format_bytes(s['grads_bytes'])}, "
+           f"optimizer state {format_bytes(s['optimizer_state_bytes'])}")
+    if "peak_bytes" in s:
+        print(f"peak memory {format_bytes(s['peak_bytes'])}: {mem}, activations and other "
+              f"{format_bytes(s['activations_and_other_bytes'])}")
+    else:
+        print(f"memory: {mem} (peak allocation is measured on CUDA only)")
+    if trainer.log_dir is not None:
+        print(f"log: {trainer.log_dir}/train_log.csv, summary.json")
+
+
+# -------------------------------------------------------------------------------- profile
+def run_profile(base: TrainConfig, policies: list[str], accums: list[int], micros: list[int],
+                out: Path | None, baseline: bool = True) -> list[dict[str, Any]]:
+    base.resolve()
+    corpus = CharCorpus()
+    runs = []
+    for micro in micros:
+        for accum in accums:
+            configs = [(p, False) for p in policies] + ([("none", True)] if baseline else [])
+            for policy, torch_baseline in configs:
+                cfg = TrainConfig(**{**base.__dict__, "checkpoint": policy, "accum_steps": accum,
+                                     "micro_batch": micro, "torch_baseline": torch_baseline,
+                                     "progress": False, "log_dir": None})
+                if cfg.device == "cuda":
+                    torch.cuda.empty_cache()
+                trainer, data, _ = build(cfg, corpus)
+                s = trainer.fit(data, cfg.steps)
+                row = {"impl": "torch" if torch_baseline else "mechgpu", "checkpoint": policy, "accum": accum,
+                       "micro_batch": micro, "peak_bytes": s.get("peak_bytes"),
+                       "saved_bytes": s["saved_activation_bytes"],
+                       "predicted_saved_bytes": s["predicted_saved_activation_bytes"],
+                       "tokens_per_s": s["items_per_s"], "step_s": s["step_s"], "final_loss": s["final_loss"]}
+                runs.append(row)
+                print(_row(row), flush=True) if len(runs) > 1 else print(_header() + "\n" + _row(row), flush=True)
+                del trainer, data
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"device": _device_name(base.device), "runs": runs}, indent=2))
+        _plot(runs, out, base.device)
+        print(f"\nwrote {out} and {out.with_suffix('.json')}")
+    return runs
+
+
+def _header() -> str:
+    return (f"{'impl':<8} {'checkpoint':<10} {'accum':>5} {'micro':>5} {'peak mem':>11} {'saved act':>11} "
+            f"{'predicted':>11} {'tokens/s':>10} {'ms/step':>9} {'loss':>7}\n" + "-" * 99)
+
+
+def _row(r: dict) -> str:
+    fmt = lambda b: format_bytes(b) if b is not None else "n/a"
+    return (f"{r['impl']:<8} {r['checkpoint']:<10} {r['accum']:>5} {r['micro_batch']:>5} {fmt(r['peak_bytes']):>11} "
+            f"{fmt(r['saved_bytes']):>11} {fmt(r['predicted_saved_bytes']):>11} {r['tokens_per_s'] or 0:>10,.0f} "
+            f"{1e3 * (r['step_s'] or 0):>9.1f} {r['final_loss']:>7.4f}")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU (triton interpreter)"
+
+
+def _plot(runs: list[dict], out: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "peak_bytes" if device == "cuda" else "saved_bytes"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(runs):
+        marker = "x" if r["impl"] == "torch" else "o"
+        ax.scatter(r["tokens_per_s"] or 0, (r[key] or 0) / 2**20, marker=marker)
+        ax.annotate(f"{r['impl']} {r['checkpoint']} a{r['accum']} m{r['micro_batch']}",
+                    (r["tokens_per_s"] or 0, (r[key] or 0) / 2**20), fontsize=7,
+                    xytext=(4, -10 + 9 * (i % 3)), textcoords="offset points")  # staggered: labels overlap less
+    ax.set_xlabel("tokens/s")
+    ax.set_ylabel(("peak memory" if device == "cuda" else "saved activations per micro-batch") + " (MiB)")
+    ax.set_title(f"memory vs throughput, {_device_name(device)}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

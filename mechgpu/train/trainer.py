@@ -1,0 +1,449 @@
+"""``Trainer``: gradient accumulation with exact normalisation, checkpointing, measurement.
+
+The loss is normalised by the global count of items (or tokens) in the step's window of
+micro-batches, not by a mean of means: every micro-batch's summed loss is multiplied by
+``world_size / N`` before its backward, where N is the count over all micro-batches of the
+window on all ranks (DDP and FSDP2 average gradients over ranks, hence the world size). The
+gradients are then exactly those of the full window's mean loss, whatever the sizes of the
+micro-batches, including a shorter last window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpointing import (
+    ActivationMeter,
+    Plan,
+    checkpoint_blocks,
+    find_blocks,
+    format_bytes,
+    make_plan,
+    profile_blocks,
+    unwrap,
+)
+
+IGNORE_INDEX = -100
+
+
+def default_count(batch) -> int:
+    """Items in a batch ``(inputs, targets)``: the targets' elements, less those equal to -100
+    (cross_entropy's ignore_index) for integer targets."""
+    target = batch[-1]
+    if not target.is_floating_point():
+        return target.numel() - int((target == IGNORE_INDEX).sum())
+    return target.shape[0] if target.dim() > 0 else 1
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if _is_distributed() else 1
+
+
+class Trainer:
+    """Train any model on an iterable of micro-batches.
+
+    Args:
+        model: the model (plain, DDP-wrapped, or FSDP2 ``fully_shard``-ed).
+        loss_fn: ``loss_fn(output, target)`` returning the **sum** of the per-item losses of
+            the micro-batch (e.g. ``nn.CrossEntropyLoss(reduction="sum")``); the trainer divides.
+        optimizer: any torch optimizer; with a mechgpu optimizer built with ``max_grad_norm``
+            the clipping is fused into its step and the logged norm is its ``last_grad_norm``.
+        scheduler: an LR scheduler stepped once per optimizer step.
+        accum_steps: micro-batches per optimizer step, or ``"all"`` for full-batch gradient
+            descent (every micro-batch of ``data`` in each step).
+        checkpoint: ``"none"``, ``"all"``, ``"sqrt"``, an int number of segments, or a memory
+            budget such as ``"2GiB"`` (see ``mechgpu.train.checkpointing``).
+        blocks: the name of the ModuleList/Sequential of repeated blocks (found if None).
+        max_grad_norm: clip with ``mechgpu.clip.clip_grad_norm_`` when the optimizer does
+            not clip itself.
+        autocast: ``None`` or ``"bf16"`` (``torch.autocast`` around forward and loss).
+        count_fn: items in a micro-batch (default ``default_count``).
+        forward_fn: ``forward_fn(model, batch) -> output``, default ``model(batch[0])``.
+        eval_data, eval_every: mean loss over ``eval_data`` every ``eval_every`` steps.
+        log_every: steps between host reads of the logged tensors (the only syncs).
+        log_dir: writes ``train_log.csv``, ``train_log.jsonl`` and ``summary.json`` there.
+        track_update_norm: log ``||p_after - p_before||`` (costs one copy of the params).
+        warmup_steps: steps left out of the throughput.
+        progress: show a tqdm progress bar.
+        predict: profile the blocks (two extra forward passes) to predict the saved
+            activations of any policy, not only of a budget.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
+                 scheduler=None, accum_steps: int | str = 1, checkpoint: str | int = "none",
+                 blocks: str | None = None, max_grad_norm: float | None = None, autocast: str | None = None,
+                 count_fn: Callable = default_count, forward_fn: Callable | None = None,
+                 eval_data: Iterable | None = None, eval_every: int = 0, log_every: int = 1,
+                 log_dir: str | Path | None = None, track_update_norm: bool = True, warmup_steps: int = 1,
+                 progress: bool = False, predict: bool = False) -> None:
+        if getattr(loss_fn, "reduction", "sum") != "sum":
+            raise ValueError(f"loss_fn must sum over the micro-batch (reduction='sum'), not "
+                             f"reduction={loss_fn.reduction!r}: the trainer divides by the window's global count")
+        if accum_steps != "all" and not (isinstance(accum_steps, int) and accum_steps >= 1):
+            raise ValueError(f"accum_steps must be an int >= 1 or 'all', not {accum_steps!r}")
+        if autocast not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', not {autocast!r}")
+        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.accum_steps, self.policy, self.blocks_name = accum_steps, checkpoint, blocks
+        self.max_grad_norm, self.autocast = max_grad_norm, autocast
+        self.count_fn, self.forward_fn = count_fn, forward_fn or (lambda m, b: m(b[0]))
+        self.eval_data, self.eval_every, self.log_every = eval_data, eval_every, max(1, log_every)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.track_update_norm, self.warmup_steps, self.progress = track_update_norm, warmup_steps, progress
+        self.predict = predict
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.fused_clip = getattr(optimizer, "max_grad_norm", None) is not None
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # micro-batches of the current epoch already consumed
+        self.history: list[dict[str, Any]] = []
+        self.plan: Plan | None = None
+        self.measured_saved: int | None = None
+        self._blocks = None
+        self._full_count: int | None = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def setup_checkpointing(self, sample_batch) -> Plan:
+        """Find the blocks and apply the policy; budgets profile the blocks on ``sample_batch``."""
+        if self.policy in ("none", None) and not self.predict:
+            self.plan = Plan("none", 0, [])
+            return self.plan
+        name, blocks = find_blocks(self.model, self.blocks_name)
+        self._blocks = blocks
+        profile = None
+        is_budget = not (isinstance(self.policy, (int, bool)) or self.policy in ("none", "all", "sqrt")
+                         or str(self.policy).isdigit())
+        if is_budget or self.predict:
+            inner = unwrap(self.model)  # not through DDP: a forward without backward upsets its reducer
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):  # the profile's dropout draws leave no trace
+                profile = profile_blocks(inner, blocks, lambda: self._micro_loss(sample_batch, 1.0, inner))
+        self.plan = make_plan(self.policy, len(blocks), profile)
+        checkpoint_blocks(blocks, self.plan.segments)
+        return self.plan
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.autocast == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_loss(self, batch, scale: float, model: nn.Module | None = None) -> torch.Tensor:
+        with self._autocast():
+            out = self.forward_fn(self.model if model is None else model, batch)
+            loss_sum = self.loss_fn(out, batch[-1])
+        if loss_sum.dtype in (torch.float16, torch.bfloat16):
+            loss_sum = loss_sum.float()
+        return loss_sum * scale
+
+    def _sync_context(self, last: bool):
+        """No gradient all-reduce on all but the last micro-batch of a window."""
+        if hasattr(self.model, "no_sync"):  # DDP
+            return contextlib.nullcontext() if last else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _global_count(self, window: list) -> int:
+        count = sum(int(self.count_fn(b)) for b in window)
+        if _is_distributed() and _world() > 1:
+            t = torch.tensor([count], dtype=torch.float64, device=self._comm_device())
+            torch.distributed.all_reduce(t)
+            count = int(t.item())
+        return count
+
+    def _comm_device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        return self.device if backend == "nccl" else torch.device("cpu")
+
+    def train_step(self, window: list, measure: bool = False) -> dict[str, torch.Tensor]:
+        """One optimizer step over the micro-batches of ``window``; returns device tensors."""
+        n_items = self._global_count(window)
+        self.last_global_items = n_items
+        if n_items == 0:
+            raise ValueError("a window of micro-batches with no items to count (all targets ignored?)")
+        scale = _world() / n_items
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        meter = ActivationMeter(self.model) if measure else None
+        for i, batch in enumerate(window):
+            last = i == len(window) - 1
+            with self._sync_context(last):
+                with meter if (meter is not None and i == 0) else contextlib.nullcontext():
+                    loss = self._micro_loss(batch, scale)
+                loss.backward()
+            loss_total += loss.detach().double()
+            del loss
+        if meter is not None:
+            self.measured_saved = meter.bytes
+        if _is_distributed() and _world() > 1:
+            loss_total = loss_total.to(self._comm_device())
+            torch.distributed.all_reduce(loss_total)
+            loss_total = loss_total.to(self.device)
+        loss_mean = loss_total / _world()
+
+        grad_norm = None
+        if not self.fused_clip:
+            grads = [p for p in self.params if p.grad is not None]
+            # mechgpu.clip's kernels take fp32/bf16/fp16 grads; float64 (tests) goes to torch's
+            ours = all(p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in grads)
+            if ours:
+                from .. import clip as clip_mod
+            else:
+                clip_mod = torch.nn.utils
+            if self.max_grad_norm is not None:
+                grad_norm = clip_mod.clip_grad_norm_(grads, self.max_grad_norm)
+            elif grads:
+                grad_norm = clip_mod.get_total_norm([p.grad for p in grads])
+            else:
+                grad_norm = torch.zeros((), device=self.device)
+        before = None
+        if self.track_update_norm:  # one copy of the (local shards of the) params
+            before = [_local(p).detach().clone() for p in self.params]
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        if self.fused_clip:
+            grad_norm = self.optimizer.last_grad_norm.clone()
+        update_norm = None
+        if before is not None:
+            diffs = torch._foreach_sub([_local(p).detach() for p in self.params], before)
+            squares = torch.stack(torch._foreach_norm(diffs)).double().square().sum()
+            if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
+                squares = squares.to(self._comm_device())  # FSDP2 shards on a 1-D mesh: sum over ranks
+                torch.distributed.all_reduce(squares)
+                squares = squares.to(self.device)
+            update_norm = squares.sqrt()
+            del diffs, before
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        out = {"loss": loss_mean, "grad_norm": _full(grad_norm), "lr": lr}
+        if update_norm is not None:
+            out["update_norm"] = update_norm
+        return out
+
+    # ------------------------------------------------------------------ data
+    def _windows(self, data: Iterable):
+        """Windows of micro-batches, epoch after epoch, from the saved position on."""
+        while True:
+            if hasattr(data, "set_epoch"):
+                data.set_epoch(self.epoch)
+            it = iter(data)
+            for _ in range(self.position):  # resume: skip what this epoch already consumed
+                next(it, None)
+            window = []
+            size = math.inf if self.accum_steps == "all" else self.accum_steps
+            got_any = False
+            for batch in it:
+                got_any = True
+                window.append(batch)
+                if len(window) == size:
+                    self.position += len(window)
+                    yield window
+                    window = []
+            if window:  # the partial last window of the epoch
+                self.position += len(window)
+                yield window
+            elif not got_any and self.position == 0:
+                raise ValueError("the training data yielded no batches")
+            self.epoch += 1
+            self.position = 0
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, data: Iterable) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for batch in data:
+            total += self._micro_loss(batch, 1.0).double()
+            count += int(self.count_fn(batch))
+        self.model.train(was_training)
+        return (total / max(count, 1)).item()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, data: Iterable, steps: int) -> dict[str, Any]:
+        """Train until ``self.step == steps``; returns the summary (also in ``summary.json``)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        windows = self._windows(data)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
+        pending: list[tuple[int, dict, int, int, int]] = []
+        t_start = None
+        items_timed = samples_timed = 0
+        last_flush = time.perf_counter()
+        first_step = self.step
+        while self.step < steps:
+            window = next(windows)
+            if self.plan is None:
+                self.setup_checkpointing(window[0])
+            measure = self.measured_saved is None
+            if t_start is None and self.step - first_step >= self.warmup_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                t_start = time.perf_counter()
+            result = self.train_step(window, measure=measure)
+            items = self.last_global_items  # over all ranks
+            samples = _world() * sum(int(b[0].shape[0]) for b in window)  # ranks' micro-batches are alike
+            if t_start is not None:
+                items_timed += items
+                samples_timed += samples
+            pending.append((self.step, result, items, samples, len(window)))
+            if self.step % self.log_every == 0 or self.step == steps:
+                self._flush(pending, time.perf_counter() - last_flush, cuda)
+                last_flush = time.perf_counter()
+                pending = []
+                if bar is not None:
+                    rec = self.history[-1]
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['items_per_s']:.0f}",
+                                    mem=format_bytes(rec.get("peak_bytes", self.measured_saved or 0)))
+                    bar.update(self.step - bar.n)
+            if self.eval_data is not None and self.eval_every and self.step % self.eval_every == 0:
+                self.history[-1]["eval_loss"] = self.evaluate(self.eval_data)
+        if bar is not None:
+            bar.close()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - t_start) if t_start is not None else float("nan")
+        summary = self.summary(elapsed, items_timed, samples_timed)
+        if self.log_dir is not None:
+            self.write_logs(summary)
+        return summary
+
+    def _flush(self, pending, seconds: float, cuda: bool) -> None:
+        keys = ("loss", "grad_norm", "update_norm")
+        stacked = torch.stack([torch.stack([r[k].double().reshape(()) if k in r else
+                                            torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+                                            for k in keys]) for _, r, *_ in pending]).tolist()  # the one sync
+        per_step = seconds / len(pending)
+        for (step, result, items, samples, micro), values in zip(pending, stacked):
+            rec = {"step": step, **dict(zip(keys, values)), "lr": float(result["lr"]), "micro_batches": micro,
+                   "items": items, "samples": samples, "step_s": per_step, "items_per_s": items / per_step}
+            if cuda:
+                rec["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            self.history.append(rec)
+
+    # ------------------------------------------------------------------ measurement
+    def memory_split(self) -> dict[str, int]:
+        def nbytes(ts):
+            seen, total = set(), 0
+            for t in ts:
+                if isinstance(t, torch.Tensor) and hasattr(t, "to_local"):
+                    t = t.to_local()
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total += t.untyped_storage().nbytes()
+            return total
+
+        params = nbytes(self.model.parameters())
+        grads = sum(_local(p).numel() * p.element_size() for p in self.params)  # as allocated in backward
+        state = nbytes(v for s in self.optimizer.state.values() for v in s.values())
+        split = {"params_bytes": params, "grads_bytes": grads, "optimizer_state_bytes": state}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            split["peak_bytes"] = peak
+            split["activations_and_other_bytes"] = max(0, peak - params - grads - state)
+        return split
+
+    def summary(self, elapsed: float, items: int, samples: int) -> dict[str, Any]:
+        timed = max(0, len(self.history) - self.warmup_steps)
+        summary = {
+            "steps": self.step, "checkpoint": self.plan.describe() if self.plan else "none",
+            "accum_steps": self.accum_steps,
+            "first_loss": self.history[0]["loss"] if self.history else None,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "eval_loss": next((r["eval_loss"] for r in reversed(self.history) if "eval_loss" in r), None),
+            "saved_activation_bytes": self.measured_saved,
+            "predicted_saved_activation_bytes": self.plan.predicted_saved if self.plan else None,
+            "predicted_backward_peak_bytes": self.plan.predicted_peak if self.plan else None,
+            "items_per_s": items / elapsed if elapsed > 0 else None,
+            "samples_per_s": samples / elapsed if elapsed > 0 else None,
+            "step_s": elapsed / timed if timed else None,
+            "timed_steps": timed,
+            **self.memory_split(),
+        }
+        return summary
+
+    def write_logs(self, summary: dict) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        fields = sorted({k for r in self.history for k in r})
+        with open(self.log_dir / "train_log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+        with open(self.log_dir / "train_log.jsonl", "w") as f:
+            for r in self.history:
+                f.write(json.dumps(r) + "\n")
+        with open(self.log_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+
+    # ------------------------------------------------------------------ save / resume
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            import numpy as np
+
+            rng["numpy"] = np.random.get_state()
+        except ImportError:
+            pass
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "rng": rng, "step": self.step, "epoch": self.epoch, "position": self.position,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "numpy" in rng:
+            import numpy as np
+
+            np.random.set_state(rng["numpy"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.history = list(state["history"])
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is not None and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t

@@ -1,0 +1,331 @@
+"""mechgpu.train on CPU: exact accumulation, checkpointing, the budget planner, the
+saved-activation meter, bit-identical resume, and the `mechgpu train` / `profile` commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mechgpu.train import (
+    ActivationMeter,
+    BlockProfile,
+    Trainer,
+    checkpoint_blocks,
+    find_blocks,
+    make_plan,
+    parse_bytes,
+    plan_budget,
+    predict,
+    profile_blocks,
+)
+from mechgpu.train.gpt import TokenLoss
+
+F_IN, VOCAB, T = 5, 7, 6
+
+
+class Recorder(torch.optim.SGD):
+    """lr=0 SGD that keeps a copy of the grads of every step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.up, self.down, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.drop(self.down(torch.tanh(self.up(x))))
+
+
+class Net(nn.Module):
+    """Token-wise model: (B, T, F_IN) -> (B, T, VOCAB) logits, through a ModuleList of blocks."""
+
+    def __init__(self, hidden=(16, 16, 16, 16), dim: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.inp = nn.Linear(F_IN, dim)
+        self.layers = nn.ModuleList([Block(dim, h, dropout) for h in hidden])
+        self.out = nn.Linear(dim, VOCAB)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.layers:
+            x = block(x)
+        return self.out(x)
+
+
+def _batches(sizes, seed=0, dtype=torch.float64, ignore_frac=0.3):
+    """Micro-batches of uneven sizes with some targets ignored (-100), so token counts differ."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in sizes:
+        x = torch.randn(b, T, F_IN, generator=gen, dtype=dtype)
+        y = torch.randint(0, VOCAB, (b, T), generator=gen)
+        y[torch.rand(b, T, generator=gen) < ignore_frac] = -100
+        out.append((x, y))
+    return out
+
+
+def _full_batch_grads(model, window):
+    model.zero_grad()
+    x = torch.cat([b[0] for b in window])
+    y = torch.cat([b[1] for b in window])
+    loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))  # mean over non-ignored tokens
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return grads, loss.detach()
+
+
+def _assert_rel(actual, expected, rel, what):
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+    assert err <= rel, f"{what}: relative error {err:.3e} > {rel:.0e}"
+
+
+@pytest.mark.parametrize("accum", [3, "all"])
+def test_accumulation_equals_full_batch_float64(accum):
+    torch.manual_seed(0)
+    model = Net().double()
+    data = _batches([3, 1, 4, 2, 5, 1, 2])  # 7 micro-batches: windows of 3, 3 and a partial 1
+    opt = Recorder(model.parameters())
+    trainer = Trainer(model, TokenLoss(), opt, accum_steps=accum, track_update_norm=False, warmup_steps=0)
+    windows = [data[0:3], data[3:6], data[6:7]] if accum == 3 else [data]
+    trainer.fit(data, len(windows))
+    assert len(opt.grads) == len(windows)
+    for step, window in enumerate(windows):
+        expected, loss = _full_batch_grads(model, window)
+        counts = [int((b[1] != -100).sum()) for b in window]
+        assert len(set(counts)) > 1 or len(window) == 1, "the micro-batches should have uneven token counts"
+        for i, (g, e) in enumerate(zip(opt.grads[step], expected)):
+            _assert_rel(g, e, 1e-10, f"step {step} param {i} (window of {len(window)}, token counts {counts})")
+        assert abs(trainer.history[step]["loss"] - loss.item()) <= 1e-10 * abs(loss.item())
+        assert trainer.history[step]["micro_batches"] == len(window)
+
+
+def test_mean_of_means_would_differ():
+    """Guard for the test above: with these uneven counts, a mean of per-micro-batch means is
+    measurably different, so the exact normalisation is really being tested."""
+    torch.manual_seed(0)
+    model = Net().double()
+    window = _batches([3, 1, 4])
+    expected, _ = _full_batch_grads(model, window)
+    for x, y in window:
+        (nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)) / len(window)).backward()
+    diff = (model.inp.weight.grad - expected[0]).abs().max() / expected[0].abs().max()
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["all", "sqrt", 2, 3])
+def test_checkpointed_grads_equal_plain_with_dropout(policy):
+    grads = {}
+    for name in ("none", policy):
+        torch.manual_seed(0)
+        model = Net(hidden=(16, 8, 32, 16, 8, 24), dropout=0.3).double()
+        opt = Recorder(model.parameters())
+        trainer = Trainer(model, TokenLoss(), opt, accum_steps=2, checkpoint=name, track_update_norm=False)
+        torch.manual_seed(1)
+        trainer.fit(_batches([4, 3, 2, 5]), 2)
+        grads[name] = opt.grads
+        if name != "none":
+            assert trainer.plan.segments, f"policy {policy!r} checkpointed nothing"
+    for step, (got, ref) in enumerate(zip(grads[policy], grads["none"])):
+        for i, (g, r) in enumerate(zip(got, ref)):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, i=i, step=step: f"step {step} param {i}: {m}")
+
+
+def test_policies_give_expected_segments():
+    assert make_plan("none", 9).segments == []
+    assert make_plan("all", 3).segments == [(0, 1), (1, 2), (2, 3)]
+    assert make_plan("sqrt", 9).segments == [(0, 3), (3, 6)]  # 3 segments, the last not checkpointed
+    assert make_plan(2, 8).segments == [(0, 4)]
+    assert make_plan("4", 8).segments == [(0, 2), (2, 4), (4, 6)]
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("300MB") == 300 * 10**6 and parse_bytes(17) == 17
+    with pytest.raises(ValueError, match="size in bytes"):
+        make_plan("lots", 4, BlockProfile([1] * 4, [1] * 4, [1.0] * 4, 0))
+
+
+def _brute_force(profile: BlockProfile, budget: int) -> float:
+    """Least recompute time over every way to cut the chain into plain blocks and segments."""
+    n = len(profile.a)
+    best = float("inf")
+    for cuts in itertools.product([0, 1], repeat=n - 1):
+        pieces, start = [], 0
+        for i, cut in enumerate(cuts, 1):
+            if cut:
+                pieces.append((start, i))
+                start = i
+        pieces.append((start, n))
+        for chosen in itertools.product([0, 1], repeat=len(pieces)):
+            segments = [p for p, c in zip(pieces, chosen) if c]
+            saved, _, recompute = predict(profile, segments)
+            if saved <= budget:
+                best = min(best, recompute)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_planner_is_optimal_on_synthetic_chains(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 7
+    a = (torch.randint(100, 5000, (n,), generator=gen)).tolist()
+    x = [v // 10 for v in (torch.randint(100, 5000, (n,), generator=gen)).tolist()]
+    t = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+    profile = BlockProfile(a, x, t, other=300)
+    for frac in (0.2, 0.5, 0.8):
+        budget = int(profile.other + frac * sum(a))
+        segments = plan_budget(profile, budget, resolution=4096)
+        saved, _, recompute = predict(profile, segments)
+        assert saved <= budget
+        assert recompute <= _brute_force(profile, budget) * (1 + 1e-9) + 0.02 * sum(t), (segments, frac)
+
+
+def _measure(model, batch, policy, profile=None):
+    name, blocks = find_blocks(model)
+    plan = make_plan(policy, len(blocks), profile)
+    checkpoint_blocks(blocks, plan.segments)
+    with ActivationMeter(model) as meter:
+        loss = TokenLoss()(model(batch[0]), batch[1])
+    loss.backward()
+    model.zero_grad()
+    return plan, meter.bytes
+
+
+def test_planner_meets_budget_on_uneven_blocks():
+    torch.manual_seed(0)
+    model = Net(hidden=(512, 16, 256, 32, 1024, 64, 128, 8), dim=8)
+    batch = _batches([16], dtype=torch.float32)[0]
+    name, blocks = find_blocks(model)
+    assert name == "layers"
+    profile = profile_blocks(model, blocks, lambda: TokenLoss()(model(batch[0]), batch[1]))
+    assert len(set(profile.a)) == len(profile.a), "the blocks should differ in size"
+    _, full = _measure(model, batch, "none")
+    assert full == profile.total
+    for frac in (0.3, 0.5, 0.75):
+        budget = int(frac * full)
+        plan, measured = _measure(model, batch, budget_str(budget), profile)
+        assert measured <= budget, f"budget {budget}: measured {measured} ({plan.describe()})"
+        assert measured == plan.predicted_saved, plan.describe()
+        assert budget - measured < 0.35 * full, "the plan leaves far more room than it needs"
+    with pytest.raises(ValueError, match="cannot be met|below"):
+        make_plan("1B", len(blocks), profile)
+
+
+def budget_str(n: int) -> str:
+    return f"{n}B"
+
+
+@pytest.mark.parametrize("policy", ["all", "sqrt", 2])
+def test_saved_bytes_drop_by_predicted_factor(policy):
+    torch.manual_seed(0)
+    model = Net(hidden=(64,) * 9, dim=16)
+    batch = _batches([32], dtype=torch.float32)[0]
+    _, blocks = find_blocks(model)
+    profile = profile_blocks(model, blocks, lambda: TokenLoss()(model(batch[0]), batch[1]))
+    _, none = _measure(model, batch, "none")
+    plan, measured = _measure(model, batch, policy, profile)
+    predicted_factor = profile.total / plan.predicted_saved
+    measured_factor = none / measured
+    assert measured_factor > 1.5, f"{policy}: saved bytes fell only {measured_factor:.2f}x"
+    assert abs(measured_factor / predicted_factor - 1) < 0.02, (
+        f"{policy}: measured drop {measured_factor:.3f}x, predicted {predicted_factor:.3f}x")
+
+
+def _gpt_trainer(tmp_path, checkpoint="sqrt"):
+    import mechgpu.optim as mo
+    from mechgpu.train.gpt import CharGPT, init_gpt
+
+    torch.manual_seed(0)
+    model = CharGPT(vocab=11, context=8, dim=16, depth=3, heads=2, dropout=0.2)
+    init_gpt(model, 0)
+    opt = mo.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return Trainer(model, TokenLoss(), opt, scheduler=sched, accum_steps=2, checkpoint=checkpoint,
+                   log_dir=tmp_path, warmup_steps=0)
+
+
+class _Tokens:
+    """Deterministic per epoch, 5 micro-batches: windows of 2, 2 and a partial 1."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.epoch)
+        for _ in range(5):
+            ids = torch.randint(0, 11, (3, 9), generator=gen)
+            yield ids[:, :-1], ids[:, 1:]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = _gpt_trainer(tmp_path / "a")
+    straight.fit(_Tokens(), 5)
+    first = _gpt_trainer(tmp_path / "b")
+    first.fit(_Tokens(), 2)
+    first.save(tmp_path / "ckpt.pt")
+    torch.manual_seed(123)  # disturb the RNG: the resume must restore it
+    resumed = _gpt_trainer(tmp_path / "c")
+    resumed.load(tmp_path / "ckpt.pt")
+    resumed.fit(_Tokens(), 5)
+    for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
+    keys = ("loss", "grad_norm", "update_norm", "lr")
+    assert [[r[k] for k in keys] for r in straight.history] == [[r[k] for k in keys] for r in resumed.history]
+    assert [r["micro_batches"] for r in straight.history] == [2, 2, 1, 2, 2]  # a partial window, a new epoch
+    logged = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert logged["steps"] == 5 and logged["saved_activation_bytes"] > 0
+    assert (tmp_path / "a" / "train_log.csv").read_text().count("\n") == 6
+
+
+def test_logs_grad_norm_and_update_norm(tmp_path):
+    trainer = _gpt_trainer(tmp_path, checkpoint="none")
+    trainer.fit(_Tokens(), 2)
+    for r in trainer.history:
+        assert r["grad_norm"] > 0 and r["update_norm"] > 0 and r["items"] > 0
+
+
+def _cli(*args, timeout=900):
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "mechgpu", *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+TINY = ["--dim", "16", "--depth", "2", "--heads", "2", "--context", "8", "--device", "cpu"]
+
+
+def test_train_command_smoke(tmp_path):
+    out = _cli("train", *TINY, "--steps", "3", "--micro-batch", "2", "--accum-steps", "2", "--checkpoint", "all",
+               "--no-progress", "--log-dir", str(tmp_path))
+    assert "loss" in out and "tokens/s" in out and "saved activations" in out, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["saved_activation_bytes"] > 0
+
+
+def test_profile_command_smoke(tmp_path):
+    png = tmp_path / "p.png"
+    out = _cli("profile", *TINY, "--steps", "2", "--policies", "none", "all", "--accum", "1", "--micro", "2",
+               "--plot", str(png))
+    rows = [line for line in out.splitlines() if line.startswith(("mechgpu ", "torch "))]
+    assert len(rows) == 3, out
+    assert png.exists() and png.stat().st_size > 0
+    runs = json.loads(png.with_suffix(".json").read_text())["runs"]
+    none, full = (r for r in runs if r["impl"] == "mechgpu")
+    assert full["saved_bytes"] < none["saved_bytes"]
