@@ -184,6 +184,15 @@ def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
 
 
 @triton.jit
+def _add_update_norm(update_sq_ptr, p_new, p_old, mask):
+    """Add this block's sum of (p_new - p_old)^2 to the step's fp64 update-norm workspace."""
+    delta = p_new - p_old
+    if mask is not None:
+        delta = tl.where(mask, delta, 0.0)
+    tl.atomic_add(update_sq_ptr, tl.sum(delta * delta, axis=0).to(tl.float64))
+
+
+@triton.jit
 def _rounding_seed(seed, tensor_idx, step):
     """A fresh Philox seed for each (tensor, step) pair."""
     return seed + tensor_idx * 1000003 + step.to(tl.int32) * 7919
@@ -222,12 +231,14 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
-def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs, mask,
-                multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, step_size,
+def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr,
+                offs, mask, multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, step_size,
                 bias_correction2_sqrt,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                UPDATE_NORM: tl.constexpr):
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
+    p_old = p
     m = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
@@ -236,6 +247,8 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, ma
     p, m, v, vmax = adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
                                 weight_decay, step_size, bias_correction2_sqrt,
                                 AMSGRAD, MAXIMIZE, DECOUPLED_WD)
+    if UPDATE_NORM:
+        _add_update_norm(update_sq_ptr, p, p_old, mask)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     tl.store(exp_avg_ptr + offs, round_like(m, exp_avg_ptr), mask=mask)
     tl.store(exp_avg_sq_ptr + offs, round_like(v, exp_avg_sq_ptr), mask=mask)
@@ -244,14 +257,14 @@ def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, ma
 
 
 @triton.jit
-def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
+def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
                 lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                 LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
                 CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                 FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Adam/AdamW over every tensor of a table (states: exp_avg, exp_avg_sq, max_exp_avg_sq).
 
     Bias corrections 1 - beta^t are computed per tensor in fp64 from its own step.
@@ -298,15 +311,15 @@ def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, fo
     seed = _rounding_seed(seed, tensor_idx, new_step)
 
     if full:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs, None,
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr, offs, None,
                     multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay,
                     step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC)
+                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     else:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, offs,
+        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr, offs,
                     offs < numel, multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps,
                     weight_decay, step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC)
+                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
@@ -342,11 +355,13 @@ def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight
 
 
 @triton.jit
-def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, mask,
+def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, mask,
                    multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
                    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+                   SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                   UPDATE_NORM: tl.constexpr):
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
+    p_old = p
     sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
     g_avg = sq
     buf = sq
@@ -356,6 +371,8 @@ def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, 
         buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
     p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps,
                                        weight_decay, momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
+    if UPDATE_NORM:
+        _add_update_norm(update_sq_ptr, p, p_old, mask)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     tl.store(sq_ptr + offs, round_like(sq, sq_ptr), mask=mask)
     if CENTERED:
@@ -365,13 +382,13 @@ def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, 
 
 
 @triton.jit
-def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
+def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
                    lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
                    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr,
                    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                    CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                    FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                   UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """RMSprop over every tensor of a table (states: square_avg, momentum_buffer, grad_avg).
 
     Bytes per element in fp32: 20 B (p, g, square_avg), +8 B each for momentum and centered.
@@ -395,13 +412,13 @@ def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr,
     lr = _scalar(lr, LR_IS_PTR)
     seed = _rounding_seed(seed, tensor_idx, new_step)
     if full:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, None,
+        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, None,
                        multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     else:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, offs, offs < numel,
+        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, offs < numel,
                        multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
@@ -435,31 +452,35 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
 
 
 @triton.jit
-def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, mask, first, multiplier, seed,
+def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, mask, first, multiplier, seed,
                lr, weight_decay, momentum, one_minus_dampening,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+               SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+               UPDATE_NORM: tl.constexpr):
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
+    p_old = p
     buf = g
     if HAS_MOMENTUM:
         if not first:
             buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
     p, buf = sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
                         HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+    if UPDATE_NORM:
+        _add_update_norm(update_sq_ptr, p, p_old, mask)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     if HAS_MOMENTUM:
         tl.store(buf_ptr + offs, round_like(buf, buf_ptr), mask=mask)
 
 
 @triton.jit
-def sgd_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, seed,
+def sgd_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
                lr, weight_decay, momentum, one_minus_dampening,
                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                LR_IS_PTR: tl.constexpr, WD_IS_PTR: tl.constexpr,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+               UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """SGD over every tensor of a table (state: momentum_buffer).
 
     The step column holds a private count of steps taken (torch's SGD keeps no step);
@@ -483,13 +504,13 @@ def sgd_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, fou
     weight_decay = _scalar(weight_decay, WD_IS_PTR)
     seed = _rounding_seed(seed, tensor_idx, new_step)
     if full:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, None, first, multiplier, seed,
+        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, None, first, multiplier, seed,
                    lr, weight_decay, momentum, one_minus_dampening,
-                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     else:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, offs, offs < numel, first, multiplier, seed,
+        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, offs < numel, first, multiplier, seed,
                    lr, weight_decay, momentum, one_minus_dampening,
-                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC)
+                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
@@ -505,6 +526,8 @@ class StepControl:
 
     clip: fp32 ``[2]`` tensor ``(total_norm, clip_coef)`` written by ``clip.py``'s norm kernel.
     skip_nonfinite: skip the step when ``clip[0]`` is inf or NaN.
+    update_sq: when given, each program adds its block's squared update, so the step's
+    update norm costs one atomic per block and no extra pass.
     grad_scale, found_inf: GradScaler's tensors (grads are divided by grad_scale; a
     nonzero found_inf skips the step).
     """
@@ -513,6 +536,7 @@ class StepControl:
     skip_nonfinite: bool = False
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
+    update_sq: torch.Tensor | None = None  # fp64 scalar the kernel adds sum((p_new - p_old)^2) to
 
 
 @dataclass
@@ -542,12 +566,13 @@ def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepC
             control.clip if control.clip is not None else spare,
             control.grad_scale if control.grad_scale is not None else spare,
             control.found_inf if control.found_inf is not None else spare,
+            control.update_sq if control.update_sq is not None else spare,
             precision.seed)
     constexprs = dict(
         PARAM_DTYPE=_TL_DTYPES[param_dtype], STATE_DTYPE=_TL_DTYPES[precision.state_dtype],
         CLIP=control.clip is not None, SKIP_NONFINITE=control.skip_nonfinite and control.clip is not None,
         UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
-        MASTER=precision.master, STOCHASTIC=precision.stochastic,
+        MASTER=precision.master, STOCHASTIC=precision.stochastic, UPDATE_NORM=control.update_sq is not None,
         BLOCK=plan.block, num_warps=plan.num_warps,
     )
     return args, constexprs
@@ -613,10 +638,10 @@ def aot_variants() -> list:
     block = MULTI_TENSOR_BLOCKS[0]
     warps = multi_tensor_warps(block)
     lead = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "control_ptr": "*fp32",
-            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "seed": "i32"}
+            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "update_sq_ptr": "*fp64", "seed": "i32"}
     plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
-             "MASTER": False, "STOCHASTIC": False}
-    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True}
+             "MASTER": False, "STOCHASTIC": False, "UPDATE_NORM": False}
+    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True, "UPDATE_NORM": True}
     adam_sig = dict(lead, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
                     one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
     rms_sig = dict(lead, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",

@@ -538,3 +538,23 @@ def test_cached_tables_follow_moved_params_and_grads():
     ours_p[1].grad.data = torch.zeros(34, device=KERNEL_DEVICE)  # same object, wrong shape: still caught
     with pytest.raises(RuntimeError, match=r"grad of param 1 of group 0 has shape \(34,\)"):
         ours.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_update_norm_from_the_kernel(name, device):
+    """track_update_norm: ||p_after - p_before|| over all groups, summed inside the kernel."""
+    kwargs = {"momentum": 0.9} if name != "Adam" else {}
+    params = make_params((1, 1000, 4097), device)
+    opt = getattr(mo, name)([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], lr=1e-2,
+                            track_update_norm=True, **kwargs)
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(3):
+        set_random_grads([params], gen)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        expected = torch.linalg.vector_norm(torch.cat([(p.detach() - b).double().flatten()
+                                                       for p, b in zip(params, before)]))
+        assert expected > 0
+        torch.testing.assert_close(opt.last_update_norm.double().cpu(), expected.cpu(), rtol=1e-5, atol=0)
+    assert getattr(mo, name)(params, lr=0.1, **kwargs).last_update_norm is None

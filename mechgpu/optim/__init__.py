@@ -8,8 +8,8 @@ Differences from torch:
   the step counter lives on the device and ``step()`` never synchronises with the host;
 * optimizer states are fp32 for bf16/fp16 params (torch keeps them in the param's dtype);
 * extra keyword-only options: ``max_grad_norm`` and ``skip_nonfinite`` (clipping fused
-  into the step), ``master_weights``, ``state_dtype`` and ``stochastic_rounding`` (see
-  ``FusedOptimizer``); GradScaler's ``grad_scale``/``found_inf`` are applied in the kernel;
+  into the step), ``master_weights``, ``state_dtype``, ``stochastic_rounding`` and
+  ``track_update_norm`` (see ``FusedOptimizer``); GradScaler's ``grad_scale``/``found_inf`` are applied in the kernel;
 * ``foreach`` and ``fused`` are accepted and have no effect; ``capturable`` is always true
   in effect; ``differentiable=True`` raises NotImplementedError;
 * params must be dense in memory (contiguous, or a permutation of it) with grads of the
@@ -26,7 +26,8 @@ from ..kernels import optim as optim_kernels
 from ._fused import FusedOptimizer, reject_differentiable
 
 #: keyword-only options every mechgpu optimizer adds to its torch twin's signature
-MECHGPU_OPTIONS = ("max_grad_norm", "skip_nonfinite", "master_weights", "state_dtype", "stochastic_rounding")
+MECHGPU_OPTIONS = ("max_grad_norm", "skip_nonfinite", "master_weights", "state_dtype", "stochastic_rounding",
+                   "track_update_norm")
 
 __all__ = ["Adam", "AdamW", "RMSprop", "SGD"]
 
@@ -58,12 +59,13 @@ class Adam(_AdamFamily, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, max_grad_norm=None, skip_nonfinite=False, master_weights=False,
-                 state_dtype=torch.float32, stochastic_rounding=False) -> None:
+                 state_dtype=torch.float32, stochastic_rounding=False, track_update_norm=False) -> None:
         reject_differentiable("Adam", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
+                           track_update_norm)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -74,12 +76,13 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False) -> None:
         reject_differentiable("AdamW", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=False, fused=fused)
-        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
+                           track_update_norm)
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -90,12 +93,13 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, max_grad_norm=None,
                  skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False) -> None:
         reject_differentiable("RMSprop", differentiable)
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                          centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
                          differentiable=False)
-        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
+                           track_update_norm)
 
     def _state_keys(self, group):
         return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
@@ -123,12 +127,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, max_grad_norm=None,
                  skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False) -> None:
         reject_differentiable("SGD", differentiable)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False,
                          fused=fused)
-        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding)
+        self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
+                           track_update_norm)
 
     def _state_keys(self, group):
         return ("momentum_buffer" if group["momentum"] != 0 else None,)

@@ -125,6 +125,9 @@ class FusedOptimizer:
     * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.
+    * ``track_update_norm``: each kernel program adds its block's sum of squared updates
+      to a device scalar, so ``last_update_norm`` (||p_after - p_before|| over every param
+      the step updated, in fp32 master space where there are masters) costs no extra pass.
     """
 
     _torch_name = ""
@@ -138,7 +141,7 @@ class FusedOptimizer:
         raise NotImplementedError
 
     def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
-                      state_dtype: torch.dtype, stochastic_rounding: bool) -> None:
+                      state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if skip_nonfinite and max_grad_norm is None:
@@ -155,6 +158,8 @@ class FusedOptimizer:
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
         self._clip_out: torch.Tensor | None = None
+        self.track_update_norm = track_update_norm
+        self._update_sq: torch.Tensor | None = None
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -163,6 +168,11 @@ class FusedOptimizer:
         A 0-d view of a device buffer that each step overwrites; reading it is the only sync.
         """
         return None if self._clip_out is None else self._clip_out[0]
+
+    @property
+    def last_update_norm(self) -> torch.Tensor | None:
+        """||p_after - p_before|| of the last step (with track_update_norm), as a device tensor."""
+        return None if self._update_sq is None else self._update_sq.sqrt().float()
 
     # ------------------------------------------------------------------------------
     def _error(self, message: str, exc=RuntimeError):
@@ -298,6 +308,12 @@ class FusedOptimizer:
             total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale)
             control.clip = self._clip_out
             control.skip_nonfinite = self.skip_nonfinite
+        if self.track_update_norm:
+            if self._update_sq is None or self._update_sq.device != device:
+                self._update_sq = torch.zeros((), dtype=torch.float64, device=device)
+            else:
+                self._update_sq.zero_()
+            control.update_sq = self._update_sq
         for group_index, group, params, cache in work:
             if cache is None:
                 cache = self._group_caches[group_index] = self._build_cache(group_index, group, params)

@@ -77,7 +77,8 @@ class Trainer:
         eval_data, eval_every: mean loss over ``eval_data`` every ``eval_every`` steps.
         log_every: steps between host reads of the logged tensors (the only syncs).
         log_dir: writes ``train_log.csv``, ``train_log.jsonl`` and ``summary.json`` there.
-        track_update_norm: log ``||p_after - p_before||`` (costs one copy of the params).
+        track_update_norm: log ``||p_after - p_before||``: summed inside the update kernel for a
+            mechgpu optimizer (no extra pass), else from one copy of the params.
         warmup_steps: steps left out of the throughput.
         progress: show a tqdm progress bar.
         predict: profile the blocks (two extra forward passes) to predict the saved
@@ -213,14 +214,24 @@ class Trainer:
             else:
                 grad_norm = torch.zeros((), device=self.device)
         before = None
-        if self.track_update_norm:  # one copy of the (local shards of the) params
+        in_kernel = getattr(self.optimizer, "track_update_norm", None)  # a mechgpu optimizer sums it in its kernel
+        if self.track_update_norm and in_kernel is False:
+            self.optimizer.track_update_norm = in_kernel = True
+        if self.track_update_norm and not in_kernel:  # one copy of the (local shards of the) params
             before = [_local(p).detach().clone() for p in self.params]
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.fused_clip:
             grad_norm = self.optimizer.last_grad_norm.clone()
         update_norm = None
-        if before is not None:
+        if self.track_update_norm and in_kernel:
+            squares = self.optimizer.last_update_norm.double().square()
+            if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
+                squares = squares.to(self._comm_device())  # FSDP2 shards on a 1-D mesh: sum over ranks
+                torch.distributed.all_reduce(squares)
+                squares = squares.to(self.device)
+            update_norm = squares.sqrt()
+        elif before is not None:
             diffs = torch._foreach_sub([_local(p).detach() for p in self.params], before)
             squares = torch.stack(torch._foreach_norm(diffs)).double().square().sum()
             if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
