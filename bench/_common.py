@@ -11,6 +11,7 @@ import gc
 import json
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,37 @@ def copy_bandwidth(device: torch.device, buffer_bytes: int, *, quick: bool = Fal
     ms = median_ms(lambda: dst.copy_(src), quick=quick)
     moved = 2 * buffer_bytes
     return {"buffer_bytes": buffer_bytes, "bytes": moved, "ms": ms, "gbps": gbps(moved, ms)}
+
+
+def run_header(benchmark: str, device: torch.device, *, quick: bool) -> dict:
+    """The head every result file starts with: environment, timing method, copy bandwidth.
+
+    The copy is measured on 1 GiB on a GPU (1 MiB for a smoke run) and released again.
+    """
+    copy = copy_bandwidth(device, (1 << 20) if quick else (1 << 30), quick=quick)
+    free_memory()
+    timing = ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
+              {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS})
+    return {**environment(device), "benchmark": benchmark, "timing": timing, "copy": copy}
+
+
+def copy_line(copy: dict) -> str:
+    """The report line that states the copy bandwidth every fraction is taken of."""
+    return (f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
+            f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)")
+
+
+def output_dir(out: Path | None, smoke: bool) -> Path:
+    """--out if given; else a temporary folder for a smoke run, bench/results otherwise."""
+    return out or (Path(tempfile.mkdtemp(prefix="mechgpu-bench-")) if smoke else RESULTS_DIR)
+
+
+def publish(out_dir: Path, benchmark: str, results: dict, markdown: str) -> None:
+    """Print the report and write it with its JSON (``write_results``)."""
+    print()
+    print(markdown)
+    json_path, md_path = write_results(out_dir, benchmark, results, markdown)
+    print(f"\nwrote {json_path} and {md_path}")
 
 
 def free_memory() -> None:

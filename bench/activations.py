@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,18 +51,16 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
-    QUICK_REPS,
-    REP_MS,
     RESULTS_DIR,
-    WARMUP_MS,
-    copy_bandwidth,
-    environment,
+    copy_line,
     free_memory,
     gbps,
     markdown_table,
     median_ms,
+    output_dir,
+    publish,
+    run_header,
     synchronize,
-    write_results,
 )
 from mechgpu.kernels import activation as kernels  # noqa: E402
 
@@ -168,16 +165,11 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
         quick: bool) -> dict:
     """Benchmark every activation, dtype, size and direction; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
-    copy = copy_bandwidth(device, copy_bytes, quick=quick)
-    free_memory()
+    header = run_header("activations", device, quick=quick)
+    copy = header["copy"]
     implementations = [i for i in IMPLEMENTATIONS if with_compile or i != "torch compile"]
     results = {
-        **environment(device),
-        "benchmark": "activations",
-        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
-                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
-        "copy": copy,
+        **header,
         "leaky_relu_slope": SLOPE,
         "implementations": implementations,
         "sizes": sizes,
@@ -267,8 +259,7 @@ def to_markdown(results: dict) -> str:
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
         "",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
-        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        copy_line(copy),
         "- forward: `y = act(x)` with x requiring grad; backward: the backward op alone from g and the "
         "saved tensor; forward+backward: `torch.autograd.grad(act(x), x, g)`",
         "- GB/s: the bytes each implementation must move (forward: read x, write y; backward: read g "
@@ -327,18 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
     if args.smoke:
         sizes = SMOKE_SIZES
-        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
     else:
         sizes = {name: SIZES[name] for name in args.sizes or SIZES}
-        out = args.out or RESULTS_DIR
 
+    out = output_dir(args.out, args.smoke)
     results = run(args.activations, args.dtypes, sizes, with_compile=not (args.smoke or args.no_compile),
                   quick=args.smoke)
     markdown = to_markdown(results)
-    print()
-    print(markdown)
-    json_path, md_path = write_results(out, "activations", results, markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out, "activations", results, markdown)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,18 +55,16 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from _common import (  # noqa: E402
-    QUICK_REPS,
-    REP_MS,
     RESULTS_DIR,
-    WARMUP_MS,
-    copy_bandwidth,
-    environment,
+    copy_line,
     free_memory,
     gbps,
     markdown_table,
     median_ms,
+    output_dir,
+    publish,
+    run_header,
     synchronize,
-    write_results,
 )
 from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b, make_params  # noqa: E402
 
@@ -165,19 +162,14 @@ def time_variant(variant: str, params: list[torch.Tensor], *, quick: bool) -> di
 def run(lists: dict[str, Callable[[], Shapes]], *, quick: bool) -> dict:
     """Benchmark every variant on every list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
-    copy = copy_bandwidth(device, copy_bytes, quick=quick)
-    free_memory()
+    header = run_header("clip", device, quick=quick)
+    copy = header["copy"]
     results = {
-        **environment(device),
-        "benchmark": "clip",
-        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
-                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        **header,
         "warmup_steps": WARMUP_STEPS,
         "max_norm": MAX_NORM,
         "variants": VARIANTS,
         "bytes_per_param": BYTES_PER_PARAM,
-        "copy": copy,
         "lists": {},
         "rows": [],
         "ratios": {},
@@ -239,8 +231,7 @@ def to_markdown(results: dict) -> str:
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
         "",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
-        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        copy_line(copy),
         "- B/param: the least each variant must read and write per fp32 parameter: the AdamW step "
         "28 B, the grad norm 4 B (reads g), a separate scaling pass 8 B (reads and writes g)",
         f"- max_norm {results['max_norm']}; grads N(0, 1), so the first call's norm is sqrt(#params) "
@@ -284,17 +275,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
     if args.smoke:
         lists = SMOKE_LISTS
-        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
     else:
         lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
-        out = args.out or RESULTS_DIR
 
+    out = output_dir(args.out, args.smoke)
     results = run(lists, quick=args.smoke)
     markdown = to_markdown(results)
-    print()
-    print(markdown)
-    json_path, md_path = write_results(out, "clip", results, markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out, "clip", results, markdown)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +49,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from _common import (  # noqa: E402
-    QUICK_REPS,
-    REP_MS,
     RESULTS_DIR,
-    WARMUP_MS,
-    copy_bandwidth,
-    environment,
-    free_memory,
+    copy_line,
     gbps,
     markdown_table,
     median_ms,
+    output_dir,
+    run_header,
     synchronize,
     write_results,
 )
@@ -133,8 +129,8 @@ def build(shape: LlamaShape, device: torch.device, dtype: torch.dtype) -> Llama:
 def run(shape: LlamaShape, dtype: torch.dtype, *, quick: bool) -> dict:
     """Time every row; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    copy = copy_bandwidth(device, (1 << 20) if quick else (1 << 30), quick=quick)
-    free_memory()
+    header = run_header("init", device, quick=quick)
+    copy = header["copy"]
     model = build(shape, device, dtype)
     table = mechgpu.init.init_model(model)  # the first call compiles the kernel
     synchronize()
@@ -158,15 +154,11 @@ def run(shape: LlamaShape, dtype: torch.dtype, *, quick: bool) -> dict:
         ("torch reset_parameters", len(linears), torch_reset),
     ]
     results = {
-        **environment(device),
-        "benchmark": "init",
-        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
-                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        **header,
         "dtype": str(dtype).removeprefix("torch."),
         "model": {**shape.__dict__, "params": sum(p.numel() for p in model.parameters()),
                   "initialised_tensors": len(weights), "initialised_params": numel},
         "choices": sorted({f"{r.rule} before {r.activation}, gain {r.gain:.4f}" for r in table}),
-        "copy": copy,
         "bytes": moved,
         "rows": [],
     }
@@ -207,8 +199,7 @@ def to_markdown(results: dict) -> str:
         f"weights ({model['initialised_params']:,} params) are initialised",
         f"- init_model's choices: {'; '.join(results['choices'])}",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
-        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        copy_line(copy),
         f"- MB written: elements x element size, {results['bytes'] / 1e6:,.1f} MB (a fill reads nothing)",
         "- reinit speedup: the row's ms / mechgpu reinit's ms",
         "",
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="mechgpu-bench-")) if args.smoke else RESULTS_DIR)
+    out = output_dir(args.out, args.smoke)
     results = run(SMOKE if args.smoke else ONE_B, DTYPES[args.dtype], quick=args.smoke)
     markdown = to_markdown(results)
     print()

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,18 +74,16 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from _common import (  # noqa: E402
-    QUICK_REPS,
-    REP_MS,
     RESULTS_DIR,
-    WARMUP_MS,
-    copy_bandwidth,
-    environment,
+    copy_line,
     free_memory,
     gbps,
     markdown_table,
     median_ms,
+    output_dir,
+    publish,
+    run_header,
     synchronize,
-    write_results,
 )
 from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small  # noqa: E402
 
@@ -217,21 +214,16 @@ def time_mode(mode: Mode, params: list[torch.Tensor], *, quick: bool) -> dict:
 def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
     """Benchmark every mode on one list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
-    copy = copy_bandwidth(device, copy_bytes, quick=quick)
-    free_memory()
+    header = run_header("mixed_precision", device, quick=quick)
+    copy = header["copy"]
     shape_list = shapes()
     numel = sum(torch.Size(s).numel() for s in shape_list)
     results = {
-        **environment(device),
-        "benchmark": "mixed_precision",
-        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
-                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        **header,
         "warmup_steps": WARMUP_STEPS,
         "optimizer": "AdamW, torch's defaults",
         "bytes_formula": "3P + 4S without master weights, 2P + 8 + 4S with (P param bytes, S state bytes)",
         "grad_scale": GRAD_SCALE,
-        "copy": copy,
         "list": {"name": list_name, "tensors": len(shape_list), "params": numel},
         "rows": [],
     }
@@ -284,8 +276,7 @@ def to_markdown(results: dict) -> str:
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
         "",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
-        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        copy_line(copy),
         f"- B/param: the least a step reads and writes per parameter: {results['bytes_formula']}",
         "- state B/param: optimizer state kept between steps (exp_avg, exp_avg_sq, fp32 master); "
         "param + state adds the param itself",
@@ -318,17 +309,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
     if args.smoke:
         (list_name, shapes), = SMOKE_LISTS.items()
-        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
     else:
         (list_name, shapes), = PARAM_LISTS.items()
-        out = args.out or RESULTS_DIR
 
+    out = output_dir(args.out, args.smoke)
     results = run(list_name, shapes, quick=args.smoke)
     markdown = to_markdown(results)
-    print()
-    print(markdown)
-    json_path, md_path = write_results(out, "mixed_precision", results, markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out, "mixed_precision", results, markdown)
 
 
 if __name__ == "__main__":

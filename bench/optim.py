@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,18 +47,16 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from _common import (  # noqa: E402
-    QUICK_REPS,
-    REP_MS,
     RESULTS_DIR,
-    WARMUP_MS,
-    copy_bandwidth,
-    environment,
+    copy_line,
     free_memory,
     gbps,
     markdown_table,
     median_ms,
+    output_dir,
+    publish,
+    run_header,
     synchronize,
-    write_results,
 )
 
 import mechgpu.optim  # noqa: E402
@@ -186,17 +183,12 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
         quick: bool) -> dict:
     """Benchmark every optimizer on every list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    copy_bytes = (1 << 20) if quick else (1 << 30)  # 1 GiB on a GPU, 1 MiB for a smoke run
-    copy = copy_bandwidth(device, copy_bytes, quick=quick)
-    free_memory()
+    header = run_header("optim", device, quick=quick)
+    copy = header["copy"]
     results = {
-        **environment(device),
-        "benchmark": "optim",
-        "timing": ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
-                   {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS}),
+        **header,
         "warmup_steps": WARMUP_STEPS,
         "hyperparameters": HYPERPARAMETERS,
-        "copy": copy,
         "bytes_per_element": BYTES_PER_ELEMENT,
         "lists": {},
         "rows": [],
@@ -256,8 +248,7 @@ def to_markdown(results: dict) -> str:
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
         "",
         f"- time: {how}",
-        f"- copy bandwidth: {copy['gbps']:,.1f} GB/s (`dst.copy_(src)` on "
-        f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)",
+        copy_line(copy),
         f"- MB moved: the least a step must read and write, bytes per element × elements ({per_element})",
         f"- hyperparameters: torch's defaults, except {hyper}",
         "- mechgpu speedup: the torch implementation's ms / mechgpu's ms",
@@ -302,17 +293,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
     if args.smoke:
         lists = SMOKE_LISTS
-        out = args.out or Path(tempfile.mkdtemp(prefix="mechgpu-bench-"))
     else:
         lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
-        out = args.out or RESULTS_DIR
 
+    out = output_dir(args.out, args.smoke)
     results = run(lists, args.optimizers, with_compile=not (args.smoke or args.no_compile), quick=args.smoke)
     markdown = to_markdown(results)
-    print()
-    print(markdown)
-    json_path, md_path = write_results(out, "optim", results, markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    publish(out, "optim", results, markdown)
 
 
 if __name__ == "__main__":
