@@ -27,6 +27,19 @@ def warn_fallback_once(area: str, message: str, stacklevel: int = 3) -> None:
         warnings.warn(message + " This warning is shown once.", stacklevel=stacklevel + 1)
 
 
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (FSDP2 params and grads)."""
+    return type(t) not in PLAIN_TENSORS and hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when the elements fill a contiguous span of memory in some order (no gaps, no overlap)."""
     if t.is_contiguous():

@@ -25,6 +25,9 @@ from collections.abc import Iterable
 
 import torch
 
+from ._backend import is_dtensor as _is_dtensor
+from ._backend import kernels_run_on
+from ._backend import local as _local
 from .kernels import clip as clip_kernels
 from .kernels.multi_tensor import MultiTensorPlan
 
@@ -32,25 +35,6 @@ __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 
 _MAX_CACHED_PLANS = 32
 _plans: dict[tuple, MultiTensorPlan] = {}
-
-
-def _kernels_run_on(device: torch.device) -> bool:
-    from .optim._fused import kernels_run_on
-
-    return kernels_run_on(device)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _reduce_groups(t: torch.Tensor) -> tuple:
@@ -173,7 +157,7 @@ def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: fl
         return torch.tensor(0.0)
     first_device = _local(tensors[0]).device
     _reject_empty_for_inf_norm(tensors, norm_type)
-    if norm_type == 0.0 or not all(_kernels_run_on(_local(t).device) for t in tensors):
+    if norm_type == 0.0 or not all(kernels_run_on(_local(t).device) for t in tensors):
         from torch.nn.utils import get_total_norm as torch_get_total_norm
 
         return torch_get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
@@ -203,7 +187,7 @@ def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     by_key: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         local = _local(g)
-        if not _kernels_run_on(local.device) or not local.is_contiguous():
+        if not kernels_run_on(local.device) or not local.is_contiguous():
             local.mul_(coef.to(local.device, non_blocking=True))
             continue
         by_key.setdefault((local.device, local.data_ptr() % 16 == 0), []).append(local)
@@ -229,7 +213,7 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    if not grads or norm_type == 0.0 or not all(_kernels_run_on(_local(g).device) for g in grads):
+    if not grads or norm_type == 0.0 or not all(kernels_run_on(_local(g).device) for g in grads):
         total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         clip_grads_with_norm_(parameters, max_norm, total, foreach)
         return total

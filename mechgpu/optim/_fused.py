@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .._backend import is_dense, kernels_run_on, warn_fallback_once
+from .._backend import PLAIN_TENSORS, is_dense, kernels_run_on, warn_fallback_once
+from .._backend import local as _local
 from ..kernels.multi_tensor import COL_GRAD, COL_NUMEL, MultiTensorPlan
 from ..kernels.optim import Precision, StepControl
 
@@ -32,16 +33,6 @@ def _warn_cpu_fallback(name: str) -> None:
         "run the kernels on the CPU (slowly).",
         stacklevel=4,
     )
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    if type(t) in _PLAIN_TENSORS:
-        return t
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
 
 
 class _Bucket:
@@ -65,7 +56,7 @@ class _GroupCache:
     def __init__(self, params: list[torch.Tensor], buckets: list[_Bucket]) -> None:
         self.params = params
         self.buckets = buckets
-        self.plain = all(type(p) in _PLAIN_TENSORS and type(p.grad) in _PLAIN_TENSORS for p in params)
+        self.plain = all(type(p) in PLAIN_TENSORS and type(p.grad) in PLAIN_TENSORS for p in params)
         self.grads = [p.grad for p in params]
         self.param_ptrs = self._pointers(params)
         self.grad_ptrs = self._pointers(self.grads)

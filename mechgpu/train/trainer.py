@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._backend import local as _local
 from .checkpointing import (
     ActivationMeter,
     Plan,
@@ -448,10 +449,6 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
