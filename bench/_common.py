@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.testing
+
+from mechgpu.bench import device_slug  # noqa: F401  (one home: the merged results use it too)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -122,11 +123,6 @@ def environment(device: torch.device) -> dict:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def device_slug(name: str) -> str:
-    """A file-name form of a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def markdown_table(header: list[str], rows: list[list[str]], *, text_columns: int = 1) -> str:

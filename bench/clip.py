@@ -70,6 +70,7 @@ from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b, make_
 
 import mechgpu.clip  # noqa: E402
 import mechgpu.optim  # noqa: E402
+from mechgpu.traffic import ADAM_STEP, GRAD_NORM, GRAD_SCALE  # noqa: E402
 
 PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small, "1b": llama_1b}
 
@@ -91,7 +92,7 @@ VARIANTS = {
 #   torch's clip does the same with _foreach_mul_).
 # (b) = step + norm, the step scaling g in registers: 28 + 4 = 32 B.
 # (c) and (d) = step + norm + scaling pass: 28 + 4 + 8 = 40 B.
-STEP_BYTES, NORM_BYTES, SCALE_BYTES = 28, 4, 8
+STEP_BYTES, NORM_BYTES, SCALE_BYTES = ADAM_STEP, GRAD_NORM, GRAD_SCALE  # mechgpu/traffic.py
 BYTES_PER_PARAM = {
     "a": STEP_BYTES,
     "b": STEP_BYTES + NORM_BYTES,

@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
 )
 
 import mechgpu.optim  # noqa: E402
+from mechgpu.traffic import STEP_BYTES  # noqa: E402
 
 Shapes = list[tuple[int, ...]]
 
@@ -113,12 +114,9 @@ def make_params(shapes: Shapes, device: torch.device) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------
 # Optimizers and their implementations
 # ----------------------------------------------------------------------------------
-# The least a step must move per parameter element, in bytes, with fp32 params (see the
-# kernels' docstrings in kernels/optim.py). Adam/AdamW read p, g, exp_avg, exp_avg_sq and
-# write p, exp_avg, exp_avg_sq: 7 x 4 B. SGD with momentum reads p, g, momentum_buffer and
-# writes p, momentum_buffer: 5 x 4 B. RMSprop reads p, g, square_avg and writes p,
-# square_avg: 5 x 4 B.
-BYTES_PER_ELEMENT = {"Adam": 28, "AdamW": 28, "SGD": 20, "RMSprop": 20}
+# The least a step must move per parameter element, in bytes, with fp32 params
+# (mechgpu/traffic.py): Adam/AdamW 7 x 4 B, SGD with momentum and RMSprop 5 x 4 B.
+BYTES_PER_ELEMENT = STEP_BYTES
 
 # torch's defaults, except SGD's momentum.
 HYPERPARAMETERS: dict[str, dict] = {"Adam": {}, "AdamW": {}, "SGD": {"momentum": 0.9}, "RMSprop": {}}

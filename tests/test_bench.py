@@ -1,0 +1,97 @@
+"""`mechgpu bench` runs the whole suite in one call, merges its results and draws its plots;
+the README's results section is exactly what the committed results give.
+
+Without a GPU, `mechgpu bench --quick` runs every script's ``--smoke`` form (kernels in
+Triton's interpreter), which is what CI exercises here.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mechgpu import bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TIMEOUT_S = 900  # the six smoke runs take about three minutes on two cores; this only stops a hang
+
+
+def test_suite_covers_every_benchmark_script():
+    scripts = {p.stem for p in bench.BENCH_DIR.glob("*.py")
+               if not p.name.startswith("_") and '"--smoke"' in p.read_text()}
+    assert {"optim", "clip", "mixed_precision", "activations", "init", "train"} <= scripts
+    assert {s.name for s in bench.SUITE} == scripts
+
+
+def test_readme_results_section_is_generated_from_committed_results():
+    text = bench.README.read_text()
+    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    section = bench.BEGIN + text.split(bench.BEGIN, 1)[1].split(bench.END, 1)[0] + bench.END
+    assert section == bench.render_results(bench.RESULTS_DIR), "run `mechgpu bench --readme`"
+
+
+def test_committed_results_are_real_runs_and_their_files_exist():
+    for run in bench.committed_runs(bench.RESULTS_DIR, include_smoke=True):
+        assert not run["smoke"] and run["device"] != "cpu", f"{run['path']} is a CPU smoke run"
+    section = bench.render_results(bench.RESULTS_DIR)
+    for link in [part.split(")")[0] for part in section.split("](")[1:]]:
+        assert (bench.ROOT / link).exists(), link
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "mechgpu", "bench", "--quick", "--out", str(out)],
+                          cwd=bench.ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
+    merged = json.loads((quick_run / "cpu.json").read_text())
+    assert merged["smoke"] and merged["device"] == "cpu" and not merged["failed"]
+    assert set(merged["benchmarks"]) == {s.name for s in bench.SUITE}
+    for name, result in merged["benchmarks"].items():
+        assert result["rows"], f"{name} has no rows"
+        assert result["torch"] and result["triton"] and result["date"]
+    markdown = (quick_run / "cpu.md").read_text()
+    for s in bench.SUITE:
+        assert f"\n## {s.name}\n" in markdown
+    assert markdown.count("\n|") >= sum(len(r["rows"]) for r in merged["benchmarks"].values())
+    for plot in ("cpu-bandwidth.png", "cpu-train.png"):
+        data = (quick_run / plot).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, plot
+
+
+def test_bandwidth_summary_has_every_kernel_family_against_torch(quick_run):
+    merged = json.loads((quick_run / "cpu.json").read_text())
+    rows = bench.bandwidth_rows(merged)
+    kernels = " ".join(r["kernel"] for r in rows)
+    for family in ("Adam step", "AdamW step", "SGD step", "RMSprop step", "AdamW + clip", "AdamW bf16",
+                   "relu bf16 forward", "gelu fp32 backward", "init"):
+        assert family in kernels, family
+    for r in rows:
+        assert r["mechgpu"] > 0 and r["mechgpu_gbps"] > 0
+        if r["torch"] is not None:
+            assert r["torch"] > 0 and r["speedup"] > 0
+    assert sum(r["torch"] is not None for r in rows) >= len(rows) - 5  # only bf16/fp16 modes lack a torch twin
+
+
+def test_readme_section_shows_a_run_only_with_its_provenance(quick_run):
+    hidden = bench.render_results(quick_run)
+    assert "No GPU run is committed yet" in hidden and "cpu-bandwidth.png" not in hidden
+    shown = bench.render_results(quick_run, include_smoke=True)
+    assert "#### cpu, torch " in shown and "smoke run on CPU" in shown
+    assert "cpu-bandwidth.png" in shown and "cpu-train.png" in shown
+
+
+def test_a_failing_script_fails_the_run(tmp_path, monkeypatch):
+    scripts = tmp_path / "bench"
+    scripts.mkdir()
+    (scripts / "optim.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(bench, "BENCH_DIR", scripts)
+    args = argparse.Namespace(readme=False, quick=True, only=["optim"], out=tmp_path / "out")
+    assert bench.run(args) == 1
+    assert json.loads((tmp_path / "out" / "cpu.json").read_text())["failed"] == {"optim": 3}
