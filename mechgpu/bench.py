@@ -272,6 +272,8 @@ def plot_train(merged: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .train.checkpointing import format_bytes
+
     rows = train_rows(merged)
     peak = all(r.get("peak_bytes") for r in rows)
     key, label = ("peak_bytes", "peak memory (MiB)") if peak else ("saved_bytes", "saved activations (MiB)")
@@ -279,7 +281,9 @@ def plot_train(merged: dict, path: Path) -> Path:
     for r in rows:
         color = "tab:blue" if r["impl"] == "torch" else "tab:orange"
         ax.scatter(r["tokens_per_s"], r[key] / 2**20, color=color)
-        ax.annotate(f"{r['impl']} {r['checkpoint']}", (r["tokens_per_s"], r[key] / 2**20), fontsize=8,
+        policy = r["checkpoint"]
+        policy = f"budget {format_bytes(int(policy[:-1]))}" if re.fullmatch(r"\d+B", policy) else policy
+        ax.annotate(f"{r['impl']} {policy}", (r["tokens_per_s"], r[key] / 2**20), fontsize=8,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(label)
@@ -336,10 +340,11 @@ def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
     if not checks:
         lines += ["No `mechgpu check --json` result is committed yet.", ""]
     for check in checks:
-        rows = check.get("rows", [])
-        failed = [r for r in rows if not r.get("passed")]
-        lines += [f"- {check.get('device')}, torch {check.get('torch')}, triton {check.get('triton')}, "
-                  f"{str(check.get('date', ''))[:10]}: {len(rows)} checks, {len(failed)} failed "
+        env = check["environment"]
+        kind = "quick" if check["quick"] else "full"
+        where = ", kernels in Triton's interpreter" if env.get("interpreter") else ""
+        lines += [f"- {env['device_name']}{where}, torch {env['torch']}, triton {env['triton']}, {env['date'][:10]}: "
+                  f"{check['checks']} checks ({kind} run, seed {check['seed']}), {check['failed']} failed "
                   f"([{rel(check['path'])}]({rel(check['path'])}))."]
     if checks:
         lines += [""]

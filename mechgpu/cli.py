@@ -8,6 +8,10 @@
                     throughput, peak memory and saved activations
     mechgpu profile sweep checkpoint policy x accumulation steps x micro-batch beside a torch
                     baseline: a table and a plot of memory against throughput
+    mechgpu check   run every kernel against PyTorch's own implementation on this device and
+                    print a table of errors; exits non-zero on any failure
+    mechgpu bench   run the benchmark suite in bench/, write bench/results/<device>.json and .md
+                    and the plots; --readme regenerates the README's results from committed results
 """
 
 from __future__ import annotations
@@ -85,8 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--steps", type=int, default=None, help="steps per run (default 3 on CPU, 20 on CUDA)")
     profile.add_argument("--no-baseline", action="store_true", help="leave out the torch baseline")
     profile.add_argument("--plot", type=Path, default=Path("profile.png"), help="PNG to write; 'none' for none")
+
+    check = sub.add_parser("check", help="run every kernel against PyTorch's own implementation on this "
+                                         "device; a table of errors, non-zero exit on any failure")
+    bench = sub.add_parser("bench", help="run the benchmark suite and write bench/results/<device>.json, "
+                                         ".md and plots; or regenerate the README's results section")
+    from . import bench as bench_cli
+    from . import check as check_cli
+
+    check_cli.add_arguments(check)
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
 
+    if args.command == "check":
+        return check_cli.run(args, select_device=_select_device)
+    if args.command == "bench":
+        return bench_cli.run(args)
     if args.command == "demo":
         device = _select_device(args.device)
         from .demo import run_demo

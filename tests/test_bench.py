@@ -9,9 +9,9 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
 from mechgpu import bench
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
