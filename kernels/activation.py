@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard
+from .rounding import round_like
 
 # The activation kinds (the KIND constexpr). relu and leaky_relu save a bit mask.
 SIGMOID, TANH, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU = range(7)
@@ -402,7 +403,7 @@ def _fwd_block(x_ptr, y_ptr, mask_ptr, remaining, slope, KIND: tl.constexpr, SAV
         x = tl.load(x_ptr + offs).to(tl.float32)
     else:
         x = tl.load(x_ptr + offs, mask=offs < remaining, other=0.0).to(tl.float32)
-    y = _forward(x, slope, KIND, PRECISE).to(y_ptr.dtype.element_ty)
+    y = round_like(_forward(x, slope, KIND, PRECISE), y_ptr)
     if FULL:
         tl.store(y_ptr + offs, y)
     else:
@@ -461,7 +462,7 @@ def _bwd_block(g_ptr, saved_ptr, dx_ptr, remaining, slope, KIND: tl.constexpr, P
             saved = tl.load(saved_ptr + offs).to(tl.float32)
         else:
             saved = tl.load(saved_ptr + offs, mask=offs < remaining, other=0.0).to(tl.float32)
-    dx = _backward(g, saved, slope, KIND, PRECISE).to(dx_ptr.dtype.element_ty)
+    dx = round_like(_backward(g, saved, slope, KIND, PRECISE), dx_ptr)
     if FULL:
         tl.store(dx_ptr + offs, dx)
     else:
