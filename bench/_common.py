@@ -94,6 +94,14 @@ def copy_line(copy: dict) -> str:
             f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)")
 
 
+def timing_line(timing: dict, what: str) -> str:
+    """How the times were taken: ``what`` names the timed call and its untimed warm-up."""
+    if timing["method"].startswith("time.perf_counter"):
+        return (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
+                "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
+    return f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, rep {timing['rep_ms']} ms){what}"
+
+
 def output_dir(out: Path | None, smoke: bool) -> Path:
     """--out if given; else a temporary folder for a smoke run, bench/results otherwise."""
     return out or (Path(tempfile.mkdtemp(prefix="mechgpu-bench-")) if smoke else RESULTS_DIR)

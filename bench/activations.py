@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
     publish,
     run_header,
     synchronize,
+    timing_line,
 )
 from mechgpu.kernels import activation as kernels  # noqa: E402
 
@@ -246,12 +247,7 @@ def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, a timing table, a saved-bytes table."""
     copy = results["copy"]
     timing = results["timing"]
-    if timing["method"].startswith("time.perf_counter"):
-        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
-               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
-    else:
-        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
-               f"rep {timing['rep_ms']} ms), after an untimed warm-up call")
+    how = timing_line(timing, ", after an untimed warm-up call")
     implementations = results["implementations"]
     head = [
         "# mechgpu.nn.functional activations vs torch eager and torch.compile",

@@ -65,6 +65,7 @@ from _common import (  # noqa: E402
     publish,
     run_header,
     synchronize,
+    timing_line,
 )
 from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b, make_params  # noqa: E402
 
@@ -217,13 +218,7 @@ def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, a table of rows, a table of ratios."""
     copy = results["copy"]
     timing = results["timing"]
-    if timing["method"].startswith("time.perf_counter"):
-        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
-               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
-    else:
-        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
-               f"rep {timing['rep_ms']} ms) of one clip + `opt.step()`, after {results['warmup_steps']} "
-               "untimed calls")
+    how = timing_line(timing, f" of one clip + `opt.step()`, after {results['warmup_steps']} untimed calls")
     lists = "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
                       for name, info in results["lists"].items())
     head = [

@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     output_dir,
     run_header,
     synchronize,
+    timing_line,
     write_results,
 )
 
@@ -182,12 +183,7 @@ def _count(n: int) -> str:
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one row per implementation."""
     copy, timing, model = results["copy"], results["timing"], results["model"]
-    if timing["method"].startswith("time.perf_counter"):
-        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
-               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
-    else:
-        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
-               f"rep {timing['rep_ms']} ms), after one untimed call")
+    how = timing_line(timing, ", after one untimed call")
     head = [
         f"# Initialising a {_count(model['params'])}-parameter Llama: mechgpu.init vs torch.nn.init "
         f"({results['dtype']})",

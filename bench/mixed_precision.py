@@ -84,6 +84,7 @@ from _common import (  # noqa: E402
     publish,
     run_header,
     synchronize,
+    timing_line,
 )
 from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small  # noqa: E402
 
@@ -262,13 +263,7 @@ def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one table row per mode."""
     copy = results["copy"]
     timing = results["timing"]
-    if timing["method"].startswith("time.perf_counter"):
-        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
-               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
-    else:
-        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
-               f"rep {timing['rep_ms']} ms) of one full `opt.step()`, after {results['warmup_steps']} "
-               "untimed steps")
+    how = timing_line(timing, f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps")
     info = results["list"]
     head = [
         "# mechgpu AdamW in each mixed-precision mode vs torch fused AdamW (fp32)",

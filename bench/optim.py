@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     publish,
     run_header,
     synchronize,
+    timing_line,
 )
 
 import mechgpu.optim  # noqa: E402
@@ -228,13 +229,7 @@ def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one table row per result."""
     copy = results["copy"]
     timing = results["timing"]
-    if timing["method"].startswith("time.perf_counter"):
-        how = (f"smoke run: median of {timing['reps']} calls timed with `time.perf_counter` "
-               "(on a CPU the kernels run in Triton's interpreter); not a speed measurement")
-    else:
-        how = (f"median of `triton.testing.do_bench` (warmup {timing['warmup_ms']} ms, "
-               f"rep {timing['rep_ms']} ms) of one full `opt.step()`, after {results['warmup_steps']} "
-               "untimed steps")
+    how = timing_line(timing, f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps")
     per_element = ", ".join(f"{name} {b} B" for name, b in results["bytes_per_element"].items())
     hyper = "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
                       for name, kwargs in results["hyperparameters"].items() if kwargs)
