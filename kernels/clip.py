@@ -98,8 +98,8 @@ def _load_any(row, offs, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _block_partial(a, norm_type, KIND: tl.constexpr):
-    """fp64 partial of |g|^p over a block of magnitudes a (NaN-free, >= 0)."""
+def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
+    """fp64 partial of |g|^p over a block of magnitudes a (NaN-free, >= 0; masked lanes hold 0)."""
     largest = tl.max(a, axis=0)
     inv = tl.where(largest > 0.0, 1.0 / tl.where(largest > 0.0, largest, 1.0), 0.0)
     scaled = a * inv
@@ -112,6 +112,8 @@ def _block_partial(a, norm_type, KIND: tl.constexpr):
     else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
         zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
         powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(tl.where(scaled > 0.0, scaled, 1.0))), zero_power)
+        if mask is not None:  # a masked lane is no element: it must not add 0^p (inf for p < 0)
+            powered = tl.where(mask, powered, 0.0)
         log2_scale = norm_type * tl.log2(tl.where(largest > 0.0, largest, 1.0))
         partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
         partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
@@ -133,7 +135,7 @@ def _accumulate_block(row, offs, mask, acc_ptr, norm_type, KIND: tl.constexpr, A
             a = tl.where(mask, a, float("inf"))
         tl.atomic_min(acc_ptr + 2, tl.min(a, axis=0).to(tl.float64))
     else:
-        tl.atomic_add(acc_ptr, _block_partial(a, norm_type, KIND))
+        tl.atomic_add(acc_ptr, _block_partial(a, mask, norm_type, KIND))
     tl.atomic_add(acc_ptr + 1, nan_count.to(tl.float64))
 
 

@@ -14,6 +14,11 @@ set. The tensor table is rebuilt on the host each step (addresses change when gr
 are re-allocated) but uploaded only when it differs from the copy on the device, and
 always into the same device buffer, so its address never changes. Neither needs a
 host synchronisation.
+
+A plan belongs to one owner (an optimizer, or one call of a clip function) and is never
+shared: its table, its done-counters and its ``workspaces`` (scratch buffers a kernel
+family keeps with the plan, such as the norm's fp64 accumulator) are written by the
+launches of that owner only. The owner confirms every address before it is uploaded.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class MultiTensorPlan:
         first_program = torch.cumsum(counts, 0) - counts
         block_index = torch.arange(len(tensor_index)) - torch.repeat_interleave(first_program, counts)
         blocks = torch.stack([tensor_index, block_index], dim=1).to(torch.int32)
-        self.blocks = blocks.to(device)
+        self.blocks = blocks.to(device, non_blocking=True)  # pageable memory: staged, no device sync
         self.num_programs = int(blocks.shape[0])
         # Per-tensor (or, for reductions, global) count of finished programs; the last one
         # to finish does the tensor's epilogue and resets its slot, so it is all zeros
@@ -48,12 +53,15 @@ class MultiTensorPlan:
         self.done = torch.zeros(max(1, len(self.numels)), dtype=torch.int32, device=device)
         self.table = torch.zeros((len(self.numels), ncol), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None
+        self.workspaces: dict = {}  # scratch buffers of the owner's kernels, made once
+        self.uploads = 0  # host-to-device copies of the table so far (a steady state makes none)
 
     def set_rows(self, rows: list[list[int]]) -> None:
         """Upload the tensor table if it changed since the last upload (no host sync)."""
         if rows != self._uploaded:
             self.table.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
             self._uploaded = [list(row) for row in rows]
+            self.uploads += 1
 
     def set_column(self, col: int, values: list[int]) -> None:
         """Upload one column (say, the grad addresses of a new step) if it changed."""
@@ -61,6 +69,7 @@ class MultiTensorPlan:
         if uploaded is not None and all(row[col] == v for row, v in zip(uploaded, values)):
             return
         self.table[:, col].copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+        self.uploads += 1
         if uploaded is not None:
             for row, v in zip(uploaded, values):
                 row[col] = v

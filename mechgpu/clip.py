@@ -33,8 +33,9 @@ from .kernels.multi_tensor import MultiTensorPlan
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
 
-_MAX_CACHED_PLANS = 32
-_plans: dict[tuple, MultiTensorPlan] = {}
+#: plans by segment (device, 16-byte aligned?, reduce groups); the owner (an optimizer, or
+#: one call) keeps the dict
+Plans = dict[tuple, MultiTensorPlan]
 
 
 def _reduce_groups(t: torch.Tensor) -> tuple:
@@ -46,15 +47,16 @@ def _reduce_groups(t: torch.Tensor) -> tuple:
                  if not placement.is_replicate())
 
 
-def _plan_for(tensors: list[torch.Tensor], device: torch.device, aligned: bool) -> MultiTensorPlan:
-    key = (device, aligned, tuple(t.numel() for t in tensors))
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= _MAX_CACHED_PLANS:
-            _plans.pop(next(iter(_plans)))
-        plan = MultiTensorPlan([t.numel() for t in tensors], device, ncol=clip_kernels.NORM_COLUMNS)
-        plan.workspaces = {}
-        _plans[key] = plan
+def _plan_for(plans: Plans, key: tuple, tensors: list[torch.Tensor]) -> MultiTensorPlan:
+    """The owner's plan for ``tensors``, its table pointing at them (uploaded only if they moved).
+
+    Plans are never shared between owners: two optimizers with equal sizes each keep
+    their own table, so neither re-uploads the other's (which a CUDA-graph capture refuses).
+    """
+    numels = [t.numel() for t in tensors]
+    plan = plans.get(key)
+    if plan is None or plan.numels != numels:
+        plan = plans[key] = MultiTensorPlan(numels, key[0], ncol=clip_kernels.NORM_COLUMNS)
     plan.set_rows(clip_kernels.norm_rows(tensors))
     return plan
 
@@ -73,18 +75,21 @@ def _segments(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
 
 
 def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: float, max_norm: float,
-                    grad_scale: torch.Tensor | None = None) -> None:
+                    grad_scale: torch.Tensor | None = None, plans: Plans | None = None) -> None:
     """Write (norm of all tensors together, clip coefficient) into the fp32 [2] tensor ``out``.
 
     One launch per device when nothing needs combining; otherwise partial launches, an
-    all-reduce for sharded DTensors, and a one-program finalize. No host sync.
+    all-reduce for sharded DTensors, and a one-program finalize. No host sync. ``plans``
+    is the caller's own (an optimizer keeps one across steps); by default, a new one.
     """
+    plans = {} if plans is None else plans
     segments = _segments(tensors)
     kind = clip_kernels.norm_kind(norm_type)
     if len(segments) == 1:
-        (device, aligned, groups), members = next(iter(segments.items()))
+        key, members = next(iter(segments.items()))
+        device, aligned, groups = key
         if not groups and device == out.device:
-            plan = _plan_for(members, device, aligned)
+            plan = _plan_for(plans, key, members)
             workspace = plan.workspaces.get(kind)
             if workspace is None:  # made once: nothing is allocated or copied in a captured step
                 workspace = plan.workspaces[kind] = clip_kernels.new_workspace(kind, device)
@@ -92,8 +97,9 @@ def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: f
                                    aligned=aligned, grad_scale=grad_scale)
             return
     partials = []
-    for (device, aligned, groups), members in segments.items():
-        plan = _plan_for(members, device, aligned)
+    for key, members in segments.items():
+        device, aligned, groups = key
+        plan = _plan_for(plans, key, members)
         workspace = clip_kernels.new_workspace(kind, device)
         clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
                                aligned=aligned, finalize=False)
@@ -182,17 +188,19 @@ def clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max
     _scale_grads(grads, coef)
 
 
-def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor, plans: Plans | None = None) -> None:
     """grads *= coef (a 0-d tensor) with one launch per (device, alignment)."""
+    plans = {} if plans is None else plans
     by_key: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         local = _local(g)
         if not kernels_run_on(local.device) or not local.is_contiguous():
             local.mul_(coef.to(local.device, non_blocking=True))
             continue
-        by_key.setdefault((local.device, local.data_ptr() % 16 == 0), []).append(local)
-    for (device, aligned), members in by_key.items():
-        plan = _plan_for(members, device, aligned)
+        by_key.setdefault((local.device, local.data_ptr() % 16 == 0, ()), []).append(local)
+    for key, members in by_key.items():
+        device, aligned, _ = key
+        plan = _plan_for(plans, key, members)
         clip_kernels.scale_(plan, coef.to(device, non_blocking=True), aligned=aligned)
 
 
@@ -220,9 +228,10 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
     first_device = _local(grads[0]).device
     out = torch.empty(2, dtype=torch.float32, device=first_device)
     _reject_empty_for_inf_norm(grads, norm_type)
-    total_norm_into(out, grads, norm_type, float(max_norm))
+    plans: Plans = {}  # this call's: the scaling launch reuses the norm's table
+    total_norm_into(out, grads, norm_type, float(max_norm), plans=plans)
     total = out[0].to(_result_dtype(grads))
     if error_if_nonfinite:
         _raise_if_nonfinite(total, norm_type)
-    _scale_grads(grads, out[1])
+    _scale_grads(grads, out[1], plans)
     return total

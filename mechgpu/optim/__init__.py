@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 
 from ..kernels import optim as optim_kernels
-from ._fused import FusedOptimizer, reject_differentiable
+from ._fused import FusedOptimizer, StateKeyError, check_state_dict, reject_differentiable
 
 #: keyword-only options every mechgpu optimizer adds to its torch twin's signature
 MECHGPU_OPTIONS = ("max_grad_norm", "skip_nonfinite", "master_weights", "state_dtype", "stochastic_rounding",
                    "track_update_norm")
 
-__all__ = ["Adam", "AdamW", "RMSprop", "SGD"]
+__all__ = ["Adam", "AdamW", "RMSprop", "SGD", "StateKeyError", "check_state_dict"]
 
 
 class _AdamFamily(FusedOptimizer):
@@ -147,6 +147,16 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             aligned=aligned, control=control, precision=precision,
         )
 
+    def _required_keys(self, group):
+        return ()  # torch's SGD makes a missing momentum buffer from the grad
+
+    def _kernel_keys(self, p, group):
+        keys = tuple(k for k in self._state_keys(group) if k is not None)  # no "step": SGD counts its own
+        return (*keys, "master_param") if self._uses_master(p) else keys
+
+    def _own_counters(self, params):
+        return [self._sgd_steps[p] for p in params]
+
     def _step_counter(self, p):
         """A private count of p's steps: torch's SGD state has none, but the kernel must know
         a first momentum step (buffer <- grad) even when GradScaler skipped the last one."""
@@ -163,6 +173,3 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             self.__dict__.get("_sgd_steps", {}).pop(p, None)  # a new buffer starts a new count
         super()._ensure_state(p, group)
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self.__dict__.pop("_sgd_steps", None)

@@ -2,14 +2,21 @@
 
 Each optimizer subclasses its ``torch.optim`` twin, so the constructor, its validation
 messages, ``param_groups``, ``add_param_group``, ``zero_grad``, ``state_dict`` and
-scheduler hooks are torch's own. ``step`` is ours, and ``load_state_dict`` keeps the
-optimizer states in their own dtype (torch casts them to the param's).
+scheduler hooks are torch's own. ``step`` is ours, and ``load_state_dict`` checks the
+states against the params and keeps them in their own dtype (torch casts them to the
+param's).
+
+Safety: a kernel dereferences only addresses of tensors that ``step`` confirmed for this
+launch (same object, address, element count and dtype as when their table row was
+built), or of buffers the optimizer owns. Every group is validated before the first
+write, so a bad group leaves every param, state and step count as it was.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -22,6 +29,14 @@ from ..kernels.optim import Precision, StepControl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"
+#: state entries with one value per param element (torch's names, and the fp32 master)
+ELEMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", MASTER_KEY)
+#: the option that makes each optional state entry exist, for error messages
+_NEEDED_BY = {"max_exp_avg_sq": "amsgrad=True", "momentum_buffer": "momentum > 0", "grad_avg": "centered=True"}
+#: mechgpu's options and their defaults: what pickling keeps beside torch's own state
+_OPTION_DEFAULTS = {"max_grad_norm": None, "skip_nonfinite": False, "master_weights": False,
+                    "state_dtype": torch.float32, "stochastic_rounding": False, "_rounding_seed": 0,
+                    "track_update_norm": False}
 
 
 def _warn_cpu_fallback(name: str) -> None:
@@ -35,6 +50,13 @@ def _warn_cpu_fallback(name: str) -> None:
     )
 
 
+class StateKeyError(KeyError):
+    """A param's optimizer state lacks an entry its group's options need (torch raises KeyError too)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class _Bucket:
     """One launch: the tensors of a group with one dtype and one alignment."""
 
@@ -44,59 +66,103 @@ class _Bucket:
         self.plan, self.dtype, self.aligned, self.precision, self.indices = plan, dtype, aligned, precision, indices
 
 
-class _GroupCache:
-    """A param group's launches, kept while its params and states stay where they are.
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_dtype_of = operator.attrgetter("dtype")
+_deref = weakref.ref.__call__
 
-    A step whose grads are the very same tensors at the same addresses launches straight
-    away; new grad tensors (zero_grad(set_to_none=True)) only have their checks redone and
-    their table column uploaded. Anything else (another param set, a param moved, a grad
-    that lost 16-byte alignment) rebuilds the cache.
+
+def _where(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], list[torch.dtype]]:
+    """What a launch relies on for each tensor: its address, its element count and its dtype."""
+    return list(map(_data_ptr, tensors)), list(map(_numel, tensors)), list(map(_dtype_of, tensors))
+
+
+def _locals(tensors: list[torch.Tensor], plain: bool) -> list[torch.Tensor]:
+    return tensors if plain else [_local(t) for t in tensors]
+
+
+class _GroupCache:
+    """A param group's launches, and every tensor whose address they dereference.
+
+    The cache is an optimisation, never the source of truth: before each step
+    ``confirm`` re-reads the group's params, grads and ``optimizer.state`` and checks
+    that every tensor in the table is the same object, at the same address, with the same
+    element count and dtype as when its row was built (one C-level pass per list, no
+    per-tensor Python). Anything else (state cleared or replaced, ``.data`` swapped, an
+    option that adds or drops a state, another param set) makes the step rebuild, which
+    validates first. New grad tensors with their param's dtype, shape and strides only
+    re-point the grad column. Grads and states are held by weak reference, so a cache
+    keeps no memory alive that the user has released.
     """
 
-    def __init__(self, params: list[torch.Tensor], buckets: list[_Bucket]) -> None:
+    def __init__(self, signature: tuple, params: list[torch.Tensor], grads: list[torch.Tensor],
+                 keys: list[tuple[str, ...]], states: list[torch.Tensor], counters: list[torch.Tensor] | None,
+                 buckets: list[_Bucket]) -> None:
+        self.signature = signature
         self.params = params
-        self.buckets = buckets
-        self.plain = all(type(p) in PLAIN_TENSORS and type(p.grad) in PLAIN_TENSORS for p in params)
-        self.grads = [p.grad for p in params]
-        self.param_ptrs = self._pointers(params)
-        self.grad_ptrs = self._pointers(self.grads)
+        self.plain = all(type(t) in PLAIN_TENSORS for t in (*params, *grads, *states))
+        self.param_where = _where(_locals(params, self.plain))
+        self.keys = keys  # per param, the state entries its row points at
+        self.state_refs = [weakref.ref(t) for t in states]
+        self.state_where = _where(_locals(states, self.plain))
+        self.counters = counters  # the optimizer's own step counters (SGD), or None
         self.meta = [(p.dtype, _local(p).shape, _local(p).stride(), _local(p).get_device()) for p in params]
+        self.buckets = buckets
+        self.grad_refs = [weakref.ref(g) for g in grads]
+        self.grad_where = _where(_locals(grads, self.plain))
+        self.pending_grads: list[int] | None = None  # grad addresses confirmed but not yet uploaded
 
-    def _pointers(self, tensors: list[torch.Tensor]) -> list[int]:
-        if self.plain:
-            return list(map(torch.Tensor.data_ptr, tensors))
-        return [_local(t).data_ptr() for t in tensors]
-
-    def _same_params(self, params: list[torch.Tensor]) -> bool:
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and self._pointers(params) == self.param_ptrs)
-
-    def serves(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
-        """Same params and the same grad tensors, all where they were: launch as is."""
-        return (self._same_params(params) and all(map(operator.is_, grads, self.grads))
-                and self._pointers(grads) == self.grad_ptrs)
-
-    def takes_new_grads(self, optimizer, group_index, group, params, grads) -> bool:
-        """Same params, new grads: check them and point the grad column at them, if that is all."""
-        if not self._same_params(params):
+    def confirm(self, optimizer: FusedOptimizer, signature: tuple, params: list[torch.Tensor],
+                grads: list[torch.Tensor]) -> bool:
+        """True when this step can launch from the cache. Writes nothing but the cache itself."""
+        try:
+            return self._confirm(optimizer, signature, params, grads)
+        except RuntimeError:  # e.g. a tensor without storage (sparse, meta): the full checks say what
             return False
-        strided = torch.strided
-        for g, (dtype, shape, stride, device) in zip(grads, self.meta):
-            local = g if self.plain else _local(g)
-            if (local.layout is not strided or local.dtype is not dtype or local.shape != shape
-                    or local.stride() != stride or local.get_device() != device):
-                optimizer._check_group(group_index, group, params)  # raises with the details
+
+    def _confirm(self, optimizer, signature, params, grads) -> bool:
+        if (signature != self.signature or len(params) != len(self.params)
+                or not all(map(operator.is_, params, self.params))):
+            return False
+        plain = self.plain
+        if _where(_locals(params, plain)) != self.param_where:
+            return False
+        state = optimizer.state
+        try:
+            states = [entry[key] for entry, keys in zip(map(state.__getitem__, params), self.keys) for key in keys]
+        except (KeyError, TypeError):
+            return False
+        if (not all(map(operator.is_, states, map(_deref, self.state_refs)))
+                or _where(_locals(states, plain)) != self.state_where):
+            return False
+        if self.counters is not None:
+            counters = optimizer.__dict__.get("_sgd_steps", {})
+            if not all(map(operator.is_, map(counters.get, params), self.counters)):
                 return False
-        grad_ptrs = self._pointers(grads)
+        local_grads = _locals(grads, plain)
+        if all(map(operator.is_, grads, map(_deref, self.grad_refs))):
+            return _where(local_grads) == self.grad_where
+        strided = torch.strided  # new grads: each must fit its param as the rows assume
+        for g, (dtype, shape, stride, device) in zip(local_grads, self.meta):
+            if (g.layout is not strided or g.dtype is not dtype or g.shape != shape
+                    or g.stride() != stride or g.get_device() != device):
+                return False
+        where = _where(local_grads)
+        ptrs = where[0]
         for bucket in self.buckets:
-            if bucket.aligned and any(grad_ptrs[i] % 16 for i in bucket.indices):
+            if bucket.aligned and any(ptrs[i] % 16 for i in bucket.indices):
                 return False
-        self.grads, self.grad_ptrs = grads, grad_ptrs
+        self.grad_refs = [weakref.ref(g) for g in grads]
+        self.grad_where = where
+        self.pending_grads = ptrs
         return True
 
-    def launch_tables(self, bucket: _Bucket) -> None:
-        """Point bucket's table at this step's grads (an upload only if they moved)."""
-        bucket.plan.set_column(COL_GRAD, [self.grad_ptrs[i] for i in bucket.indices])
+    def upload_grads(self) -> None:
+        """Point the tables at the grads ``confirm`` accepted (an upload only if they moved)."""
+        if self.pending_grads is not None:
+            for bucket in self.buckets:
+                bucket.plan.set_column(COL_GRAD, [self.pending_grads[i] for i in bucket.indices])
+            self.pending_grads = None
 
 
 class FusedOptimizer:
@@ -119,6 +185,13 @@ class FusedOptimizer:
     * ``track_update_norm``: each kernel program adds its block's sum of squared updates
       to a device scalar, so ``last_update_norm`` (||p_after - p_before|| over every param
       the step updated, in fp32 master space where there are masters) costs no extra pass.
+
+    State follows torch: an empty state is created on a param's first step; a state that
+    lacks an entry its options need (amsgrad, centered or RMSprop momentum switched on
+    after a step) raises ``StateKeyError`` (a KeyError, as in torch) before anything is
+    written; SGD creates a missing momentum buffer from the grad, as torch does. A state
+    entry replaced by the user is used from the next step on; one of another dtype,
+    device or layout is copied into a new tensor of the state's dtype on p's device.
     """
 
     _torch_name = ""
@@ -126,6 +199,10 @@ class FusedOptimizer:
 
     def _state_keys(self, group: dict) -> tuple[str | None, ...]:
         raise NotImplementedError
+
+    def _required_keys(self, group: dict) -> tuple[str, ...]:
+        """Entries a started state must have (torch raises KeyError without them)."""
+        return ("step", *(k for k in self._state_keys(group) if k is not None))
 
     def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool,
                 control: StepControl, precision: Precision) -> None:
@@ -148,9 +225,31 @@ class FusedOptimizer:
         self.state_dtype = state_dtype
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
-        self._clip_out: torch.Tensor | None = None
         self.track_update_norm = track_update_norm
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        """Drop every cache and device buffer the optimizer owns; the next step remakes them."""
+        self._clip_out: torch.Tensor | None = None
         self._update_sq: torch.Tensor | None = None
+        self._group_caches: dict[int, _GroupCache] = {}
+        self._norm_plans: dict = {}
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        """torch's state plus mechgpu's options; caches and device buffers are remade."""
+        state = super().__getstate__()
+        for name, default in _OPTION_DEFAULTS.items():
+            state[name] = getattr(self, name, default)
+        if "_sgd_steps" in self.__dict__:
+            state["_sgd_steps"] = self.__dict__["_sgd_steps"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name, default in _OPTION_DEFAULTS.items():
+            self.__dict__.setdefault(name, default)  # an optimizer pickled by an older mechgpu
+        self._reset_buffers()
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -165,7 +264,7 @@ class FusedOptimizer:
         """||p_after - p_before|| of the last step (with track_update_norm), as a device tensor."""
         return None if self._update_sq is None else self._update_sq.sqrt().float()
 
-    # ------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ validation
     def _error(self, message: str, exc=RuntimeError):
         return exc(f"mechgpu.optim.{self._torch_name}: {message}")
 
@@ -173,7 +272,7 @@ class FusedOptimizer:
         return f"mechgpu.optim.{self._torch_name} does not support sparse gradients"
 
     def _check_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
-        """Every check that can fail, before anything is written."""
+        """Every check of params and grads that can fail, before anything is written."""
         device = _local(params[0]).device
         for i, param in enumerate(params):
             p, g = _local(param), _local(param.grad)
@@ -203,6 +302,27 @@ class FusedOptimizer:
         if isinstance(lr, torch.Tensor) and lr.device != device and lr.device.type != "cpu":
             raise self._error(f"group {group_index}'s tensor lr is on {lr.device}, its params on {device}")
 
+    def _check_state(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
+        """Every check of the params' existing states, before anything is written."""
+        required = self._required_keys(group)
+        for i, p in enumerate(params):
+            state = self.state.get(p)
+            if not state:
+                continue  # made on this step, as torch does
+            where = f"param {i} of group {group_index}"
+            for key in required:
+                if key not in state:
+                    reason = f", which {_NEEDED_BY[key]} needs" if key in _NEEDED_BY else ""
+                    raise StateKeyError(
+                        f"mechgpu.optim.{self._torch_name}: the state of {where} has no {key!r}{reason} "
+                        f"(torch.optim.{self._torch_name} raises KeyError here too). Options that add a "
+                        "state entry can only be switched on before a param's first step, or after "
+                        "clearing its state (optimizer.state[p].clear())")
+            problem = _state_problem(state, p, local=True)
+            if problem is not None:
+                raise self._error(f"the state of {where} does not fit it: {problem}")
+
+    # ------------------------------------------------------------------ state
     def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 device scalar the kernel counts p's steps in (torch's state['step'])."""
         state = self.state[p]
@@ -211,8 +331,8 @@ class FusedOptimizer:
             step = torch.zeros((), dtype=torch.float32, device=_local(p).device)
         elif not torch.is_tensor(step):
             step = torch.tensor(float(step), dtype=torch.float32, device=_local(p).device)
-        elif step.device != _local(p).device or step.dtype != torch.float32:
-            step = step.to(device=_local(p).device, dtype=torch.float32)
+        elif step.device != _local(p).device or step.dtype != torch.float32 or step.dim() != 0:
+            step = step.to(device=_local(p).device, dtype=torch.float32).reshape(())
         state["step"] = step
         return step
 
@@ -220,7 +340,7 @@ class FusedOptimizer:
         return self.master_weights and p.dtype != torch.float32
 
     def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
-        """Create or repair p's state for the kernel (state dtype, step on p's device)."""
+        """Create p's state, or repair it for the kernel (state dtype, p's device and layout)."""
         self._step_counter(p)  # first, so the state's keys come in torch's order
         state = self.state[p]
         local = _local(p)
@@ -234,9 +354,29 @@ class FusedOptimizer:
                   or _local(buf).stride() != local.stride()):
                 fixed = torch.empty_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
                 state[key] = fixed.copy_(buf)
-        if self._uses_master(p) and MASTER_KEY not in state:
-            state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32,
-                                                 memory_format=torch.preserve_format).copy_(p)
+        if self._uses_master(p):
+            master = state.get(MASTER_KEY)
+            if master is None:
+                state[MASTER_KEY] = torch.empty_like(p, dtype=torch.float32,
+                                                     memory_format=torch.preserve_format).copy_(p)
+            elif (master.dtype != torch.float32 or _local(master).device != local.device
+                  or _local(master).stride() != local.stride()):
+                fixed = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state[MASTER_KEY] = fixed.copy_(master)
+
+    def _kernel_keys(self, p: torch.Tensor, group: dict) -> tuple[str, ...]:
+        """The state entries of p whose addresses its table row holds."""
+        keys = ("step", *(k for k in self._state_keys(group) if k is not None))
+        return (*keys, MASTER_KEY) if self._uses_master(p) else keys
+
+    def _own_counters(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Step counters the optimizer keeps outside ``state`` (SGD), or None."""
+        return None
+
+    def _signature(self, group: dict) -> tuple:
+        """Everything besides the tensors that decides a group's table rows and kernels."""
+        return (self._state_keys(group), self.state_dtype, self.master_weights, self.stochastic_rounding,
+                self._rounding_seed)
 
     def _hyper(self, value, device: torch.device):
         """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float."""
@@ -244,48 +384,58 @@ class FusedOptimizer:
             return float(value)  # a CPU tensor: no device synchronisation
         return value
 
-    # ------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One optimisation step: one kernel launch per (param group, dtype), plus one norm
-        launch with ``max_grad_norm``. Never synchronises with the host."""
+        launch with ``max_grad_norm``. Never synchronises with the host.
+
+        Every group is checked before the first write: a step that raises has changed no
+        param, state or step count.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        work = []
-        fallback_groups = []
+        # 1. confirm or validate every group; nothing is written
+        work, fallback_groups = [], []
+        caches = self._group_caches
         for group_index, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    params.append(p)
-                    grads.append(g)
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            cache = self._group_caches.get(group_index)
-            if cache is not None and cache.serves(params, grads):
+            grads = [p.grad for p in params]
+            cache = caches.get(group_index)
+            if cache is not None and cache.confirm(self, self._signature(group), params, grads):
                 work.append((group_index, group, params, cache))
                 continue
-            if cache is not None and not cache.takes_new_grads(self, group_index, group, params, grads):
-                cache = None
-            if cache is None:
-                self._check_group(group_index, group, params)
-                if not kernels_run_on(_local(params[0]).device):
-                    fallback_groups.append(group)
-                    continue
-            work.append((group_index, group, params, cache))
+            self._check_group(group_index, group, params)
+            self._check_state(group_index, group, params)
+            if kernels_run_on(_local(params[0]).device):
+                work.append((group_index, group, params, None))
+            else:
+                fallback_groups.append(group)
         devices = {_local(params[0]).device for _, _, params, _ in work}
         if self.max_grad_norm is not None and len(devices) > 1:
             raise self._error(f"max_grad_norm needs all params on one device; they are on {sorted(map(str, devices))}")
 
+        # 2. write: states made or repaired, tables built or re-pointed, then the launches
+        update_sq = None
+        if self.track_update_norm and (work or fallback_groups):
+            first = work[0][2][0] if work else next(p for g in fallback_groups for p in g["params"]
+                                                     if p.grad is not None)
+            update_sq = self._update_norm_buffer(_local(first).device)
         if fallback_groups:
             _warn_cpu_fallback(self._torch_name)
-            self._torch_step(fallback_groups)
+            self._torch_step(fallback_groups, update_sq)
         if not work:
             return loss
+        for index, (group_index, group, params, cache) in enumerate(work):
+            if cache is None:
+                cache = caches[group_index] = self._build_cache(group_index, group, params)
+                work[index] = (group_index, group, params, cache)
+            cache.upload_grads()
 
         device = devices.pop()
         control = StepControl(grad_scale=self._amp_tensor("grad_scale", device),
@@ -296,22 +446,23 @@ class FusedOptimizer:
             if self._clip_out is None or self._clip_out.device != device:
                 self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
             grads = [p.grad for _, _, params, _ in work for p in params]
-            total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale)
+            total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale,
+                            plans=self._norm_plans)
             control.clip = self._clip_out
             control.skip_nonfinite = self.skip_nonfinite
-        if self.track_update_norm:
-            if self._update_sq is None or self._update_sq.device != device:
-                self._update_sq = torch.zeros((), dtype=torch.float64, device=device)
-            else:
-                self._update_sq.zero_()
-            control.update_sq = self._update_sq
-        for group_index, group, params, cache in work:
-            if cache is None:
-                cache = self._group_caches[group_index] = self._build_cache(group_index, group, params)
+        control.update_sq = update_sq  # on the kernels' device, when there are kernels to launch
+        for _, group, _, cache in work:
             for bucket in cache.buckets:
-                cache.launch_tables(bucket)
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
         return loss
+
+    def _update_norm_buffer(self, device: torch.device) -> torch.Tensor:
+        """The fp64 scalar this step's squared update norm is summed into, zeroed."""
+        if self._update_sq is None or self._update_sq.device != device:
+            self._update_sq = torch.zeros((), dtype=torch.float64, device=device)
+        else:
+            self._update_sq.zero_()
+        return self._update_sq
 
     def _amp_tensor(self, name: str, device: torch.device) -> torch.Tensor | None:
         value = getattr(self, name, None)  # set by torch.amp.GradScaler.step
@@ -319,26 +470,27 @@ class FusedOptimizer:
             return None
         return value.to(device=device, dtype=torch.float32, non_blocking=True)
 
-    @property
-    def _group_caches(self) -> dict:
-        return self.__dict__.setdefault("_mechgpu_group_caches", {})
-
     def _build_cache(self, group_index: int, group: dict, params: list[torch.Tensor]) -> _GroupCache:
         """States made or repaired, params sorted into (dtype, alignment) buckets, tables built."""
-        keys = self._state_keys(group)
+        state_keys = self._state_keys(group)
         by_bucket: dict[tuple[torch.dtype, bool], list[int]] = {}
-        rows = []
+        rows, keys, states = [], [], []
         for index, p in enumerate(params):
             self._ensure_state(p, group)
             state = self.state[p]
+            step = self._step_counter(p)
             local = _local(p)
             ptrs = [local.data_ptr(), _local(p.grad).data_ptr()]
-            ptrs += [_local(state[k]).data_ptr() if k is not None else 0 for k in keys]
+            ptrs += [_local(state[k]).data_ptr() if k is not None else 0 for k in state_keys]
             master = _local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0
             aligned = all(ptr % 16 == 0 for ptr in ptrs) and master % 16 == 0
             ptrs += [0] * (5 - len(ptrs))
-            rows.append(ptrs + [self._step_counter(p).data_ptr(), local.numel(), master])
+            rows.append(ptrs + [step.data_ptr(), local.numel(), master])
             by_bucket.setdefault((p.dtype, aligned), []).append(index)
+            kernel_keys = self._kernel_keys(p, group)
+            keys.append(kernel_keys)
+            states += [state[k] for k in kernel_keys]
+        counters = self._own_counters(params)
 
         device = _local(params[0]).device
         old = self._group_caches.get(group_index)
@@ -354,27 +506,29 @@ class FusedOptimizer:
                                   seed=self._rounding_seed)
             plan.set_rows([rows[i] for i in indices])
             buckets.append(_Bucket(plan, dtype, aligned, precision, indices))
-        return _GroupCache(params, buckets)
+        return _GroupCache(self._signature(group), params, [p.grad for p in params], keys, states, counters,
+                           buckets)
 
-    def _torch_step(self, groups: list[dict]) -> None:
+    def _torch_step(self, groups: list[dict], update_sq: torch.Tensor | None) -> None:
         """torch.optim's own step, for CPU params when the kernels cannot run there."""
         torch_cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
         fn = torch_cls.step
         if getattr(fn, "hooked", False):  # torch's profiling/hook wrapper: our own step already ran the hooks
             fn = fn.__wrapped__
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        amp = {name: self.__dict__[name] for name in ("grad_scale", "found_inf") if name in self.__dict__}
+        grad_scale, found_inf = amp.get("grad_scale"), amp.get("found_inf")
         if found_inf is not None and found_inf.item():  # GradScaler found inf/NaN: skip, like fused torch
             return
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
         if grad_scale is not None:
-            for grad in grads:
-                grad.div_(grad_scale.to(grad.device))
+            for p in params:
+                p.grad.div_(grad_scale.to(p.grad.device))
         if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(grads and [p for g in groups for p in g["params"]],
-                                                  self.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self._clip_out = torch.stack([norm.float(), torch.ones_like(norm, dtype=torch.float32)])
             if self.skip_nonfinite and not torch.isfinite(norm):
                 return
+        before = [p.detach().clone() for p in params] if update_sq is not None else None
         saved_groups = self.param_groups
         saved_capturable = [g.get("capturable") for g in groups]
         try:
@@ -382,23 +536,29 @@ class FusedOptimizer:
             for g in groups:
                 if "capturable" in g:
                     g["capturable"] = False  # torch's capturable path rejects CPU tensors
-            for name in ("grad_scale", "found_inf"):
-                self.__dict__.pop(name, None)
+            for name in amp:
+                del self.__dict__[name]  # torch's own step must not apply them again
             fn(self)
         finally:
             self.param_groups = saved_groups
             for g, c in zip(groups, saved_capturable):
                 if c is not None:
                     g["capturable"] = c
-            if grad_scale is not None:
-                self.grad_scale, self.found_inf = grad_scale, found_inf
+            self.__dict__.update(amp)  # GradScaler deletes them after the step
+        if before is not None:
+            squares = sum(((p.detach() - b).double().square().sum() for p, b in zip(params, before)),
+                          torch.zeros((), dtype=torch.float64))
+            update_sq += squares.to(update_sq.device)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict, but states keep their saved dtype (torch casts to the param's)."""
+        """torch's load_state_dict, after checking every state against its param; states keep
+        their saved dtype (torch casts them to the param's)."""
+        check_state_dict(self, state_dict)
         saved_state = state_dict["state"]
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)
-        self._group_caches.clear()  # state tensors were replaced
+        self._reset_buffers()
+        self.__dict__.pop("_sgd_steps", None)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
@@ -406,6 +566,60 @@ class FusedOptimizer:
             for key, value in saved_state[saved_id].items():
                 if key != "step" and torch.is_tensor(value) and value.dtype != p.dtype:
                     self.state[p][key] = value.to(device=_local(p).device)
+
+
+def _state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
+    """Why ``state`` cannot serve param ``p``, or None. With ``local``, DTensors (FSDP2) are
+    compared by their local shards (the optimizer's view), otherwise by their global shapes
+    (a state_dict's)."""
+    shape = _local(p).shape if local else p.shape
+    for key, value in state.items():
+        if key == "step":
+            if torch.is_tensor(value):
+                if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                    return f"'step' must be a number or a one-element real tensor, not {value.dtype} {tuple(value.shape)}"
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"'step' must be a number or a one-element real tensor, not {type(value).__name__}"
+        elif key in ELEMENT_KEYS:
+            if not torch.is_tensor(value):
+                return f"{key!r} is a {type(value).__name__}, not a tensor"
+            if not value.is_floating_point():
+                return f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor"
+            value_shape = _local(value).shape if local else value.shape
+            if value_shape != shape:
+                return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(shape)}"
+    return None
+
+
+def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Check that ``state_dict`` fits ``optimizer``'s params; raise ValueError naming the param.
+
+    Works for any torch optimizer and changes nothing. The group checks and their messages
+    are torch's; mechgpu adds the per-param ones: every per-element state (``exp_avg``,
+    ``momentum_buffer``, ...) must be a floating-point tensor of its param's shape, and
+    ``step`` a number or one-element tensor.
+    """
+    try:
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    except (KeyError, TypeError):
+        raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'") from None
+    groups = optimizer.param_groups
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+        for i, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
+            entry = saved_state.get(saved_id)
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(f"loaded state dict: the state of param {i} of group {group_index} is a "
+                                 f"{type(entry).__name__}, not a dict")
+            problem = _state_problem(entry, p, local=False)
+            if problem is not None:
+                raise ValueError(f"loaded state dict does not fit param {i} of group {group_index} "
+                                 f"(shape {tuple(p.shape)}): {problem}")
 
 
 def reject_differentiable(name: str, differentiable: bool) -> None:
