@@ -1,0 +1,487 @@
+"""Memory safety of the fused optimizers under every torch-legal use, against torch.optim.
+
+Users clear state, replace state tensors, swap ``.data``, switch options on from a
+scheduler, load old checkpoints, deepcopy and pickle. After each mutation mechgpu must
+give torch's results where torch works, and where torch raises it must raise a clear
+error with every param, state and step count bit-for-bit unchanged. The kernels read raw
+addresses from cached tables, so a missed mutation is a wild write: every case runs in a
+child process, so a segfault or heap corruption fails the test instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import multiprocessing
+import pickle
+import traceback
+from collections import defaultdict
+
+import pytest
+import torch
+from conftest import HAS_CUDA, KERNEL_DEVICE
+
+import mechgpu.optim as mo
+
+CHILD_TIMEOUT_S = 600
+
+
+def _child(conn, fn, args):
+    torch.set_num_threads(1)
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        conn.send(("error", traceback.format_exc()))
+    conn.close()
+
+
+def isolated(fn, *args):
+    """fn(*args) in a child process (forked on CPU, spawned with CUDA); its result, or a
+    failed test that names a crash by its exit code."""
+    ctx = multiprocessing.get_context("spawn" if HAS_CUDA else "fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(sender, fn, args))
+    proc.start()
+    sender.close()
+    message = None
+    try:
+        if receiver.poll(CHILD_TIMEOUT_S):
+            message = receiver.recv()
+    except EOFError:  # the child died without answering
+        pass
+    proc.join(30)
+    if message is None:
+        proc.kill()
+        proc.join(30)
+        pytest.fail(f"the child process died with exit code {proc.exitcode} (a negative code is a signal: "
+                    "-11 is a segfault, -6 an abort such as heap corruption) or timed out")
+    status, value = message
+    if status == "error":
+        pytest.fail("in the child process:\n" + value)
+    if proc.exitcode not in (0, None):
+        pytest.fail(f"the child process exited with code {proc.exitcode} after answering")
+    return value
+
+
+# ----------------------------------------------------------------------------------
+# a pair of optimizers, mechgpu's and torch's, stepped alike
+# ----------------------------------------------------------------------------------
+SIZES = ((0, 1, 3, 1000), (4097, 5))  # two groups: empty, tiny, odd, more than one block
+CONFIGS = {
+    "Adam": ("Adam", {"weight_decay": 0.1}),
+    "Adam-amsgrad": ("Adam", {"amsgrad": True}),
+    "AdamW": ("AdamW", {"weight_decay": 0.3}),
+    "RMSprop": ("RMSprop", {"alpha": 0.9}),
+    "RMSprop-centered-momentum": ("RMSprop", {"centered": True, "momentum": 0.5}),
+    "SGD": ("SGD", {}),
+    "SGD-momentum": ("SGD", {"momentum": 0.9, "nesterov": True}),
+}
+LR = {"Adam": 1e-2, "AdamW": 1e-2, "RMSprop": 1e-3, "SGD": 1e-2}
+
+
+class Pair:
+    """mechgpu's optimizer and torch's twin over equal params, in two groups."""
+
+    def __init__(self, config: str, seed: int = 0, **mechgpu_options) -> None:
+        self.name, self.opts = CONFIGS[config]
+        gen = torch.Generator().manual_seed(seed)
+        self.gen = gen
+        self.ours_p = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for g in SIZES for n in g]
+        self.ref_p = [p.detach().clone().requires_grad_() for p in self.ours_p]
+        self.ours = getattr(mo, self.name)(self._groups(self.ours_p), lr=LR[self.name], **self.opts,
+                                           **mechgpu_options)
+        self.ref = getattr(torch.optim, self.name)(self._groups(self.ref_p), lr=LR[self.name], **self.opts)
+        self.steps = 0
+
+    def _groups(self, params):
+        k = len(SIZES[0])
+        return [{"params": params[:k]}, {"params": params[k:], "lr": LR[self.name] * 0.5}]
+
+    def grads(self):
+        """New grad tensors on even steps, the same grad tensors refilled on odd ones."""
+        for a, b in zip(self.ours_p, self.ref_p):
+            g = torch.randn(a.shape, generator=self.gen).to(KERNEL_DEVICE)
+            if self.steps % 2 == 0 or a.grad is None:
+                a.grad, b.grad = g.clone(), g.clone()
+            else:
+                a.grad.copy_(g)
+                b.grad.copy_(g)
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.grads()
+            self.ours.step()
+            self.ref.step()
+            self.steps += 1
+
+    def both(self, mutate) -> None:
+        mutate(self.ours, self.ours_p)
+        mutate(self.ref, self.ref_p)
+
+    def assert_close(self) -> None:
+        for i, (a, b) in enumerate(zip(self.ours_p, self.ref_p)):
+            torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, i=i: f"param {i}: {m}")
+        for i, (a, b) in enumerate(zip(self.ours_p, self.ref_p)):
+            s_ours, s_ref = self.ours.state.get(a, {}), self.ref.state.get(b, {})
+            assert set(s_ref) <= set(s_ours), (i, set(s_ours), set(s_ref))
+            for key, expected in s_ref.items():
+                expected = expected.detach().cpu().float()
+                atol = 1e-6 * expected.abs().max().item() if expected.numel() else 0.0
+                torch.testing.assert_close(s_ours[key].detach().cpu().float(), expected, rtol=1e-5, atol=atol,
+                                           msg=lambda m, i=i, k=key: f"state {k} of param {i}: {m}")
+
+
+def snapshot(opt, params):
+    """Everything a step may write: params, every state entry, SGD's own step counters."""
+    states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()} for p in params]
+    counters = {id(p): c.clone() for p, c in opt.__dict__.get("_sgd_steps", {}).items()}
+    return [p.detach().clone() for p in params], states, counters
+
+
+def assert_unchanged(before, opt, params):
+    old_params, old_states, old_counters = before
+    now_params, now_states, now_counters = snapshot(opt, params)
+    for i, (a, b) in enumerate(zip(old_params, now_params)):
+        assert a.shape == b.shape and torch.equal(a, b), f"param {i} was written"
+    for i, (a, b) in enumerate(zip(old_states, now_states)):
+        assert set(a) == set(b), f"state of param {i}: {set(a)} became {set(b)}"
+        for key in a:
+            same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+            assert same, f"state {key} of param {i} was written"
+    assert old_counters.keys() == now_counters.keys()
+    assert all(torch.equal(old_counters[k], now_counters[k]) for k in old_counters)
+
+
+# ----------------------------------------------------------------------------------
+# mutations torch allows: mechgpu must then match torch
+# ----------------------------------------------------------------------------------
+def _first_key(opt, p):
+    """The first per-element entry of p's state, or None when p has none yet."""
+    return next((k for k in opt.state.get(p, {}) if k != "step"), None)
+
+
+def state_cleared(opt, params):
+    opt.state.clear()
+
+
+def state_dict_replaced(opt, params):
+    opt.state = defaultdict(dict)
+
+
+def one_state_cleared(opt, params):
+    opt.state[params[4]].clear()
+
+
+def state_tensor_replaced(opt, params):
+    for p in params[1::2]:
+        if _first_key(opt, p) is not None:
+            opt.state[p][_first_key(opt, p)] = torch.full_like(p, 0.25)
+
+
+def step_replaced(opt, params):
+    for p in params[1:]:
+        if opt.state.get(p):
+            opt.state[p]["step"] = torch.tensor(100.0)
+
+
+def state_data_swapped(opt, params):
+    for p in params[3:5]:
+        if _first_key(opt, p) is not None:
+            opt.state[p][_first_key(opt, p)].data = torch.full_like(p, 0.5)
+
+
+def param_data_swapped(opt, params):
+    for p in params[2:5]:
+        p.data = p.data.clone()
+
+
+def grads_set_to_none(opt, params):
+    opt.zero_grad(set_to_none=True)
+
+
+def torch_state_dict_loaded(opt, params):
+    """Both load the torch optimizer's state_dict (a torch.save round trip)."""
+    buffer = io.BytesIO()
+    torch.save(_REF_STATE["sd"], buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer))
+
+
+_REF_STATE: dict = {}
+
+
+def option_flipped(key, value):
+    def mutate(opt, params):
+        for group in opt.param_groups:
+            group[key] = value
+    mutate.__name__ = f"{key}={value}"
+    return mutate
+
+
+def param_group_added(opt, params):
+    extra = _EXTRA[id(params)]
+    opt.add_param_group({"params": extra, "lr": 3e-3})
+    params.extend(extra)
+
+
+_EXTRA: dict = {}
+
+LEGAL = {  # mutation -> configs it applies to (None: all)
+    "state_cleared": (state_cleared, None),
+    "state_dict_replaced": (state_dict_replaced, None),
+    "one_state_cleared": (one_state_cleared, None),
+    "state_tensor_replaced": (state_tensor_replaced, ["Adam", "Adam-amsgrad", "AdamW", "RMSprop",
+                                                       "RMSprop-centered-momentum", "SGD-momentum"]),
+    "step_replaced": (step_replaced, ["Adam", "AdamW", "RMSprop"]),
+    "state_data_swapped": (state_data_swapped, ["Adam", "RMSprop-centered-momentum", "SGD-momentum"]),
+    "param_data_swapped": (param_data_swapped, None),
+    "grads_set_to_none": (grads_set_to_none, None),
+    "torch_state_dict_loaded": (torch_state_dict_loaded, None),
+    "momentum_on": (option_flipped("momentum", 0.9), ["SGD"]),
+    "momentum_off": (option_flipped("momentum", 0.0), ["SGD-momentum", "RMSprop-centered-momentum"]),
+    "amsgrad_off": (option_flipped("amsgrad", False), ["Adam-amsgrad"]),
+    "centered_off": (option_flipped("centered", False), ["RMSprop-centered-momentum"]),
+    "nesterov_off": (option_flipped("nesterov", False), ["SGD-momentum"]),
+    "param_group_added": (param_group_added, ["Adam", "RMSprop", "SGD-momentum"]),
+}
+LEGAL_CASES = [(m, c) for m, (_, configs) in LEGAL.items() for c in (configs or CONFIGS)]
+
+
+def run_legal(mutation: str, config: str) -> str:
+    pair = Pair(config)
+    pair.step(2)
+    mutate = LEGAL[mutation][0]
+    if mutation == "torch_state_dict_loaded":
+        _REF_STATE["sd"] = pair.ref.state_dict()
+    if mutation == "param_group_added":
+        gen = torch.Generator().manual_seed(9)
+        extra = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (17, 600)]
+        _EXTRA[id(pair.ours_p)] = extra
+        _EXTRA[id(pair.ref_p)] = [p.detach().clone().requires_grad_() for p in extra]
+    pair.both(mutate)
+    pair.step(3)
+    pair.assert_close()
+    return "ok"
+
+
+@pytest.mark.parametrize("mutation,config", LEGAL_CASES, ids=[f"{m}-{c}" for m, c in LEGAL_CASES])
+def test_legal_mutation_matches_torch(mutation, config):
+    assert isolated(run_legal, mutation, config) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# mutations torch rejects: mechgpu raises a clear error and writes nothing
+# ----------------------------------------------------------------------------------
+def _bad_shape(opt, params):
+    p = params[5]
+    opt.state[p][_first_key(opt, p)] = torch.zeros(3, device=p.device)
+
+
+def _bad_step(opt, params):
+    opt.state[params[5]]["step"] = torch.zeros(3)
+
+
+def _not_a_tensor(opt, params):
+    p = params[5]
+    opt.state[p][_first_key(opt, p)] = 0.5
+
+
+def _int_state(opt, params):
+    p = params[5]
+    opt.state[p][_first_key(opt, p)] = torch.zeros(p.shape, dtype=torch.int32, device=p.device)
+
+
+def _param_reshaped(opt, params):
+    p = params[5]  # group 1: group 0 must not be stepped either
+    p.data = torch.randn(7, device=p.device)
+
+
+def _param_view_shrunk(opt, params):
+    p = params[5]
+    p.data = p.data[:2]
+
+
+REJECTED = {  # mutation -> (configs, exception, message)
+    "amsgrad_on": (option_flipped("amsgrad", True), ["Adam", "AdamW"], KeyError,
+                   "has no 'max_exp_avg_sq', which amsgrad=True needs"),
+    "centered_on": (option_flipped("centered", True), ["RMSprop"], KeyError,
+                    "has no 'grad_avg', which centered=True needs"),
+    "rmsprop_momentum_on": (option_flipped("momentum", 0.9), ["RMSprop"], KeyError,
+                            "has no 'momentum_buffer', which momentum > 0 needs"),
+    "state_wrong_shape": (_bad_shape, ["Adam", "RMSprop", "SGD-momentum"], RuntimeError,
+                          r"the state of param 1 of group 1 does not fit it: '\w+' has shape \(3,\), the param \(5,\)"),
+    "step_not_a_scalar": (_bad_step, ["Adam", "RMSprop"], RuntimeError, "'step' must be a number or a one-element"),
+    "state_not_a_tensor": (_not_a_tensor, ["AdamW", "SGD-momentum"], RuntimeError, "is a float, not a tensor"),
+    "state_int_dtype": (_int_state, ["Adam"], RuntimeError, "has dtype torch.int32; it must be a floating-point"),
+    "param_reshaped": (_param_reshaped, None, RuntimeError,
+                       r"the grad of param 1 of group 1 has shape \(5,\), its param \(7,\)"),
+    "param_view_shrunk": (_param_view_shrunk, None, RuntimeError,
+                          r"the grad of param 1 of group 1 has shape \(5,\), its param \(2,\)"),
+}
+REJECTED_CASES = [(m, c) for m, (_, configs, _, _) in REJECTED.items() for c in (configs or CONFIGS)]
+
+
+def run_rejected(mutation: str, config: str) -> str:
+    pair = Pair(config)
+    pair.step(2)
+    mutate, _, exc, message = REJECTED[mutation]
+    pair.grads()
+    mutate(pair.ours, pair.ours_p)
+    before = snapshot(pair.ours, pair.ours_p)
+    with pytest.raises(exc, match=message):
+        pair.ours.step()
+    assert_unchanged(before, pair.ours, pair.ours_p)
+    with pytest.raises(exc, match=message):  # and again: a failed step leaves nothing half-built
+        pair.ours.step()
+    assert_unchanged(before, pair.ours, pair.ours_p)
+    if exc is KeyError:  # torch raises a KeyError as well
+        mutate(pair.ref, pair.ref_p)
+        with pytest.raises(KeyError):
+            pair.ref.step()
+    return "ok"
+
+
+@pytest.mark.parametrize("mutation,config", REJECTED_CASES, ids=[f"{m}-{c}" for m, c in REJECTED_CASES])
+def test_rejected_mutation_raises_and_writes_nothing(mutation, config):
+    assert isolated(run_rejected, mutation, config) == "ok"
+
+
+def run_mismatched_state_dict(config: str) -> str:
+    """A state saved for other sizes is refused at load_state_dict, naming the param."""
+    name, opts = CONFIGS[config]
+    small = [torch.randn(10, device=KERNEL_DEVICE, requires_grad=True)]
+    first = getattr(mo, name)(small, lr=0.1, **opts)
+    small[0].grad = torch.randn_like(small[0])
+    first.step()
+    big = [torch.randn(5000, device=KERNEL_DEVICE, requires_grad=True)]
+    second = getattr(mo, name)(big, lr=0.1, **opts)
+    big[0].grad = torch.randn_like(big[0])
+    second.step()
+    before = snapshot(second, big)
+    groups_before = copy.deepcopy(second.param_groups[0]["lr"])
+    state_dict = first.state_dict()
+    if any(state_dict["state"].values()):  # plain SGD keeps no state to mismatch
+        with pytest.raises(ValueError, match=r"does not fit param 0 of group 0 \(shape \(5000,\)\): '\w+' has "
+                                             r"shape \(10,\), the param \(5000,\)"):
+            second.load_state_dict(state_dict)
+    assert_unchanged(before, second, big)
+    assert second.param_groups[0]["lr"] == groups_before
+    second.step()  # still steps, within bounds
+    with pytest.raises(ValueError, match="different number of parameter groups"):  # torch's own message
+        second.load_state_dict({"state": {}, "param_groups": []})
+    return "ok"
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_mismatched_state_dict_is_refused(config):
+    assert isolated(run_mismatched_state_dict, config) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# random sequences of legal mutations and steps, against torch
+# ----------------------------------------------------------------------------------
+RANDOM_MUTATIONS = ["state_cleared", "one_state_cleared", "state_tensor_replaced", "step_replaced",
+                    "state_data_swapped", "param_data_swapped", "grads_set_to_none", "torch_state_dict_loaded"]
+
+
+def run_random_sequences(config: str, max_examples: int) -> str:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    applicable = [m for m in RANDOM_MUTATIONS if LEGAL[m][1] is None or config in LEGAL[m][1]]
+
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])  # no shrinking:
+    # a failing sequence is at most 8 actions, reported as found
+    @given(st.lists(st.sampled_from(["step", *applicable]), min_size=1, max_size=8), st.integers(0, 2**16))
+    def sequence(actions, seed):
+        pair = Pair(config, seed=seed)
+        pair.step()
+        for action in actions:
+            if action == "step":
+                pair.step()
+                continue
+            if action == "torch_state_dict_loaded":
+                _REF_STATE["sd"] = pair.ref.state_dict()
+            pair.both(LEGAL[action][0])
+        pair.step()
+        pair.assert_close()
+
+    sequence()
+    return "ok"
+
+
+@pytest.mark.parametrize("config", ["Adam-amsgrad", "RMSprop-centered-momentum", "SGD-momentum"])
+def test_random_mutation_sequences_match_torch(config):
+    assert isolated(run_random_sequences, config, 30) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# deepcopy and pickle
+# ----------------------------------------------------------------------------------
+def run_copies(config: str) -> str:
+    name, opts = CONFIGS[config]
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (3, 1000)]
+    opt = getattr(mo, name)(params, lr=LR[name], max_grad_norm=0.5, track_update_norm=True, **opts)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE)
+    opt.step()
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE) for p in params]
+        for o in (opt, *copies):
+            for p, g in zip(o.param_groups[0]["params"], grads):
+                p.grad = g.clone()
+            o.step()
+    for o in copies:
+        assert o is not opt and o.max_grad_norm == 0.5 and o.track_update_norm
+        for a, b in zip(params, o.param_groups[0]["params"]):
+            assert a is not b and torch.equal(a.detach(), b.detach())
+        assert torch.equal(o.last_grad_norm, opt.last_grad_norm)
+        assert torch.equal(o.last_update_norm, opt.last_update_norm)
+        for a, b in zip(params, o.param_groups[0]["params"]):
+            for key, value in opt.state[a].items():
+                assert torch.equal(o.state[b][key], value), key
+    return "ok"
+
+
+@pytest.mark.parametrize("config", ["Adam-amsgrad", "AdamW", "RMSprop-centered-momentum", "SGD-momentum"])
+def test_deepcopy_and_pickle_step_identically(config):
+    assert isolated(run_copies, config) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# bf16 params with fp32 masters: the masters follow torch's fp32 step through mutations
+# ----------------------------------------------------------------------------------
+def run_masters(mutation: str) -> str:
+    gen = torch.Generator().manual_seed(8)
+    values = [torch.randn(n, generator=gen) for n in (1, 1000, 33)]
+    ours_p = [v.to(KERNEL_DEVICE, torch.bfloat16).requires_grad_() for v in values]
+    ref_p = [p.detach().float().requires_grad_() for p in ours_p]  # torch on the bf16 values, in fp32
+    ours = mo.AdamW(ours_p, lr=1e-2, master_weights=True)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2)
+    for step in range(5):
+        if step == 2:
+            LEGAL[mutation][0](ours, ours_p)
+            LEGAL[mutation][0](ref, ref_p)
+            if mutation == "state_cleared":  # ours restarts its masters from the bf16 params: so does torch
+                with torch.no_grad():
+                    for a, b in zip(ours_p, ref_p):
+                        b.copy_(a.float())
+        for a, b in zip(ours_p, ref_p):
+            g = torch.randn(a.shape, generator=gen).to(KERNEL_DEVICE, torch.bfloat16)
+            a.grad, b.grad = g, g.float()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p):
+        master = ours.state[a]["master_param"]
+        torch.testing.assert_close(master.cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.detach(), master.to(torch.bfloat16))
+    return "ok"
+
+
+@pytest.mark.parametrize("mutation", ["state_cleared", "state_tensor_replaced", "param_data_swapped"])
+def test_master_weights_through_mutations(mutation):
+    assert isolated(run_masters, mutation) == "ok"
