@@ -3,12 +3,18 @@ saved-activation meter, bit-identical resume, and the `mechgpu train` / `profile
 
 from __future__ import annotations
 
+import copy
+import io
 import itertools
 import json
 import os
+import pickle
+import random
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -291,6 +297,199 @@ def test_resume_is_bit_identical(tmp_path):
     logged = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert logged["steps"] == 5 and logged["saved_activation_bytes"] > 0
     assert (tmp_path / "a" / "train_log.csv").read_text().count("\n") == 6
+
+
+def _small_trainer(hidden=(16, 16), seed=0):
+    """A Net with a mechgpu AdamW and a scheduler, after one step (so the optimizer has state)."""
+    import mechgpu.optim as mo
+
+    torch.manual_seed(seed)
+    model = Net(hidden=hidden)
+    opt = mo.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = Trainer(model, TokenLoss(), opt, scheduler=sched, accum_steps=2, warmup_steps=0)
+    trainer.fit(_batches([2, 3], seed=seed, dtype=torch.float32), 1)
+    return trainer
+
+
+def _snapshot(trainer):
+    """Deep copies of everything ``load`` may change."""
+    return copy.deepcopy({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                          "scheduler": trainer.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "counters": (trainer.step, trainer.epoch, trainer.position), "history": trainer.history})
+
+
+def _assert_same(a, b, where="state"):
+    """Bit-for-bit equality of nested dicts/lists/tensors, naming the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_save_load_round_trip_weights_only(tmp_path, monkeypatch):
+    trainer = _small_trainer()
+    np.random.seed(5)
+    random.seed(5)
+    path = tmp_path / "ckpt.pt"
+    trainer.save(path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"], "a temporary file was left behind"
+    if os.name == "posix":
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), "the file should be created as open() would"
+    saved = _snapshot(trainer)
+    draws = (np.random.random(3).tolist(), random.random(), torch.rand(3))
+    raw = torch.load(path, weights_only=True)  # no allow-listed globals needed for this version's files
+    assert isinstance(raw["rng"]["numpy"]["keys"], torch.Tensor)
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    fresh = _small_trainer(hidden=(16, 16), seed=1)  # other weights, other optimizer state
+    np.random.seed(0)
+    random.seed(0)
+    fresh.load(path)
+    assert [k.get("weights_only") for k in loads] == [True]
+    _assert_same(_snapshot(fresh), saved)
+    assert (np.random.random(3).tolist(), random.random()) == draws[:2]
+    assert torch.equal(torch.rand(3), draws[2])
+
+
+class _Payload:
+    """Unpickling this opens (so creates) ``marker`` for writing: arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_crafted_pickle_does_not_execute(tmp_path):
+    trainer = _small_trainer()
+    marker = tmp_path / "pwned"
+    state = trainer.state_dict()
+    state["history"] = [_Payload(marker)]
+    path = tmp_path / "evil.pt"
+    torch.save(state, path)
+    torch.load(path, weights_only=False)["history"][0].close()  # guard: the payload is live
+    assert marker.exists()
+    marker.unlink()
+    before = _snapshot(trainer)
+    with pytest.raises((pickle.UnpicklingError, RuntimeError)):
+        trainer.load(path)
+    assert not marker.exists(), "loading a checkpoint ran code from it"
+    _assert_same(_snapshot(trainer), before)
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    trainer = _small_trainer()
+    path = tmp_path / "ckpt.pt"
+    trainer.save(path)
+    good, saved = path.read_bytes(), _snapshot(trainer)
+    trainer.fit(_batches([2, 3], dtype=torch.float32), 2)  # a later state, which the failed save must not leave
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt.pt"], "a temporary file was left behind"
+    assert path.read_bytes() == good
+    fresh = _small_trainer(seed=1)
+    fresh.load(path)
+    _assert_same(_snapshot(fresh)["model"], saved["model"])
+    _assert_same(_snapshot(fresh)["optimizer"], saved["optimizer"])
+
+
+def _wider_model(state):
+    state.update(_small_trainer(hidden=(16, 24), seed=1).state_dict())
+
+
+def _renamed_key(state):
+    state["model"]["head.weight"] = state["model"].pop("out.weight")
+
+
+def _other_optimizer(state):  # the model fits, the optimizer's state is for other shapes
+    state["optimizer"] = _small_trainer(hidden=(16, 24), seed=1).optimizer.state_dict()
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_wider_model, r"'layers\.1\.up\.weight' has shape \(24, 8\) in the checkpoint but \(16, 8\)"),
+    (_renamed_key, r"missing keys \['out\.weight'\], unexpected keys \['head\.weight'\]"),
+    (_other_optimizer, r"optimizer state does not fit"),
+    (lambda state: state.pop("optimizer"), r"lacks the keys \['optimizer'\]"),
+    (lambda state: state["rng"].update(python=(3, (1, 2), None)), r"python RNG state cannot be restored"),
+], ids=["wider_model", "renamed_key", "other_optimizer", "no_optimizer", "bad_rng"])
+def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, corrupt, message):
+    trainer = _small_trainer()
+    state = _small_trainer(seed=1).state_dict()  # same shapes, other values: a load would show
+    corrupt(state)
+    path = tmp_path / "other.pt"
+    torch.save(state, path)
+    before = _snapshot(trainer)
+    np_before, py_before = np.random.get_state(), random.getstate()
+    with pytest.raises(ValueError, match=r"^Trainer\.load: ") as info:
+        trainer.load(path)
+    assert info.match(message)
+    _assert_same(_snapshot(trainer), before)
+    np_after = np.random.get_state()
+    assert np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:]
+    assert random.getstate() == py_before
+
+
+def _rename_in_zip(path, old: bytes, new: bytes) -> None:
+    """Rewrite a module name inside the pickle of a torch.save zip file."""
+    src = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            dst.writestr(info, data)
+    path.write_bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("numpy_module", ["this", "other"])
+def test_old_checkpoint_with_numpy_rng_array_loads(tmp_path, numpy_module):
+    """The previous version pickled np.random.get_state() as is (an ndarray); with numpy 1.x its
+    module is numpy.core, with 2.x numpy._core, and a file may come from either."""
+    trainer = _small_trainer()
+    np.random.seed(7)
+    state = trainer.state_dict()
+    state["rng"]["numpy"] = np.random.get_state()
+    path = tmp_path / "old.pt"
+    torch.save(state, path)
+    if numpy_module == "other":  # as the other major version of numpy would have written it
+        v2, v1 = b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct"
+        _rename_in_zip(path, *((v2, v1) if int(np.__version__.split(".")[0]) >= 2 else (v1, v2)))
+    with pytest.raises(pickle.UnpicklingError):  # guard: the ndarray needs the allow-list
+        torch.load(path, weights_only=True)
+    expected = np.random.random(4)
+    np.random.seed(0)
+    fresh = _small_trainer(seed=1)
+    fresh.load(path)
+    assert np.array_equal(np.random.random(4), expected)
+    _assert_same(fresh.model.state_dict(), trainer.model.state_dict())
 
 
 def test_logs_grad_norm_and_update_norm(tmp_path):

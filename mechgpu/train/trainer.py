@@ -14,12 +14,15 @@ import contextlib
 import csv
 import json
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -413,42 +416,160 @@ class Trainer:
 
     # ------------------------------------------------------------------ save / resume
     def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        """Everything a bit-identical resume needs, in types that ``torch.load(weights_only=True)``
+        accepts: tensors, numbers, strings, and lists, tuples and dicts of them."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": _numpy_rng_to_tensors(np.random.get_state())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        try:
-            import numpy as np
-
-            rng["numpy"] = np.random.get_state()
-        except ImportError:
-            pass
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "rng": rng, "step": self.step, "epoch": self.epoch, "position": self.position,
                 "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``. Everything is checked first: on a checkpoint that does not
+        fit (missing keys, other parameter names or shapes, another optimizer layout, bad RNG
+        states) it raises ValueError and the model, optimizer, scheduler and RNGs are untouched."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"Trainer.load: the checkpoint is a {type(state).__name__}, not a dict")
+        missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"Trainer.load: the checkpoint lacks the keys {missing}")
+        _check_model_state(unwrap(self.model).state_dict(), state["model"])
+        from ..optim import check_state_dict
+
+        try:
+            check_state_dict(self.optimizer, state["optimizer"])
+        except ValueError as e:
+            raise ValueError(f"Trainer.load: the checkpoint's optimizer state does not fit this optimizer: {e}") from e
+        rng = _checked_rng(state["rng"])
+
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if "numpy" in rng:
-            import numpy as np
-
             np.random.set_state(rng["numpy"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:
-        torch.save(self.state_dict(), path)
+        """Write ``state_dict()`` to ``path`` atomically: to a new file in the same directory,
+        flushed and fsynced, then renamed over ``path``. If anything fails, the temporary file is
+        removed, the error propagates, and an existing checkpoint at ``path`` is left as it was."""
+        path = Path(path)
+        state = self.state_dict()
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:16]}.tmp")
+        # O_EXCL: never reuse a file; mode 0o666 less the umask, like the plain open() it replaces
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)  # make the rename itself durable
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        """Load a checkpoint written by ``save`` with ``torch.load(weights_only=True)``: a file
+        cannot run code. Checkpoints of earlier versions, which pickled numpy's RNG state as an
+        ndarray, load too: only the uint32 ndarray's reconstruction is allowed beyond torch's
+        defaults. Then ``load_state_dict``."""
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state)
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "position", "history")
+
+
+def _check_model_state(expected: Mapping[str, Any], got: Any) -> None:
+    """Raise ValueError unless ``got`` has exactly the keys of ``expected`` and the same tensor
+    shapes (global shapes for DTensors)."""
+    if not isinstance(got, Mapping):
+        raise ValueError(f"Trainer.load: the checkpoint's model state is a {type(got).__name__}, not a dict")
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"Trainer.load: the checkpoint's model does not match this model: "
+                         f"missing keys {missing}, unexpected keys {unexpected}")
+    for key, mine in expected.items():
+        theirs = got[key]
+        if isinstance(mine, torch.Tensor) != isinstance(theirs, torch.Tensor):
+            raise ValueError(f"Trainer.load: model entry {key!r} is a {type(theirs).__name__} in the checkpoint "
+                             f"but a {type(mine).__name__} in this model")
+        if isinstance(mine, torch.Tensor) and mine.shape != theirs.shape:
+            raise ValueError(f"Trainer.load: model tensor {key!r} has shape {tuple(theirs.shape)} in the "
+                             f"checkpoint but {tuple(mine.shape)} in this model")
+
+
+def _numpy_rng_to_tensors(state: tuple) -> dict[str, Any]:
+    """numpy's legacy RNG state ``(name, uint32 keys, pos, has_gauss, cached_gaussian)`` with the
+    keys as an int64 tensor, so that no numpy type goes into the pickle."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _checked_rng(rng: Any) -> dict[str, Any]:
+    """The checkpoint's RNG states ready to set, each first tried on a throwaway generator, so
+    that a bad one raises ValueError before anything is changed."""
+    if not isinstance(rng, Mapping) or not {"torch", "python"} <= rng.keys():
+        raise ValueError("Trainer.load: the checkpoint's 'rng' must be a dict with 'torch' and 'python' states")
+    out = dict(rng)
+    numpy_state = rng.get("numpy")
+    if isinstance(numpy_state, Mapping):  # this version's form; earlier ones stored numpy's own tuple
+        try:
+            numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                           numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"Trainer.load: the checkpoint's numpy RNG state is malformed ({e!r})") from e
+    if numpy_state is not None:
+        out["numpy"] = numpy_state
+    checks = [("torch", lambda s: torch.Generator().set_state(s)), ("python", lambda s: random.Random().setstate(s)),
+              ("numpy", lambda s: np.random.RandomState().set_state(s))]
+    for name, check in checks:
+        if name in out:
+            try:
+                check(out[name])
+            except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
+                raise ValueError(f"Trainer.load: the checkpoint's {name} RNG state cannot be restored ({e})") from e
+    return out
+
+
+def _numpy_rng_globals() -> list:
+    """The globals that unpickle the uint32 ndarray of an old checkpoint's numpy RNG state, and no
+    more: ``_reconstruct`` under its numpy 1.x and 2.x module names, ``ndarray``, ``dtype`` and
+    the uint32 dtype's class (the only dtype whose state may be set)."""
+    try:
+        from numpy._core.multiarray import _reconstruct as reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct as reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory so that a rename in it survives a crash; a no-op where directories
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
