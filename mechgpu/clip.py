@@ -135,11 +135,15 @@ def _raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
         )
 
 
-def _reject_empty_for_inf_norm(tensors: list[torch.Tensor], norm_type: float) -> None:
-    """torch's error: max and min have no identity, so an empty tensor has no inf norm."""
-    if math.isinf(norm_type) and any(t.numel() == 0 for t in tensors):
-        which = "infinity" if norm_type > 0 else "-inf"
-        raise RuntimeError(f"_foreach_norm cannot compute the {which} norm on an empty tensor because the "
+def _reject_empty_without_identity(tensors: list[torch.Tensor], norm_type: float) -> None:
+    """torch's error: max, min and negative powers have no identity, so an empty tensor has no
+    such norm (torch names the op that raised: _foreach_norm for +-inf, linalg.vector_norm else)."""
+    if (math.isinf(norm_type) or norm_type < 0) and any(t.numel() == 0 for t in tensors):
+        if math.isinf(norm_type):
+            op, which = "_foreach_norm", "infinity" if norm_type > 0 else "-inf"
+        else:
+            op, which = "linalg.vector_norm", f"{norm_type:g}"
+        raise RuntimeError(f"{op} cannot compute the {which} norm on an empty tensor because the "
                            "operation does not have an identity")
 
 
@@ -162,7 +166,7 @@ def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: fl
     if len(tensors) == 0:
         return torch.tensor(0.0)
     first_device = _local(tensors[0]).device
-    _reject_empty_for_inf_norm(tensors, norm_type)
+    _reject_empty_without_identity(tensors, norm_type)
     if norm_type == 0.0 or not all(kernels_run_on(_local(t).device) for t in tensors):
         from torch.nn.utils import get_total_norm as torch_get_total_norm
 
@@ -227,7 +231,7 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
         return total
     first_device = _local(grads[0]).device
     out = torch.empty(2, dtype=torch.float32, device=first_device)
-    _reject_empty_for_inf_norm(grads, norm_type)
+    _reject_empty_without_identity(grads, norm_type)
     plans: Plans = {}  # this call's: the scaling launch reuses the norm's table
     total_norm_into(out, grads, norm_type, float(max_norm), plans=plans)
     total = out[0].to(_result_dtype(grads))

@@ -11,7 +11,7 @@ from conftest import DEVICES
 import mechgpu
 import mechgpu.optim as mo
 
-NORM_TYPES = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.5, 0.5]
+NORM_TYPES = [2.0, 1.0, math.inf, -math.inf, 0.0, 3.5, 0.5, -1.0, -2.5]
 SIZES = (0, 1, 3, 1000, 4097)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
        torch.float16: dict(rtol=2e-3, atol=1e-5)}
@@ -46,7 +46,7 @@ def float64_norm(grads, norm_type):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
 def test_clip_grad_norm_matches_torch(norm_type, dtype, device):
-    sizes = SIZES[1:] if math.isinf(norm_type) else SIZES  # torch rejects empty tensors there
+    sizes = SIZES[1:] if math.isinf(norm_type) or norm_type < 0 else SIZES  # torch rejects empty tensors there
     ours = make_params(sizes, device, dtype, scale=3.0)
     ref = clone_params(ours)
     max_norm = 0.5 if norm_type != 0.0 else 100.0
@@ -93,7 +93,7 @@ def test_special_values_none_and_empty_grads(norm_type, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm_type", [math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("norm_type", [math.inf, -math.inf, -1.0, -2.5], ids=str)
 def test_inf_norm_of_an_empty_grad_is_torchs_error(norm_type, device):
     params = make_params((0, 3), device)
     with pytest.raises(RuntimeError) as ours:
@@ -223,3 +223,42 @@ def test_skip_nonfinite_leaves_everything_untouched(name, opts, device):
         p.grad = torch.randn_like(p)
     opt.step()
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before_params))
+
+
+def _uploads(opt) -> int:
+    """Host-to-device table uploads an optimizer's plans have made so far."""
+    plans = [b.plan for cache in opt._group_caches.values() for b in cache.buckets]
+    return sum(plan.uploads for plan in plans + list(opt._norm_plans.values()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizers_of_equal_sizes_keep_their_own_tables(device):
+    """Two clip-in-step optimizers over params of the same sizes, stepped in turn: each matches
+    torch's clip then step, and once warm a step with the same grads uploads nothing."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = (7, 1000, 4097)
+    pairs = []
+    for _ in range(2):
+        ours = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in sizes]
+        ref = [p.detach().clone().requires_grad_() for p in ours]
+        for a, b in zip(ours, ref):
+            a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+        pairs.append((ours, ref, mo.AdamW(ours, lr=1e-2, max_grad_norm=1.0), torch.optim.AdamW(ref, lr=1e-2)))
+    for step in range(5):
+        for ours, ref, opt, ref_opt in pairs:
+            scale = 3.0 if step % 2 else 0.01
+            for a, b in zip(ours, ref):  # the same grad tensors, refilled
+                g = scale * torch.randn(a.shape, generator=gen)
+                a.grad.copy_(g)
+                b.grad.copy_(g)
+            uploads = _uploads(opt)
+            opt.step()
+            norm_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+            ref_opt.step()
+            if step >= 1:
+                assert _uploads(opt) == uploads, "a steady-state step uploaded a table"
+            torch.testing.assert_close(opt.last_grad_norm.cpu(), norm_ref.cpu(), rtol=1e-5, atol=0)
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+    tables = [plan.table.data_ptr() for _, _, opt, _ in pairs for plan in opt._norm_plans.values()]
+    assert len(set(tables)) == len(tables) == 2

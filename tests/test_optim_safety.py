@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 import io
 import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import traceback
 from collections import defaultdict
 
@@ -485,3 +488,49 @@ def run_masters(mutation: str) -> str:
 @pytest.mark.parametrize("mutation", ["state_cleared", "state_tensor_replaced", "param_data_swapped"])
 def test_master_weights_through_mutations(mutation):
     assert isolated(run_masters, mutation) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# the CPU fallback (torch's own step, no interpreter): AMP with clipping, update norm
+# ----------------------------------------------------------------------------------
+FALLBACK_SCRIPT = r"""
+import copy, math, torch, mechgpu
+import mechgpu.optim as mo
+from mechgpu import _backend
+from mechgpu.train import Trainer
+assert not _backend.INTERPRETED
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+ref_model = copy.deepcopy(model)
+opt = mo.AdamW(model.parameters(), lr=1e-2, track_update_norm=True)
+ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+runs = [(model, opt, torch.amp.GradScaler("cpu", init_scale=1024.0), mechgpu.clip_grad_norm_),
+        (ref_model, ref, torch.amp.GradScaler("cpu", init_scale=1024.0), torch.nn.utils.clip_grad_norm_)]
+for step in range(4):
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for m, o, scaler, clip in runs:  # the standard AMP-with-clipping recipe
+        o.zero_grad()
+        before = [p.detach().clone() for p in m.parameters()]
+        scaler.scale(((m(x) - y) ** 2).mean()).backward()
+        scaler.unscale_(o)
+        clip(m.parameters(), 0.5)
+        scaler.step(o)
+        scaler.update()
+    moved = math.sqrt(sum(float(((p.detach() - b).double() ** 2).sum()) for p, b in zip(model.parameters(), before)))
+    assert moved > 0 and abs(opt.last_update_norm.item() - moved) <= 1e-5 * moved, (opt.last_update_norm, moved)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+for a, b in zip(model.parameters(), ref_model.parameters()):
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+lin = torch.nn.Linear(4, 2)
+trainer = Trainer(lin, torch.nn.MSELoss(reduction="sum"), mo.SGD(lin.parameters(), lr=0.1), warmup_steps=0)
+out = trainer.train_step([(torch.randn(8, 4), torch.randn(8, 2))])
+assert out["update_norm"].item() > 0, out
+print("ok")
+"""
+
+
+def test_cpu_fallback_amp_with_clipping_and_update_norm():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=CHILD_TIMEOUT_S)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

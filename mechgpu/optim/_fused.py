@@ -575,11 +575,12 @@ def _state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
     shape = _local(p).shape if local else p.shape
     for key, value in state.items():
         if key == "step":
+            expected = "'step' must be a number or a one-element real tensor, not"
             if torch.is_tensor(value):
                 if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                    return f"'step' must be a number or a one-element real tensor, not {value.dtype} {tuple(value.shape)}"
+                    return f"{expected} {value.dtype} {tuple(value.shape)}"
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                return f"'step' must be a number or a one-element real tensor, not {type(value).__name__}"
+                return f"{expected} {type(value).__name__}"
         elif key in ELEMENT_KEYS:
             if not torch.is_tensor(value):
                 return f"{key!r} is a {type(value).__name__}, not a tensor"
@@ -607,7 +608,8 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None
     if len(groups) != len(saved_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                         "optimizer's group")
     for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
         for i, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
             entry = saved_state.get(saved_id)
