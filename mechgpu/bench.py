@@ -51,6 +51,11 @@ SUITE = (
     Script("init"),
     Script("train"),
 )
+#: scripts in bench/ that run alone, outside the suite, and why
+STANDALONE = {
+    "step_overhead": "the host time of step() with launches stubbed out, not a kernel: run it alone, "
+                     "with --label, before and after a change to the optimizers' Python",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

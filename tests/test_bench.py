@@ -22,7 +22,20 @@ def test_suite_covers_every_benchmark_script():
     scripts = {p.stem for p in bench.BENCH_DIR.glob("*.py")
                if not p.name.startswith("_") and '"--smoke"' in p.read_text()}
     assert {"optim", "clip", "mixed_precision", "activations", "init", "train"} <= scripts
-    assert {s.name for s in bench.SUITE} == scripts
+    assert {s.name for s in bench.SUITE} | set(bench.STANDALONE) == scripts
+    assert not {s.name for s in bench.SUITE} & set(bench.STANDALONE)
+
+
+def test_step_overhead_smoke(tmp_path):
+    """bench/step_overhead.py, which runs outside the suite, in its --smoke form."""
+    script = bench.BENCH_DIR / "step_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--label", "smoke"],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (result,) = tmp_path.glob("step-overhead-*-smoke.json")
+    rows = json.loads(result.read_text())["rows"]
+    ours = [r for r in rows if r["implementation"].startswith("mechgpu")]
+    assert ours and all(r["launches_per_step"] == [2 if "clip" in r["case"] else 1] for r in ours), ours
 
 
 def test_readme_results_section_is_generated_from_committed_results():

@@ -111,6 +111,7 @@ class _GroupCache:
         self.grad_refs = [weakref.ref(g) for g in grads]
         self.grad_where = _where(_locals(grads, self.plain))
         self.pending_grads: list[int] | None = None  # grad addresses confirmed but not yet uploaded
+        self.held: list[torch.Tensor] = []  # the confirmed states, held during one step only
 
     def confirm(self, optimizer: FusedOptimizer, signature: tuple, params: list[torch.Tensor],
                 grads: list[torch.Tensor]) -> bool:
@@ -135,6 +136,7 @@ class _GroupCache:
         if (not all(map(operator.is_, states, map(_deref, self.state_refs)))
                 or _where(_locals(states, plain)) != self.state_where):
             return False
+        self.held = states  # alive until the launches are queued
         if self.counters is not None:
             counters = optimizer.__dict__.get("_sgd_steps", {})
             if not all(map(operator.is_, map(counters.get, params), self.counters)):
@@ -454,6 +456,7 @@ class FusedOptimizer:
         for _, group, _, cache in work:
             for bucket in cache.buckets:
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
+            cache.held = []
         return loss
 
     def _update_norm_buffer(self, device: torch.device) -> torch.Tensor:
