@@ -584,8 +584,10 @@ def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, bet
               aligned: bool, control: StepControl | None = None, precision: Precision | None = None) -> None:
     """Launch one Adam/AdamW step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
-    betas_are_ptrs = isinstance(beta1, torch.Tensor)
-    if betas_are_ptrs:
+    betas_are_ptrs = isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)
+    if betas_are_ptrs:  # both read from device memory; a float beside a tensor becomes a 0-d tensor
+        beta1, beta2 = (b if isinstance(b, torch.Tensor) else torch.full((), float(b), device=plan.device)
+                        for b in (beta1, beta2))
         one_minus_beta1 = one_minus_beta2 = 0.0
     else:
         # 1 - beta in double on the host, as torch.optim computes it

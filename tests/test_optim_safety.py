@@ -135,9 +135,16 @@ class Pair:
                                            msg=lambda m, i=i, k=key: f"state {k} of param {i}: {m}")
 
 
+def _copy(v):
+    """A copy of a state entry; a tensor whose storage was freed under it (unreadable) by identity."""
+    if not torch.is_tensor(v):
+        return v
+    return v.clone() if v.untyped_storage().nbytes() >= v.nbytes else ("storage freed", id(v))
+
+
 def snapshot(opt, params):
     """Everything a step may write: params, every state entry, SGD's own step counters."""
-    states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()} for p in params]
+    states = [{k: _copy(v) for k, v in opt.state.get(p, {}).items()} for p in params]
     counters = {id(p): c.clone() for p, c in opt.__dict__.get("_sgd_steps", {}).items()}
     return [p.detach().clone() for p in params], states, counters
 
@@ -230,6 +237,17 @@ def param_group_added(opt, params):
 
 _EXTRA: dict = {}
 
+
+def momentum_buffer_none(opt, params):
+    """torch's SGD reads a None buffer as none yet: the next step starts it from the grad."""
+    for p in params[1::2]:
+        if p in opt.state:
+            opt.state[p]["momentum_buffer"] = None
+
+
+def tensor_beta1(opt, params):
+    opt.param_groups[1]["betas"] = (torch.tensor(0.8), 0.99)  # a tensor beside a float
+
 LEGAL = {  # mutation -> configs it applies to (None: all)
     "state_cleared": (state_cleared, None),
     "state_dict_replaced": (state_dict_replaced, None),
@@ -247,6 +265,8 @@ LEGAL = {  # mutation -> configs it applies to (None: all)
     "centered_off": (option_flipped("centered", False), ["RMSprop-centered-momentum"]),
     "nesterov_off": (option_flipped("nesterov", False), ["SGD-momentum"]),
     "param_group_added": (param_group_added, ["Adam", "RMSprop", "SGD-momentum"]),
+    "momentum_buffer_none": (momentum_buffer_none, ["SGD-momentum"]),
+    "tensor_beta1": (tensor_beta1, ["Adam", "AdamW"]),
 }
 LEGAL_CASES = [(m, c) for m, (_, configs) in LEGAL.items() for c in (configs or CONFIGS)]
 
@@ -305,6 +325,23 @@ def _param_view_shrunk(opt, params):
     p.data = p.data[:2]
 
 
+def _eps_none(opt, params):
+    opt.param_groups[1]["eps"] = None
+
+
+def _storage_freed(opt, params):
+    p = params[5]
+    opt.state[p][_first_key(opt, p)].untyped_storage().resize_(0)  # as FSDP frees storage
+
+
+def _shared_step(opt, params):
+    opt.state[params[5]]["step"] = opt.state[params[4]]["step"]
+
+
+def _state_dtype_fp16(opt, params):
+    opt.state_dtype = torch.float16
+
+
 REJECTED = {  # mutation -> (configs, exception, message)
     "amsgrad_on": (option_flipped("amsgrad", True), ["Adam", "AdamW"], KeyError,
                    "has no 'max_exp_avg_sq', which amsgrad=True needs"),
@@ -321,6 +358,13 @@ REJECTED = {  # mutation -> (configs, exception, message)
                        r"the grad of param 1 of group 1 has shape \(5,\), its param \(7,\)"),
     "param_view_shrunk": (_param_view_shrunk, None, RuntimeError,
                           r"the grad of param 1 of group 1 has shape \(5,\), its param \(2,\)"),
+    "eps_none": (_eps_none, ["Adam", "RMSprop"], TypeError,
+                 "group 1's eps must be a real number or a one-element real tensor, not None"),
+    "state_storage_freed": (_storage_freed, ["Adam", "SGD-momentum"], RuntimeError,
+                            r"'\w+''s storage holds 0 bytes, too few for its elements"),
+    "shared_step": (_shared_step, ["Adam", "RMSprop"], RuntimeError,
+                    "state 'step' of param 1 of group 1 shares its memory with state 'step' of param 0 of group 1"),
+    "state_dtype_fp16": (_state_dtype_fp16, ["AdamW"], ValueError, "Invalid state_dtype: torch.float16"),
 }
 REJECTED_CASES = [(m, c) for m, (_, configs, _, _) in REJECTED.items() for c in (configs or CONFIGS)]
 

@@ -33,6 +33,8 @@ __all__ = ["Adam", "AdamW", "RMSprop", "SGD", "StateKeyError", "check_state_dict
 
 
 class _AdamFamily(FusedOptimizer):
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay")
+
     def _state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
 
@@ -88,6 +90,8 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     """Fused multi-tensor RMSprop; see the module docstring for how it differs from torch.optim.RMSprop."""
 
+    _hyper_keys = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
     _torch_name = "RMSprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
@@ -122,6 +126,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     Unlike torch.optim.SGD, sparse gradients are rejected.
     """
 
+    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay")
     _torch_name = "SGD"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -163,13 +168,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         counters = self.__dict__.setdefault("_sgd_steps", {})
         counter = counters.get(p)
         if counter is None:
-            started = "momentum_buffer" in self.state[p]  # e.g. loaded from a state_dict
+            started = self.state[p].get("momentum_buffer") is not None  # e.g. loaded from a state_dict
             counter = torch.full((), float(started), dtype=torch.float32, device=p.grad.device)
             counters[p] = counter
         return counter
 
     def _ensure_state(self, p, group):
-        if group["momentum"] != 0 and "momentum_buffer" not in self.state[p]:
+        if group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None:
             self.__dict__.get("_sgd_steps", {}).pop(p, None)  # a new buffer starts a new count
         super()._ensure_state(p, group)
 

@@ -69,12 +69,14 @@ class _Bucket:
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _dtype_of = operator.attrgetter("dtype")
+_stride = torch.Tensor.stride
 _deref = weakref.ref.__call__
 
 
-def _where(tensors: list[torch.Tensor]) -> tuple[list[int], list[int], list[torch.dtype]]:
-    """What a launch relies on for each tensor: its address, its element count and its dtype."""
-    return list(map(_data_ptr, tensors)), list(map(_numel, tensors)), list(map(_dtype_of, tensors))
+def _where(tensors: list[torch.Tensor]) -> tuple[list, ...]:
+    """What a launch relies on for each tensor: its address, element count, dtype and layout."""
+    return (list(map(_data_ptr, tensors)), list(map(_numel, tensors)), list(map(_dtype_of, tensors)),
+            list(map(_stride, tensors)))
 
 
 def _locals(tensors: list[torch.Tensor], plain: bool) -> list[torch.Tensor]:
@@ -87,7 +89,7 @@ class _GroupCache:
     The cache is an optimisation, never the source of truth: before each step
     ``confirm`` re-reads the group's params, grads and ``optimizer.state`` and checks
     that every tensor in the table is the same object, at the same address, with the same
-    element count and dtype as when its row was built (one C-level pass per list, no
+    element count, dtype and strides as when its row was built (one C-level pass per list, no
     per-tensor Python). Anything else (state cleared or replaced, ``.data`` swapped, an
     option that adds or drops a state, another param set) makes the step rebuild, which
     validates first. New grad tensors with their param's dtype, shape and strides only
@@ -109,7 +111,7 @@ class _GroupCache:
         self.meta = [(p.dtype, _local(p).shape, _local(p).stride(), _local(p).get_device()) for p in params]
         self.buckets = buckets
         self.grad_refs = [weakref.ref(g) for g in grads]
-        self.grad_where = _where(_locals(grads, self.plain))
+        self.grad_where = _where(_locals(grads, self.plain))  # grads keep their param's layout
         self.pending_grads: list[int] | None = None  # grad addresses confirmed but not yet uploaded
         self.held: list[torch.Tensor] = []  # the confirmed states, held during one step only
 
@@ -118,7 +120,7 @@ class _GroupCache:
         """True when this step can launch from the cache. Writes nothing but the cache itself."""
         try:
             return self._confirm(optimizer, signature, params, grads)
-        except RuntimeError:  # e.g. a tensor without storage (sparse, meta): the full checks say what
+        except (RuntimeError, TypeError):  # no storage (sparse, meta), None: the full checks say what
             return False
 
     def _confirm(self, optimizer, signature, params, grads) -> bool:
@@ -210,17 +212,11 @@ class FusedOptimizer:
                 control: StepControl, precision: Precision) -> None:
         raise NotImplementedError
 
+    #: the group entries a launch passes to the kernel as numbers or one-element tensors
+    _hyper_keys: tuple[str, ...] = ("lr", "eps", "weight_decay")
+
     def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
                       state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool) -> None:
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
-        if skip_nonfinite and max_grad_norm is None:
-            raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32 or torch.bfloat16")
-        if stochastic_rounding and master_weights:
-            raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
-                             "with master_weights=True the params are rounded from an fp32 copy")
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.master_weights = master_weights
@@ -228,7 +224,36 @@ class FusedOptimizer:
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
         self.track_update_norm = track_update_norm
+        self._check_options()
         self._reset_buffers()
+
+    def _check_options(self) -> None:
+        """mechgpu's options, checked at construction and again at every step (they are plain
+        attributes a user may set)."""
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}")
+        if self.skip_nonfinite and self.max_grad_norm is None:
+            raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {self.state_dtype}; use torch.float32 or torch.bfloat16")
+        if self.stochastic_rounding and self.master_weights:
+            raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
+                             "with master_weights=True the params are rounded from an fp32 copy")
+
+    def _check_hyperparameters(self, group_index: int, group: dict) -> None:
+        """Every hyperparameter the kernel reads is a real number or a one-element real tensor."""
+        for key in self._hyper_keys:
+            values = group[key] if key == "betas" else (group[key],)
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+                        continue
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    continue
+                shown = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+                    else repr(value)
+                raise self._error(f"group {group_index}'s {key} must be a real number or a one-element "
+                                  f"real tensor, not {shown}", TypeError)
 
     def _reset_buffers(self) -> None:
         """Drop every cache and device buffer the optimizer owns; the next step remakes them."""
@@ -300,6 +325,10 @@ class FusedOptimizer:
             if g.stride() != p.stride():
                 raise self._error(f"the grad of {where} has stride {g.stride()}, its param {p.stride()}; "
                                   "grads must share their param's memory layout")
+            for what, t in (("", p), ("the grad of ", g)):
+                if not _storage_holds(t):
+                    raise self._error(f"{what}{where} has {t.numel()} elements but its storage holds "
+                                      f"{t.untyped_storage().nbytes()} bytes (was the storage resized or freed?)")
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.device != device and lr.device.type != "cpu":
             raise self._error(f"group {group_index}'s tensor lr is on {lr.device}, its params on {device}")
@@ -313,7 +342,7 @@ class FusedOptimizer:
                 continue  # made on this step, as torch does
             where = f"param {i} of group {group_index}"
             for key in required:
-                if key not in state:
+                if state.get(key) is None:
                     reason = f", which {_NEEDED_BY[key]} needs" if key in _NEEDED_BY else ""
                     raise StateKeyError(
                         f"mechgpu.optim.{self._torch_name}: the state of {where} has no {key!r}{reason} "
@@ -323,6 +352,23 @@ class FusedOptimizer:
             problem = _state_problem(state, p, local=True)
             if problem is not None:
                 raise self._error(f"the state of {where} does not fit it: {problem}")
+        self._check_no_aliasing(group_index, params)
+
+    def _check_no_aliasing(self, group_index: int, params: list[torch.Tensor]) -> None:
+        """No two tensors the kernel writes (params, states, step counters) share memory: one
+        launch updates them all at once, so an alias would be a race, not torch's sequence."""
+        owners: dict[int, str] = {}
+        for i, p in enumerate(params):
+            tensors = [("the param", p)] + [(f"state {k!r}", v) for k, v in self.state.get(p, {}).items()
+                                            if torch.is_tensor(v) and (k == "step" or k in ELEMENT_KEYS)]
+            for what, t in tensors:
+                local = _local(t)
+                if local.numel() == 0 or local.device.type == "meta":
+                    continue
+                name = f"{what} of param {i} of group {group_index}"
+                other = owners.setdefault(local.data_ptr(), name)
+                if other != name:
+                    raise self._error(f"{name} shares its memory with {other}; give each its own tensor")
 
     # ------------------------------------------------------------------ state
     def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
@@ -400,13 +446,22 @@ class FusedOptimizer:
             with torch.enable_grad():
                 loss = closure()
 
-        # 1. confirm or validate every group; nothing is written
-        work, fallback_groups = [], []
         caches = self._group_caches
+        try:
+            return self._step(caches, loss)
+        finally:
+            for cache in caches.values():
+                cache.held = []
+
+    def _step(self, caches: dict[int, _GroupCache], loss):
+        # 1. confirm or validate every group; nothing is written
+        self._check_options()
+        work, fallback_groups = [], []
         for group_index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            self._check_hyperparameters(group_index, group)
             grads = [p.grad for p in params]
             cache = caches.get(group_index)
             if cache is not None and cache.confirm(self, self._signature(group), params, grads):
@@ -456,7 +511,6 @@ class FusedOptimizer:
         for _, group, _, cache in work:
             for bucket in cache.buckets:
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
-            cache.held = []
         return loss
 
     def _update_norm_buffer(self, device: torch.device) -> torch.Tensor:
@@ -584,15 +638,30 @@ def _state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
                     return f"{expected} {value.dtype} {tuple(value.shape)}"
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"{expected} {type(value).__name__}"
-        elif key in ELEMENT_KEYS:
+        elif key in ELEMENT_KEYS and value is not None:  # None: absent, as torch's SGD reads it
             if not torch.is_tensor(value):
                 return f"{key!r} is a {type(value).__name__}, not a tensor"
             if not value.is_floating_point():
                 return f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor"
-            value_shape = _local(value).shape if local else value.shape
+            t = _local(value)
+            if local and (t.layout is not torch.strided or t.is_nested or t.device.type == "meta"):
+                kind = "nested" if t.is_nested else str(t.layout)
+                return f"{key!r} is a {kind} tensor on {t.device}; it must be a dense tensor with data"
+            value_shape = t.shape if local else value.shape
             if value_shape != shape:
                 return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(shape)}"
+            if local:  # what the kernel will read: real memory behind every element
+                if not _storage_holds(t):
+                    return f"{key!r}'s storage holds {t.untyped_storage().nbytes()} bytes, too few for its elements"
     return None
+
+
+def _storage_holds(t: torch.Tensor) -> bool:
+    """The tensor's storage really holds every element it addresses (a resized-away storage does not)."""
+    if t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
 
 
 def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
