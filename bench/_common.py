@@ -133,6 +133,11 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def cell(value: float | None, spec: str) -> str:
+    """A table cell: ``value`` formatted with ``spec``, or a dash where there is none."""
+    return "–" if value is None else format(value, spec)
+
+
 def markdown_table(header: list[str], rows: list[list[str]], *, text_columns: int = 1) -> str:
     """A GitHub markdown table: the first ``text_columns`` left-aligned, the rest (numbers) right."""
     align = [":---"] * text_columns + ["---:"] * (len(header) - text_columns)

@@ -52,6 +52,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    cell,
     copy_line,
     free_memory,
     gbps,
@@ -264,9 +265,6 @@ def to_markdown(results: dict) -> str:
         f"- leaky_relu slope {results['leaky_relu_slope']}",
         "",
     ]
-
-    def cell(value, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
 
     header = ["activation", "dtype", "elements", "direction", "mechgpu ms", "GB/s", "of copy BW"]
     for implementation in implementations[1:]:

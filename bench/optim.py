@@ -48,6 +48,7 @@ if not torch.cuda.is_available():
 
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    cell,
     copy_line,
     free_memory,
     gbps,
@@ -248,9 +249,6 @@ def to_markdown(results: dict) -> str:
         f"- lists: {lists}",
         "",
     ]
-
-    def cell(value: float | None, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
 
     header = ["list", "optimizer", "implementation", "ms", "MB moved", "GB/s", "of copy BW",
               "mechgpu speedup"]
