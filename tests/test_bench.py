@@ -11,8 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HAS_CUDA
 
 from mechgpu import bench
+
+# The suite's CPU form (--smoke, into cpu.json) is what these check; on a GPU host
+# `mechgpu bench --quick` would run the real benchmarks for minutes instead.
+cpu_host = pytest.mark.skipif(HAS_CUDA, reason="checks the CPU smoke run; on a GPU host `mechgpu bench` runs "
+                                               "the real benchmarks, for minutes: run it on its own")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 900  # the six smoke runs take about three minutes on two cores; this only stops a hang
@@ -62,6 +68,7 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@cpu_host
 def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
     merged = json.loads((quick_run / "cpu.json").read_text())
     assert merged["smoke"] and merged["device"] == "cpu" and not merged["failed"]
@@ -78,6 +85,7 @@ def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, plot
 
 
+@cpu_host
 def test_bandwidth_summary_has_every_kernel_family_against_torch(quick_run):
     merged = json.loads((quick_run / "cpu.json").read_text())
     rows = bench.bandwidth_rows(merged)
@@ -92,6 +100,7 @@ def test_bandwidth_summary_has_every_kernel_family_against_torch(quick_run):
     assert sum(r["torch"] is not None for r in rows) >= len(rows) - 5  # only bf16/fp16 modes lack a torch twin
 
 
+@cpu_host
 def test_readme_section_shows_a_run_only_with_its_provenance(quick_run):
     hidden = bench.render_results(quick_run)
     assert "No GPU run is committed yet" in hidden and "cpu-bandwidth.png" not in hidden
@@ -100,6 +109,7 @@ def test_readme_section_shows_a_run_only_with_its_provenance(quick_run):
     assert "cpu-bandwidth.png" in shown and "cpu-train.png" in shown
 
 
+@cpu_host
 def test_a_failing_script_fails_the_run(tmp_path, monkeypatch):
     scripts = tmp_path / "bench"
     scripts.mkdir()

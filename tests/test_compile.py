@@ -13,7 +13,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HAS_CUDA
 from mechgpu.kernels import aot
+
+# Ahead-of-time compilation needs no GPU: CI does it on CPU, so a GPU host does not spend
+# its (lent, limited) time on it.
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="compiles for sm_80/sm_90a without a GPU; CI runs it on CPU")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = aot.all_variants()
