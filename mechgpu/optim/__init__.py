@@ -127,6 +127,8 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     _hyper_keys = ("lr", "momentum", "dampening", "weight_decay")
+    _step_keys = ()  # torch's SGD state has no step: SGD counts in its own _sgd_steps
+    _own_attrs = ("_sgd_steps",)
     _torch_name = "SGD"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -155,12 +157,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _required_keys(self, group):
         return ()  # torch's SGD makes a missing momentum buffer from the grad
 
-    def _kernel_keys(self, p, group):
-        keys = tuple(k for k in self._state_keys(group) if k is not None)  # no "step": SGD counts its own
-        return (*keys, "master_param") if self._uses_master(p) else keys
-
     def _own_counters(self, params):
-        return [self._sgd_steps[p] for p in params]
+        counters = self.__dict__.get("_sgd_steps", {})
+        return [counters.get(p) for p in params]
 
     def _step_counter(self, p):
         """A private count of p's steps: torch's SGD state has none, but the kernel must know

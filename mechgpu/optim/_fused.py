@@ -139,10 +139,8 @@ class _GroupCache:
                 or _where(_locals(states, plain)) != self.state_where):
             return False
         self.held = states  # alive until the launches are queued
-        if self.counters is not None:
-            counters = optimizer.__dict__.get("_sgd_steps", {})
-            if not all(map(operator.is_, map(counters.get, params), self.counters)):
-                return False
+        if self.counters is not None and not all(map(operator.is_, optimizer._own_counters(params), self.counters)):
+            return False
         local_grads = _locals(grads, plain)
         if all(map(operator.is_, grads, map(_deref, self.grad_refs))):
             return _where(local_grads) == self.grad_where
@@ -204,16 +202,25 @@ class FusedOptimizer:
     def _state_keys(self, group: dict) -> tuple[str | None, ...]:
         raise NotImplementedError
 
+    #: the state entry the kernel counts steps in (SGD keeps its own counters instead)
+    _step_keys: tuple[str, ...] = ("step",)
+    #: attributes beside torch's state that pickling must keep (SGD's counters)
+    _own_attrs: tuple[str, ...] = ()
+
+    def _entry_keys(self, group: dict) -> tuple[str, ...]:
+        """The state entries the group's options make: the step counter, then the states."""
+        return (*self._step_keys, *(k for k in self._state_keys(group) if k is not None))
+
     def _required_keys(self, group: dict) -> tuple[str, ...]:
         """Entries a started state must have (torch raises KeyError without them)."""
-        return ("step", *(k for k in self._state_keys(group) if k is not None))
+        return self._entry_keys(group)
 
     def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool,
                 control: StepControl, precision: Precision) -> None:
         raise NotImplementedError
 
     #: the group entries a launch passes to the kernel as numbers or one-element tensors
-    _hyper_keys: tuple[str, ...] = ("lr", "eps", "weight_decay")
+    _hyper_keys: tuple[str, ...] = ()
 
     def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
                       state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool) -> None:
@@ -268,8 +275,9 @@ class FusedOptimizer:
         state = super().__getstate__()
         for name, default in _OPTION_DEFAULTS.items():
             state[name] = getattr(self, name, default)
-        if "_sgd_steps" in self.__dict__:
-            state["_sgd_steps"] = self.__dict__["_sgd_steps"]
+        for name in self._own_attrs:
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -414,7 +422,7 @@ class FusedOptimizer:
 
     def _kernel_keys(self, p: torch.Tensor, group: dict) -> tuple[str, ...]:
         """The state entries of p whose addresses its table row holds."""
-        keys = ("step", *(k for k in self._state_keys(group) if k is not None))
+        keys = self._entry_keys(group)
         return (*keys, MASTER_KEY) if self._uses_master(p) else keys
 
     def _own_counters(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -613,9 +621,9 @@ class FusedOptimizer:
         check_state_dict(self, state_dict)
         saved_state = state_dict["state"]
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        super().load_state_dict(state_dict)
-        self._reset_buffers()
-        self.__dict__.pop("_sgd_steps", None)
+        super().load_state_dict(state_dict)  # ends in __setstate__, which drops the caches
+        for name in self._own_attrs:  # counters of the old state: remade from the loaded one
+            self.__dict__.pop(name, None)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
