@@ -38,6 +38,28 @@ def has_module(python: str, name: str) -> bool:
     return subprocess.run([python, "-c", f"import {name}"], capture_output=True).returncode == 0
 
 
+# The build backend this checkout needs (pyproject.toml's build-system): setuptools 64 brought
+# editable wheels (PEP 660); before 70.1 they also need the wheel package.
+BUILD_BACKEND_CHECK = (
+    "import importlib.util, setuptools, sys; v = tuple(int(x) for x in setuptools.__version__.split('.')[:2]); "
+    "sys.exit(0 if v >= (70, 1) or (v >= (64, 0) and importlib.util.find_spec('wheel')) else 1)")
+
+
+def pip_install(python: str) -> list[str]:
+    return [python, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+
+
+def install_command(python: str) -> list[str]:
+    """pip's editable install of this checkout with its test extras. Where the environment already
+    has the build backend, pip builds without isolation: an isolated build downloads setuptools
+    first, which fails on a machine without a package registry (a lent GPU machine, say), while
+    dependencies that are already installed need no download either way."""
+    cmd = pip_install(python)
+    if subprocess.run([python, "-c", BUILD_BACKEND_CHECK], capture_output=True).returncode == 0:
+        cmd.append("--no-build-isolation")
+    return cmd + ["-e", f"{ROOT}[test]"]
+
+
 def setup() -> str:
     python = venv_python()
     if not os.path.exists(python):
@@ -48,11 +70,10 @@ def setup() -> str:
     stamp_file = os.path.join(VENV, ".mechgpu-installed")
     if os.path.exists(stamp_file) and open(stamp_file).read() == stamp and has_module(python, "torch"):
         return python
-    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     if not has_module(python, "torch"):
         has_nvidia = shutil.which("nvidia-smi") is not None
-        sh(*pip, "torch" if has_nvidia else CPU_TORCH)
-    sh(*pip, "-e", f"{ROOT}[test]")
+        sh(*pip_install(python), "torch" if has_nvidia else CPU_TORCH)
+    sh(*install_command(python))
     with open(stamp_file, "w") as f:
         f.write(stamp)
     return python

@@ -6,6 +6,7 @@ importing it (see the top of ``bench/optim.py``).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -25,10 +26,27 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # triton.testing.do_bench runs the function for WARMUP_MS, then times it for REP_MS.
 # A second of repetitions gives ~100 samples even for a 10 ms step over 1e9 parameters.
+# A budgeted run (bench/device_session.py) shortens both with --warmup-ms and --rep-ms.
 WARMUP_MS = 100
 REP_MS = 1000
 # The quick timer (smoke runs, where kernels may run in Triton's slow CPU interpreter).
 QUICK_REPS = 5
+# Host time of one call (host_ms): the median of this many calls, each after a synchronize.
+HOST_CALLS = 20
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--warmup-ms`` and ``--rep-ms``: do_bench's warm-up and repetition time."""
+    parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS,
+                        help=f"do_bench warm-up per timed call, ms (default: {WARMUP_MS})")
+    parser.add_argument("--rep-ms", type=float, default=REP_MS,
+                        help=f"do_bench repetition time per timed call, ms (default: {REP_MS})")
+
+
+def set_timing(args: argparse.Namespace) -> None:
+    """Apply ``--warmup-ms`` and ``--rep-ms`` to every later ``median_ms`` call."""
+    global WARMUP_MS, REP_MS
+    WARMUP_MS, REP_MS = args.warmup_ms, args.rep_ms
 
 
 def synchronize() -> None:
@@ -54,6 +72,44 @@ def median_ms(fn: Callable[[], object], *, quick: bool = False) -> float:
         fn()
         synchronize()
         times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object]) -> float | None:
+    """Median device time of one ``fn()`` replayed from a CUDA graph, in ms; None without CUDA.
+
+    For many small tensors a step's host work (Python, launches) can exceed its kernel
+    time, and ``do_bench``'s events then time the host. A graph replays only the kernels.
+    ``fn`` must be capturable (torch's optimizers need ``capturable=True``) and warmed up.
+    The graph is captured on a side stream, replayed REP_MS long, and released.
+    """
+    if not torch.cuda.is_available():
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # one eager call on the capture stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return triton.testing.do_bench(graph.replay, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    finally:
+        del graph
+        free_memory()
+
+
+def host_ms(fn: Callable[[], object]) -> float:
+    """Median host time of one ``fn()`` call, in ms: from the call until it returns, the device
+    idle at the start of each (synchronised before), its queued work not waited for."""
+    times = []
+    for _ in range(HOST_CALLS):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    synchronize()
     return 1e3 * statistics.median(times)
 
 
@@ -85,6 +141,7 @@ def run_header(benchmark: str, device: torch.device, *, quick: bool) -> dict:
     free_memory()
     timing = ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
               {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS})
+    timing["host_calls"] = HOST_CALLS
     return {**environment(device), "benchmark": benchmark, "timing": timing, "copy": copy}
 
 

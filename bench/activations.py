@@ -52,6 +52,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    add_timing_arguments,
     cell,
     copy_line,
     free_memory,
@@ -61,6 +62,7 @@ from _common import (  # noqa: E402
     output_dir,
     publish,
     run_header,
+    set_timing,
     synchronize,
     timing_line,
 )
@@ -306,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
+    set_timing(args)
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")

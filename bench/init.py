@@ -50,12 +50,14 @@ if not torch.cuda.is_available():
 
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    add_timing_arguments,
     copy_line,
     gbps,
     markdown_table,
     median_ms,
     output_dir,
     run_header,
+    set_timing,
     synchronize,
     timing_line,
     write_results,
@@ -214,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                              "writes to a temporary folder unless --out")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
+    set_timing(args)
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")

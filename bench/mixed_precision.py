@@ -75,6 +75,7 @@ if not torch.cuda.is_available():
 
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    add_timing_arguments,
     copy_line,
     free_memory,
     gbps,
@@ -83,6 +84,7 @@ from _common import (  # noqa: E402
     output_dir,
     publish,
     run_header,
+    set_timing,
     synchronize,
     timing_line,
 )
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter; works "
                              "without a GPU; writes to a temporary folder unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
+    set_timing(args)
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")

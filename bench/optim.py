@@ -16,7 +16,12 @@ creation, JIT and torch.compile), then the median of ``triton.testing.do_bench``
 
 Each row reports the bytes a step must move at least (bytes per element x elements), the
 effective GB/s, its fraction of the device-to-device copy bandwidth measured in the same
-run, and mechgpu's speedup over each torch implementation. Results are written to
+run, and mechgpu's speedup over each torch implementation. It also gives the host time of
+one step (the call until it returns, its kernels not waited for), and, on lists of more than
+GRAPH_MIN_TENSORS tensors, the device time of a CUDA-graph replay of the step (torch's
+optimizers made with ``capturable=True`` for it): there ``do_bench``'s events would time
+the host's Python, not the kernels, so the graph time is the kernel's, and GB/s and the
+speedups are taken from it. Results are written to
 ``bench/results/<device>-optim.json`` and ``.md``, and the table is printed.
 
 How to run
@@ -24,6 +29,7 @@ How to run
     python bench/optim.py                                   # everything; needs CUDA, see below
     python bench/optim.py --lists gpt2-small --optimizers Adam AdamW --no-compile
     python bench/optim.py --smoke                           # a tiny run, works on a CPU-only machine
+    python bench/optim.py --lists 1b --warmup-ms 25 --rep-ms 200   # shorter timing (device session)
 
 Memory peaks at about 21 GB on the ``1b`` list with Adam: 4 GB each of params, grads and
 the two states, plus torch foreach's 4 GB temporary. Only one optimizer lives at a time.
@@ -48,15 +54,19 @@ if not torch.cuda.is_available():
 
 from _common import (  # noqa: E402
     RESULTS_DIR,
+    add_timing_arguments,
     cell,
     copy_line,
     free_memory,
     gbps,
+    graph_ms,
+    host_ms,
     markdown_table,
     median_ms,
     output_dir,
     publish,
     run_header,
+    set_timing,
     synchronize,
     timing_line,
 )
@@ -130,17 +140,24 @@ IMPLEMENTATIONS = {
     "RMSprop": ("mechgpu", "torch foreach"),  # torch has no fused RMSprop
 }
 
+# Lists of more tensors than this are also timed as a CUDA-graph replay (see the docstring).
+GRAPH_MIN_TENSORS = 1000
+
 # Untimed steps before timing. The first creates the optimizer state and JIT-compiles the
 # kernels; torch.compile compiles again on the second, once the state exists.
 WARMUP_STEPS = 3
 
 
-def make_step(optimizer: str, implementation: str, params: list[torch.Tensor]) -> Callable[[], object]:
-    """A fresh optimizer over ``params``, as a function that takes one step."""
-    kwargs = HYPERPARAMETERS[optimizer]
+def make_step(optimizer: str, implementation: str, params: list[torch.Tensor], *,
+              capturable: bool = False) -> Callable[[], object]:
+    """A fresh optimizer over ``params``, as a function that takes one step; ``capturable``
+    asks torch's for a step a CUDA graph can capture (mechgpu's always is)."""
+    kwargs = dict(HYPERPARAMETERS[optimizer])
     if implementation == "mechgpu":
         return getattr(mechgpu.optim, optimizer)(params, **kwargs).step
     torch_optimizer = getattr(torch.optim, optimizer)
+    if capturable and optimizer != "SGD":  # torch's SGD has no step tensors and no such option
+        kwargs["capturable"] = True
     if implementation == "torch fused":
         return torch_optimizer(params, fused=True, **kwargs).step
     opt = torch_optimizer(params, foreach=True, **kwargs)
@@ -155,25 +172,42 @@ def make_step(optimizer: str, implementation: str, params: list[torch.Tensor]) -
     return step
 
 
-def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *, quick: bool) -> dict:
-    """Warm up a fresh optimizer, then time one step: {"ms", "warmup_s", "error"}.
+def warm_step(optimizer: str, implementation: str, params: list[torch.Tensor], *,
+              capturable: bool = False) -> tuple[Callable[[], object], float]:
+    """A fresh optimizer's step after WARMUP_STEPS untimed calls, and the seconds they took."""
+    start = time.perf_counter()
+    step = make_step(optimizer, implementation, params, capturable=capturable)
+    for _ in range(WARMUP_STEPS):
+        step()
+    synchronize()
+    return step, time.perf_counter() - start
 
+
+def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *, quick: bool,
+              graph: bool = False) -> dict:
+    """Warm up a fresh optimizer, then time one step: {"ms", "host_ms", "graph_ms", "warmup_s", "error"}.
+
+    ``graph`` adds the device time of a CUDA-graph replay, on a second, capturable optimizer.
     Only torch.compile may fail; its error is recorded instead of stopping the run.
     """
-    start = time.perf_counter()
     try:
-        step = make_step(optimizer, implementation, params)
-        for _ in range(WARMUP_STEPS):
-            step()
-        synchronize()
+        step, warmup_s = warm_step(optimizer, implementation, params)
     except Exception as exc:
         if implementation != "torch compile":
             raise
         message = str(exc).strip().splitlines()
-        return {"ms": None, "warmup_s": None,
+        return {"ms": None, "host_ms": None, "graph_ms": None, "warmup_s": None,
                 "error": f"{type(exc).__name__}: {message[0] if message else ''}"}
-    warmup_s = time.perf_counter() - start
-    return {"ms": median_ms(step, quick=quick), "warmup_s": warmup_s, "error": None}
+    result = {"ms": median_ms(step, quick=quick), "host_ms": host_ms(step), "graph_ms": None,
+              "warmup_s": warmup_s, "error": None}
+    if graph and implementation != "torch compile" and not quick:
+        del step
+        free_memory()
+        try:
+            result["graph_ms"] = graph_ms(warm_step(optimizer, implementation, params, capturable=True)[0])
+        except Exception as exc:  # a step that cannot be captured keeps its eager time, and says why
+            result["graph_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    return result
 
 
 # ----------------------------------------------------------------------------------
@@ -204,13 +238,14 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
             for implementation in IMPLEMENTATIONS[optimizer]:
                 if implementation == "torch compile" and not with_compile:
                     continue
-                timing = time_step(optimizer, implementation, params, quick=quick)
+                timing = time_step(optimizer, implementation, params, quick=quick,
+                                   graph=len(params) > GRAPH_MIN_TENSORS)
                 if implementation == "torch compile":
                     torch._dynamo.reset()  # drop the compiled step and what it holds on to
                 free_memory()  # this optimizer's state is gone before the next one allocates
                 row = {"list": list_name, "optimizer": optimizer, "implementation": implementation,
                        "bytes": moved, **timing, "gbps": None, "copy_fraction": None, "mechgpu_speedup": None}
-                ms = timing["ms"]
+                ms = timing["graph_ms"] or timing["ms"]  # the kernels' time where a graph was replayed
                 if ms is not None:
                     row["gbps"] = gbps(moved, ms)
                     row["copy_fraction"] = row["gbps"] / copy["gbps"]
@@ -219,7 +254,9 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
                     else:
                         row["mechgpu_speedup"] = ms / mechgpu_ms
                 results["rows"].append(row)
-                outcome = f"{ms:.3f} ms" if ms is not None else timing["error"]
+                outcome = (f"{timing['ms']:.3f} ms, host {timing['host_ms']:.3f} ms"
+                           + (f", graph {timing['graph_ms']:.3f} ms" if timing["graph_ms"] else "")
+                           if ms is not None else timing["error"])
                 print(f"{list_name} {optimizer} {implementation}: {outcome}", flush=True)
         del params
         free_memory()
@@ -245,12 +282,16 @@ def to_markdown(results: dict) -> str:
         copy_line(copy),
         f"- MB moved: the least a step must read and write, bytes per element × elements ({per_element})",
         f"- hyperparameters: torch's defaults, except {hyper}",
+        "- host ms: median time until one `step()` call returns, the device idle before it "
+        "(its kernels not waited for)",
+        f"- graph ms (lists of over {GRAPH_MIN_TENSORS:,} tensors): median device time of a CUDA-graph replay of "
+        "the step (torch's optimizers with `capturable=True`); GB/s, fraction and speedup use it where given",
         "- mechgpu speedup: the torch implementation's ms / mechgpu's ms",
         f"- lists: {lists}",
         "",
     ]
 
-    header = ["list", "optimizer", "implementation", "ms", "MB moved", "GB/s", "of copy BW",
+    header = ["list", "optimizer", "implementation", "ms", "host ms", "graph ms", "MB moved", "GB/s", "of copy BW",
               "mechgpu speedup"]
     rows, errors = [], []
     for r in results["rows"]:
@@ -258,8 +299,11 @@ def to_markdown(results: dict) -> str:
         if r["error"] is not None:
             ms = "failed"
             errors.append(f"- {r['list']} {r['optimizer']} {r['implementation']}: {r['error']}")
+        if r.get("graph_error"):
+            errors.append(f"- {r['list']} {r['optimizer']} {r['implementation']}, graph capture: {r['graph_error']}")
         speedup = "–" if r["mechgpu_speedup"] is None else f"{r['mechgpu_speedup']:.2f}x"
-        rows.append([r["list"], r["optimizer"], r["implementation"], ms, f"{r['bytes'] / 1e6:,.4g}",
+        rows.append([r["list"], r["optimizer"], r["implementation"], ms, cell(r.get("host_ms"), ".3f"),
+                     cell(r.get("graph_ms"), ".3f"), f"{r['bytes'] / 1e6:,.4g}",
                      cell(r["gbps"], ",.1f"), cell(r["copy_fraction"], ".0%"), speedup])
     table = markdown_table(header, rows, text_columns=3)
     failures = ["", "Failures:", *errors] if errors else []
@@ -278,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
                         default=list(IMPLEMENTATIONS), help="default: all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    add_timing_arguments(parser)
     args = parser.parse_args(argv)
+    set_timing(args)
 
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")

@@ -20,6 +20,7 @@ How to run
 ----------
     python bench/train.py            # needs CUDA
     python bench/train.py --smoke    # a tiny model, a few steps, works on a CPU-only machine
+    python bench/train.py --rows mechgpu-none mechgpu-sqrt --steps 12   # sqrt against none only
 """
 
 from __future__ import annotations
@@ -44,14 +45,23 @@ FULL = dict(dim=1024, depth=24, heads=16, context=512, micro_batch=16, accum_ste
 SMOKE = dict(dim=16, depth=4, heads=2, context=8, micro_batch=2, accum_steps=1, steps=2, lr=1e-2)
 
 
-def run(shape: dict, device: str) -> dict:
+# The rows, in order: (implementation, checkpoint policy). "budgetN" is N% of what mechgpu's
+# "none" row saved, so it comes after that row.
+ROWS = (("torch", "none"), ("mechgpu", "none"), ("mechgpu", "sqrt"), ("mechgpu", "all"),
+        ("mechgpu", "budget50"), ("mechgpu", "budget25"))
+ROW_NAMES = {f"{impl}-{policy}": (impl, policy) for impl, policy in ROWS}
+
+
+def run(shape: dict, device: str, rows_wanted: list[str] | None = None) -> dict:
     corpus = CharCorpus()
     rows = []
     base = TrainConfig(device=device, progress=False, dropout=0.0, bf16=device == "cuda", **shape)
-    configs = [("torch", "none", True), ("mechgpu", "none", False), ("mechgpu", "sqrt", False),
-               ("mechgpu", "all", False)]
+    wanted = [ROW_NAMES[name] for name in rows_wanted] if rows_wanted else list(ROWS)
+    if any(policy.startswith("budget") for _, policy in wanted) and ("mechgpu", "none") not in wanted:
+        raise ValueError("a budget row is a fraction of the mechgpu-none row's saved activations: ask for that row too")
     none_saved = None
-    for impl, policy, baseline in configs + [("mechgpu", "budget50", False), ("mechgpu", "budget25", False)]:
+    for impl, policy in sorted(wanted, key=ROWS.index):
+        baseline = impl == "torch"
         if policy.startswith("budget"):
             policy = f"{int(none_saved * int(policy[6:]) / 100)}B"
         cfg = TrainConfig(**{**base.__dict__, "checkpoint": policy, "torch_baseline": baseline})
@@ -69,14 +79,14 @@ def run(shape: dict, device: str) -> dict:
         print(rows[-1], flush=True)
         del trainer, data
     by = {(r["impl"], r["checkpoint"]): r for r in rows}
-    none, sqrt, torch_row = by[("mechgpu", "none")], by[("mechgpu", "sqrt")], by[("torch", "none")]
-    checks = {
-        "sqrt_activation_cut": none["saved_bytes"] / sqrt["saved_bytes"],
-        "sqrt_step_time_ratio": sqrt["step_ms"] / none["step_ms"],
-        "budget_landing": [r["saved_bytes"] / r["budget_bytes"] for r in rows if r["budget_bytes"]],
-        "tokens_per_s_vs_torch": none["tokens_per_s"] / torch_row["tokens_per_s"],
-        "peak_vs_torch": (none["peak_bytes"] / torch_row["peak_bytes"]) if none["peak_bytes"] else None,
-    }
+    none, sqrt, torch_row = by.get(("mechgpu", "none")), by.get(("mechgpu", "sqrt")), by.get(("torch", "none"))
+    checks = {"budget_landing": [r["saved_bytes"] / r["budget_bytes"] for r in rows if r["budget_bytes"]]}
+    if none and sqrt:
+        checks["sqrt_activation_cut"] = none["saved_bytes"] / sqrt["saved_bytes"]
+        checks["sqrt_step_time_ratio"] = sqrt["step_ms"] / none["step_ms"]
+    if none and torch_row:
+        checks["tokens_per_s_vs_torch"] = none["tokens_per_s"] / torch_row["tokens_per_s"]
+        checks["peak_vs_torch"] = none["peak_bytes"] / torch_row["peak_bytes"] if none["peak_bytes"] else None
     return {**environment(torch.device(device)), "shape": shape, "rows": rows, "checks": checks}
 
 
@@ -87,23 +97,34 @@ def to_markdown(results: dict) -> str:
     table = markdown_table(["impl", "checkpoint", "peak memory", "saved activations", "predicted", "tokens/s",
                             "ms/step", "final loss"], rows, text_columns=2)
     c = results["checks"]
-    notes = (f"\nsqrt cuts saved activations {c['sqrt_activation_cut']:.2f}x (target >= 4) for "
-             f"{c['sqrt_step_time_ratio']:.2f}x the step time (target <= 1.4); budget plans land at "
-             f"{', '.join(f'{x:.2f}' for x in c['budget_landing'])} of their budgets (target within 10%); "
-             f"mechgpu tokens/s {c['tokens_per_s_vs_torch']:.2f}x torch's (target >= 1.1)")
-    return f"# train on {results['device']}\n\nshape: {results['shape']}\n\n{table}\n{notes}\n"
+    notes = []
+    if "sqrt_activation_cut" in c:
+        notes.append(f"sqrt cuts saved activations {c['sqrt_activation_cut']:.2f}x (target >= 4) for "
+                     f"{c['sqrt_step_time_ratio']:.2f}x the step time (target <= 1.4)")
+    if c["budget_landing"]:
+        notes.append(f"budget plans land at {', '.join(f'{x:.2f}' for x in c['budget_landing'])} of their "
+                     "budgets (target within 10%)")
+    if "tokens_per_s_vs_torch" in c:
+        notes.append(f"mechgpu tokens/s {c['tokens_per_s_vs_torch']:.2f}x torch's (target >= 1.1)")
+    return f"# train on {results['device']}\n\nshape: {results['shape']}\n\n{table}\n\n{'; '.join(notes)}\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on any device")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    parser.add_argument("--rows", nargs="+", choices=list(ROW_NAMES), default=None,
+                        help="default: all; e.g. --rows mechgpu-none mechgpu-sqrt")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per row (default: the shape's)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
     out = args.out or (Path(tempfile.mkdtemp(prefix="mechgpu-bench-")) if args.smoke else RESULTS_DIR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = run(SMOKE if args.smoke else FULL, device)
+    shape = SMOKE if args.smoke else FULL
+    if args.steps:
+        shape = {**shape, "steps": args.steps}
+    results = run(shape, device, args.rows)
     markdown = to_markdown(results)
     print(markdown)
     json_path, md_path = write_results(out, "train", results, markdown)

@@ -11,6 +11,17 @@ def device_guard(device: torch.device):
     """Make ``device`` current for a launch (triton launches on the current CUDA device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
+
+def compiled_variants(jit_fn) -> int:
+    """How many specialisations of ``jit_fn`` triton has compiled in this process, on all devices.
+
+    ``jit_fn.device_caches`` maps a device to (kernel_cache, kernel_key_cache, target, backend,
+    binder), and kernel_cache maps a specialisation key to its CompiledKernel (triton 3.6 to
+    3.9; tests/test_compile.py checks it in a compile-only process). Interpreted kernels
+    (TRITON_INTERPRET=1) compile nothing: 0.
+    """
+    return sum(len(entry[0]) for entry in getattr(jit_fn, "device_caches", {}).values())
+
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.
 # Larger blocks amortise the per-program table reads; smaller blocks waste fewer
 # lanes on small tensors. We take the largest block whose padding costs at most

@@ -55,6 +55,8 @@ SUITE = (
 STANDALONE = {
     "step_overhead": "the host time of step() with launches stubbed out, not a kernel: run it alone, "
                      "with --label, before and after a change to the optimizers' Python",
+    "device_session": "the one call a lent GPU gets: it runs the GPU tests, the checks, compute-sanitizer "
+                      "and the core scripts of this suite at reduced sizes, within a time budget",
 }
 
 
@@ -151,8 +153,10 @@ def write(merged: dict, out: Path) -> list[Path]:
 
 
 def provenance(merged: dict) -> str:
+    session = merged.get("session")
     kind = "smoke run on CPU (interpreter; not a measurement)" if merged["smoke"] else (
-        "quick run" if merged["quick"] else "full run")
+        f"device session (do_bench warmup {session['warmup_ms']:g} ms, rep {session['rep_ms']:g} ms)" if session
+        else "quick run" if merged["quick"] else "full run")
     return (f"{merged['device']}, torch {merged['torch']}, triton {merged['triton']}, "
             f"{(merged['date'] or '')[:10]}, {kind}")
 
@@ -181,6 +185,11 @@ def _largest(rows: list[dict], key: str, order: tuple[str, ...]) -> str | None:
     return next((name for name in order if name in present), present[0] if present else None)
 
 
+def kernel_ms(row: dict) -> float:
+    """A row's device time: its CUDA-graph replay where one was timed (many-tensor lists), else do_bench's."""
+    return row.get("graph_ms") or row["ms"]
+
+
 def _best_torch(rows: list[dict]) -> dict | None:
     ok = [r for r in rows if not r.get("error") and r.get("copy_fraction")]
     return max(ok, key=lambda r: r["copy_fraction"], default=None)
@@ -198,7 +207,7 @@ def bandwidth_rows(merged: dict) -> list[dict]:
         out.append({"kernel": kernel, "mechgpu": ours["copy_fraction"], "mechgpu_gbps": ours["gbps"],
                     "torch": theirs["copy_fraction"] if theirs else None,
                     "torch_implementation": theirs["implementation"] if theirs else None,
-                    "speedup": theirs["ms"] / ours["ms"] if theirs else None})
+                    "speedup": kernel_ms(theirs) / kernel_ms(ours) if theirs else None})
 
     if "optim" in b:
         rows = b["optim"]["rows"]
@@ -317,6 +326,35 @@ def committed_checks(results_dir: Path) -> list[dict]:
     return [{**json.loads(p.read_text()), "path": p} for p in sorted(results_dir.glob("*-check.json"))]
 
 
+def committed_sessions(results_dir: Path, *, include_smoke: bool = False) -> list[dict]:
+    """The device sessions' summaries in ``results_dir`` (``*-session.json``; real GPU runs unless include_smoke)."""
+    docs = [{**json.loads(p.read_text()), "path": p} for p in sorted(results_dir.glob("*-session.json"))]
+    return [d for d in docs if include_smoke or not d["smoke"]]
+
+
+def session_findings(record: dict) -> str:
+    """One line of what a device-session step found (bench/device_session.py)."""
+    name, status = record["step"], record["status"]
+    if status.startswith("skipped"):
+        return ""
+    if record.get("error"):
+        return record["error"]
+    if name == "preflight":
+        smi = record.get("nvidia_smi") if isinstance(record.get("nvidia_smi"), dict) else {}
+        gpu = (f"{record['device']}, sm_{record['capability'].replace('.', '')}, {record['sms']} SMs, "
+               f"{record['memory_bytes'] / 2**30:.0f} GiB" if record.get("sms") else "no GPU")
+        clocks = f", SM clock {smi['clocks.current.sm [MHz]']}" if "clocks.current.sm [MHz]" in smi else ""
+        return f"torch {record['torch']}, triton {record['triton']}; {gpu}{clocks}"
+    if name == "gpu-tests":
+        return (f"{record['tests']} tests: {record['passed']} passed, {record['failures']} failed, "
+                f"{record['errors']} errors, {record['skipped']} skipped")
+    if name == "check":
+        return f"{record.get('checks', '?')} checks, {record.get('failed', '?')} failed"
+    if name == "sanitizer":
+        return record.get("memcheck") or record.get("note", "")
+    return ", ".join(record.get("files", []))
+
+
 def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
     """The README's results section, from the files in ``results_dir`` alone."""
     from . import traffic
@@ -340,6 +378,22 @@ def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
             if plot.exists():
                 lines += [f"![{alt}, {provenance(run)}]({rel(plot)})", ""]
         lines += [f"All tables: [{rel(stem.with_suffix('.md'))}]({rel(stem.with_suffix('.md'))}).", ""]
+    lines += ["### Device sessions: `bench/device_session.py`", ""]
+    sessions = committed_sessions(results_dir, include_smoke=include_smoke)
+    if not sessions:
+        lines += ["No device session is committed yet: no GPU has been lent to this project so far.", ""]
+    for doc in sessions:
+        ok = sum(r["status"] == "ok" for r in doc["steps"])
+        # the tests, checks and sanitizer always; other steps where they did not pass
+        shown = [r for r in doc["steps"] if r["step"] in ("gpu-tests", "check", "sanitizer") or r["status"] != "ok"]
+        summary = "; ".join(f"{r['step']} {r['status']}" + (f" ({session_findings(r)})" if session_findings(r) else "")
+                            for r in shown)
+        md = Path(doc["path"]).with_suffix(".md")
+        lines += [f"- {doc['device']}, torch {doc.get('torch')}, triton {doc.get('triton')}, {doc['date'][:10]}: "
+                  f"{ok} of {len(doc['steps'])} steps ok in {doc['wall_s']:.0f} s of a {doc['budget_s']:.0f} s budget; "
+                  f"{summary} ([{rel(md)}]({rel(md)}))."]
+    if sessions:
+        lines += [""]
     lines += ["### Correctness on a device: `mechgpu check`", ""]
     checks = committed_checks(results_dir)
     if not checks:

@@ -10,8 +10,10 @@ What is checked (``mechgpu check --list`` prints the case names):
   (against ``torch.nn.utils.clip_grad_norm_`` and a torch step), ``skip_nonfinite`` (an
   inf or NaN grad leaves params and states bit for bit), ``master_weights`` (bf16/fp16
   params against torch on fp32 params), ``state_dtype=torch.bfloat16``,
-  ``track_update_norm`` (against the float64 norm of p_after - p_before) and
-  ``torch.amp.GradScaler`` (skipped steps and unscaling, against torch's unfused path).
+  ``track_update_norm`` (against the float64 norm of p_after - p_before),
+  ``torch.amp.GradScaler`` (skipped steps and unscaling, against torch's unfused path) and
+  ``state_mutations`` (states replaced, ``.data`` swapped and the state cleared between
+  steps, on unaligned and transposed params too, against torch given the same mutations).
 * ``clip.*``: ``clip_grad_norm_``, ``get_total_norm`` and ``clip_grads_with_norm_`` for
   norm types 2, 1, inf and 3 in fp32/bf16/fp16, against ``torch.nn.utils``' own functions
   run on float64 copies of the grads; and grads of 1e30, whose squares overflow fp32.
@@ -353,6 +355,14 @@ def _state_errors(ours_opt, ours_params, ref_opt, ref_params, *, rtol: float = S
     return errs
 
 
+def _fp32_param_errors(ours_p: list[torch.Tensor], ref_p: list[torch.Tensor]) -> Errors:
+    """fp32 params against torch's, at FP32_PARAM_TOL."""
+    errs = Errors()
+    for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+        errs.add(measure(a, b, rtol=FP32_PARAM_RTOL, atol=FP32_PARAM_ATOL, dtype=torch.float32, what=f"param {i}"))
+    return errs
+
+
 def _set_grads(ctx: Context, gen, param_lists: list[list[torch.Tensor]], scale: float = 1.0) -> None:
     """The same random grads for every list: drawn in the first list's dtype, then a copy in
     each param's dtype (so torch's fp32 twin of a bf16 param sees the same bf16 values)."""
@@ -378,14 +388,11 @@ def _optimizer_case(name: str, opts: dict) -> CaseFn:
         ours_p = [ctx.randn(n, gen).requires_grad_() for n in ctx.sizes]
         ref_p = _leaves(ours_p)
         ours, ref = _optimizers(name, ours_p, ref_p, opts, groups=True)
-        params = Errors()
         for _ in range(ctx.steps):
             _set_grads(ctx, gen, [ours_p, ref_p])
             ours.step()
             ref.step()
-        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
-            params.add(measure(a, b, rtol=FP32_PARAM_RTOL, atol=FP32_PARAM_ATOL, dtype=torch.float32,
-                               what=f"param {i}"))
+        params = _fp32_param_errors(ours_p, ref_p)
         yield ctx.row(f"params, {ctx.steps} steps", torch.float32, params, FP32_PARAM_TOL)
         yield ctx.row("states", torch.float32, _state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
 
@@ -439,12 +446,58 @@ def _max_grad_norm(ctx: Context) -> Iterator[Row]:
             norms.add(measure(ours.last_grad_norm.reshape(()), ref_norm.reshape(()), rtol=1e-5, atol=0.0,
                               what="last_grad_norm"))
             untouched.add(exact_change(given, [p.grad for p in ours_p], "grad"))
-        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
-            params.add(measure(a, b, rtol=FP32_PARAM_RTOL, atol=FP32_PARAM_ATOL, dtype=torch.float32,
-                               what=f"param {i}"))
+        params.add(_fp32_param_errors(ours_p, ref_p))
         yield ctx.row(f"{label} params", torch.float32, params, FP32_PARAM_TOL)
         yield ctx.row(f"{label} last_grad_norm", torch.float32, norms, "rtol 1e-05")
         yield ctx.row(f"{label} grads not rescaled", torch.float32, untouched, "exact")
+
+
+def _unaligned_and_transposed(ctx: Context, gen) -> list[torch.Tensor]:
+    """Leaf params off the fast path: at storage offset 1 (not 16-byte aligned) and a transposed weight."""
+    base = ctx.randn(ctx.sizes[-1] + 1, gen)
+    return [base[1:].detach().requires_grad_(), ctx.randn((17, 33), gen).t().detach().requires_grad_()]
+
+
+# Mutations users make between steps, each applied alike to mechgpu's optimizer and torch's.
+def _replace_states(opt, params) -> None:
+    for key, value in list(opt.state[params[0]].items()):
+        if torch.is_tensor(value):
+            opt.state[params[0]][key] = value.clone()
+
+
+def _swap_data(opt, params) -> None:
+    params[-1].data = params[-1].data.clone()
+
+
+def _clear_state(opt, params) -> None:
+    opt.state.clear()
+
+
+STATE_MUTATIONS = (("states replaced", _replace_states), (".data swapped", _swap_data),
+                   ("state cleared", _clear_state))
+
+
+@case("optim.state_mutations")
+def _state_mutations(ctx: Context) -> Iterator[Row]:
+    """Steps with STATE_MUTATIONS in between, on aligned, unaligned and transposed params, against
+    torch.optim given the same mutations (under compute-sanitizer, a stale address would show here)."""
+    gen = ctx.generator()
+    for label, name, opts in OPTION_OPTIMIZERS:
+        ours_p = [ctx.randn(n, gen).requires_grad_() for n in ctx.sizes] + _unaligned_and_transposed(ctx, gen)
+        ref_p = _leaves(ours_p)
+        ours, ref = _optimizers(name, ours_p, ref_p, opts, max_grad_norm=math.inf)
+        for _, mutate in ((None, None),) + STATE_MUTATIONS:
+            if mutate is not None:
+                mutate(ours, ours_p)
+                mutate(ref, ref_p)
+            _set_grads(ctx, gen, [ours_p, ref_p])
+            for p in ours_p:
+                p.grad = torch.empty_like(p).copy_(p.grad)  # the param's strides (the transposed one's)
+            ours.step()
+            ref.step()
+        params = _fp32_param_errors(ours_p, ref_p)
+        yield ctx.row(f"{label} params, mutated", torch.float32, params, FP32_PARAM_TOL)
+        yield ctx.row(f"{label} states", torch.float32, _state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
 
 
 @case("optim.skip_nonfinite")

@@ -21,3 +21,25 @@ on_cpu = pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: the kernels are 
 DEVICES = [pytest.param("cpu", marks=on_cpu), pytest.param("cuda", marks=[gpu, requires_cuda])]
 #: where the kernels run in this session, for tests that need one device
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def count_launches(monkeypatch):
+    """A function giving the number of triton kernel launches since this call: each is a call of
+    the interpreter's GridExecutor on CPU, of JITFunction.run (``kernel[grid](...)``, not a
+    warmup) on a GPU."""
+    if HAS_CUDA:
+        from triton.runtime.jit import JITFunction as cls
+        name = "run"
+    else:
+        from triton.runtime.interpreter import GridExecutor as cls
+        name = "__call__"
+    calls = []
+    original = getattr(cls, name)
+
+    def counting(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counting)
+    return lambda: len(calls)

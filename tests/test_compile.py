@@ -68,3 +68,57 @@ def test_committed_report_covers_every_variant():
     assert {(r["kernel"], r["arch"]) for r in committed["rows"]} == {
         (v.name, arch) for v in VARIANTS for arch in ("sm_80", "sm_90a")}
     assert committed["summary"]["spills"] == 0
+
+
+# A step in a process where triton compiles for sm_90 and launches nothing (tests/_compile_only.py):
+# the GPU test of "a new lr never recompiles" counts compiled variants with _launch.compiled_variants;
+# this runs the same count against triton's real cache on CPU.
+COMPILE_ONLY_STEPS = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import _compile_only  # noqa: F401  (first: the stand-in driver and the compile-only launch)
+import torch
+from triton.compiler import CompiledKernel
+import mechgpu.optim as mo
+from mechgpu.kernels import optim as kernels
+from mechgpu.kernels._launch import compiled_variants
+
+name = {name!r}
+kernel = {{"Adam": kernels.adam_kernel, "RMSprop": kernels.rmsprop_kernel, "SGD": kernels.sgd_kernel}}[name]
+params = [torch.randn(n, requires_grad=True) for n in (1000, 4097)]
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = getattr(mo, name)(params, lr=1e-3, max_grad_norm=1.0, **({{}} if name == "Adam" else {{"momentum": 0.9}}))
+counts = {{}}
+opt.step()
+counts["first step"] = compiled_variants(kernel)
+for lr in (2e-3, 5e-4, 1.0, 0.0):
+    opt.param_groups[0]["lr"] = lr
+    opt.step()
+counts["float lrs"] = compiled_variants(kernel)
+opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+opt.step()
+counts["tensor lr"] = compiled_variants(kernel)
+opt.param_groups[0]["lr"].fill_(3e-3)
+opt.step()
+opt.param_groups[0]["lr"] = torch.tensor(5e-4)
+opt.step()
+counts["tensor lrs"] = compiled_variants(kernel)
+cached = [k for entry in kernel.device_caches.values() for k in entry[0].values()]
+counts["all CompiledKernel"] = all(isinstance(k, CompiledKernel) for k in cached)
+counts["cubins"] = sum(bool(k.asm.get("cubin")) for k in cached)
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
+def test_new_lr_never_recompiles_counted_in_triton_cache(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_ONLY_STEPS.format(tests=os.path.join(ROOT, "tests"), name=name)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    # A float lr is one variant and any float keeps it; a tensor lr is read through a pointer (one more
+    # variant, IS_PTR), and a new tensor or new value keeps that one.
+    assert counts == {"first step": 1, "float lrs": 1, "tensor lr": 2, "tensor lrs": 2,
+                      "all CompiledKernel": True, "cubins": 2}, counts

@@ -21,7 +21,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES
+from conftest import DEVICES, KERNEL_DEVICE, count_launches
 from mechgpu.kernels import init as K
 from scipy import integrate, stats
 from torch import nn
@@ -452,6 +452,7 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("name,args,kwargs", ERROR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ERROR_CASES)])
 def test_errors_are_torchs(name, args, kwargs):
+    args = tuple(a.to(KERNEL_DEVICE) if torch.is_tensor(a) else a for a in args)  # else torch's fallback runs
     expected = torch_error(getattr(torch.nn.init, name), *args, **kwargs)
     with pytest.raises(type(expected), match=re.escape(str(expected))):
         getattr(mi, name)(*args, **kwargs)
@@ -459,12 +460,12 @@ def test_errors_are_torchs(name, args, kwargs):
 
 def test_trunc_normal_empty_interval_and_far_mean():
     with pytest.raises(RuntimeError, match=re.escape("uniform_ expects to return a [from, to) range")):
-        mi.trunc_normal_(torch.empty(4), 0.0, 1.0, 1.0, -1.0)
+        mi.trunc_normal_(torch.empty(4, device=KERNEL_DEVICE), 0.0, 1.0, 1.0, -1.0)
     message = "mean is more than 2 std from [a, b] in nn.init.trunc_normal_"
     with pytest.warns(UserWarning, match=re.escape(message)):
         torch.nn.init.trunc_normal_(torch.empty(4), 5.0, 1.0, -1.0, 1.0)
     with pytest.warns(UserWarning, match=re.escape(message)):
-        x = mi.trunc_normal_(torch.empty(4000), 5.0, 1.0, -1.0, 1.0)
+        x = mi.trunc_normal_(torch.empty(4000, device=KERNEL_DEVICE), 5.0, 1.0, -1.0, 1.0)
     assert x.min().item() >= -1.0 and x.max().item() <= 1.0 and x.mean().item() > 0.7
 
 
@@ -570,11 +571,9 @@ def test_init_model_fills_everything_in_one_launch(device, distribution, monkeyp
                           nn.LayerNorm(10)).to(device)
     for p in model.parameters():
         p.data.fill_(float("nan"))
-    launches = count_launches(monkeypatch) if device == "cpu" else None
+    launches = count_launches(monkeypatch)
     table = mi.init_model(model, distribution=distribution)
-    assert table.launches == 1
-    if launches is not None:
-        assert launches() == 1
+    assert table.launches == 1 and launches() == 1
     assert table.untouched == ["5.weight", "5.bias"]
     for row, layer in zip(table, (model[0], model[2], model[4])):
         expected = {"kaiming": math.sqrt(2 / 256), "xavier": (5 / 3) * math.sqrt(2 / 256)}
@@ -593,23 +592,8 @@ def test_init_model_fills_everything_in_one_launch(device, distribution, monkeyp
     assert not torch.equal(before, model2[0].weight)
 
 
-def count_launches(monkeypatch):
-    """Count kernel launches in the interpreter (wraps GridExecutor.__call__)."""
-    from triton.runtime import interpreter
-
-    calls = []
-    original = interpreter.GridExecutor.__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting)
-    return lambda: len(calls)
-
-
 def test_init_model_schemes_and_errors():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).to(KERNEL_DEVICE)
     assert [(r.rule, round(r.gain, 4)) for r in mi.init_model(model, "xavier")] == [("xavier", 1.0)] * 3
     assert [(r.rule, round(r.gain, 4)) for r in mi.init_model(model, "kaiming")] == \
         [("kaiming", 1.4142), ("kaiming", 1.6667), ("kaiming", 1.0)]

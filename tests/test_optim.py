@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, KERNEL_DEVICE, gpu, requires_cuda
+from conftest import DEVICES, KERNEL_DEVICE, count_launches, gpu, requires_cuda
 
 import mechgpu.optim as mo
 
@@ -350,22 +350,22 @@ def test_unaligned_and_permuted_params(name, device):
 # ----------------------------------------------------------------------------------
 def _bad_inputs():
     def sparse(p):
-        p.grad = torch.sparse_coo_tensor([[0]], [1.0], p.shape)
+        p.grad = torch.sparse_coo_tensor([[0]], [1.0], p.shape, device=p.device)
 
     def grad_dtype(p):
         p.grad = torch.zeros_like(p)
-        p.grad.data = torch.zeros(p.shape, dtype=torch.float64)
+        p.grad.data = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
 
     def grad_shape(p):
         p.grad = torch.zeros_like(p)
-        p.grad.data = torch.zeros(p.numel() + 1)
+        p.grad.data = torch.zeros(p.numel() + 1, device=p.device)
 
     def grad_strides(p):
-        p.data = torch.randn(6, 4)
-        p.grad = torch.zeros(4, 6).t()
+        p.data = torch.randn(6, 4, device=p.device)
+        p.grad = torch.zeros(4, 6, device=p.device).t()
 
     def non_contiguous(p):
-        p.data = torch.randn(10, 8)[:, ::2]
+        p.data = torch.randn(10, 8, device=p.device)[:, ::2]
         p.grad = torch.zeros_like(p)
 
     def float64(p):
@@ -373,7 +373,7 @@ def _bad_inputs():
         p.grad = torch.zeros_like(p)
 
     def complex_param(p):
-        p.data = torch.randn(3, dtype=torch.complex64)
+        p.data = torch.randn(3, dtype=torch.complex64, device=p.device)
         p.grad = torch.zeros_like(p)
 
     return [
@@ -391,8 +391,8 @@ def _bad_inputs():
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
 @pytest.mark.parametrize("spoil,exc,message", _bad_inputs(), ids=lambda x: getattr(x, "__name__", ""))
 def test_bad_input_raises_and_changes_nothing(name, spoil, exc, message):
-    good = make_params((100, 7), "cpu", seed=9)
-    bad = make_params((5, 24), "cpu", seed=10)
+    good = make_params((100, 7), KERNEL_DEVICE, seed=9)
+    bad = make_params((5, 24), KERNEL_DEVICE, seed=10)
     kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
     opt = getattr(mo, name)([{"params": good}, {"params": bad}], lr=0.1, **kwargs)
     for p in good + bad:
@@ -429,32 +429,22 @@ def test_params_on_different_devices_in_one_group():
 # ----------------------------------------------------------------------------------
 # one launch per (group, dtype), whatever the number of tensors
 # ----------------------------------------------------------------------------------
-@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreter launches; CPU only")
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
 def test_launches_per_step_do_not_grow_with_tensors(name, monkeypatch):
-    from triton.runtime.interpreter import GridExecutor
-
-    launches = []
-    original = GridExecutor.__call__
-
-    def counting(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GridExecutor, "__call__", counting)
+    launches = count_launches(monkeypatch)
     counts = {}
     for n_tensors in (3, 40):
-        fp32 = make_params([5 + i for i in range(n_tensors)], "cpu")
-        bf16 = make_params([5 + i for i in range(n_tensors)], "cpu", torch.bfloat16)
-        opt = getattr(mo, name)([{"params": fp32 + bf16}, {"params": fp32[:0] + make_params((9,), "cpu")}],
-                                lr=0.1, momentum=0.9) if name != "Adam" else \
-            mo.Adam([{"params": fp32 + bf16}, {"params": make_params((9,), "cpu")}])
+        fp32 = make_params([5 + i for i in range(n_tensors)], KERNEL_DEVICE)
+        bf16 = make_params([5 + i for i in range(n_tensors)], KERNEL_DEVICE, torch.bfloat16)
+        last = make_params((9,), KERNEL_DEVICE)
+        opt = getattr(mo, name)([{"params": fp32 + bf16}, {"params": last}], lr=0.1, momentum=0.9) \
+            if name != "Adam" else mo.Adam([{"params": fp32 + bf16}, {"params": last}])
         gen = torch.Generator().manual_seed(11)
         for _ in range(3):
             set_random_grads([[p for g in opt.param_groups for p in g["params"]]], gen)
-            launches.clear()
+            before = launches()
             opt.step()
-        counts[n_tensors] = len(launches)
+        counts[n_tensors] = launches() - before
     # group 0 holds fp32 and bf16 params: two launches; group 1: one
     assert counts == {3: 3, 40: 3}
 
@@ -495,6 +485,7 @@ print("ok")
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
 def test_step_never_syncs_and_new_lr_never_recompiles(name):
     from mechgpu.kernels import optim as kernels
+    from mechgpu.kernels._launch import compiled_variants
 
     params = make_params((1000, 4097), "cuda")
     opt = getattr(mo, name)(params, lr=1e-3, **({"momentum": 0.9} if name != "Adam" else {}))
@@ -504,10 +495,7 @@ def test_step_never_syncs_and_new_lr_never_recompiles(name):
     opt.step()  # first steps may upload tables
     kernel = {"Adam": kernels.adam_kernel, "RMSprop": kernels.rmsprop_kernel, "SGD": kernels.sgd_kernel}[name]
 
-    def compiled_variants():  # device_caches[device][0] maps a specialisation key to its CompiledKernel
-        return sum(len(entry[0]) for entry in kernel.device_caches.values())
-
-    compiled = compiled_variants()
+    compiled = compiled_variants(kernel)
     torch.cuda.set_sync_debug_mode("error")
     try:
         for lr in (1e-3, 2e-3, 5e-4):
@@ -515,7 +503,7 @@ def test_step_never_syncs_and_new_lr_never_recompiles(name):
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert compiled >= 1 and compiled_variants() == compiled
+    assert compiled >= 1 and compiled_variants(kernel) == compiled
 
 
 def test_cached_tables_follow_moved_params_and_grads():
@@ -524,7 +512,7 @@ def test_cached_tables_follow_moved_params_and_grads():
     ref_p = clone_params(ours_p)
     ours, ref = mo.Adam(ours_p, lr=1e-2), torch.optim.Adam(ref_p, lr=1e-2)
     gen = torch.Generator().manual_seed(12)
-    grads = [torch.randn(p.shape, generator=gen) for p in ours_p]
+    grads = [torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE) for p in ours_p]
     for a, b, g in zip(ours_p, ref_p, grads):
         a.grad, b.grad = g.clone(), g.clone()
     ours.step()

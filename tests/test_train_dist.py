@@ -55,6 +55,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out = {kind: _curve(kind, rank, WORLD) for kind in ("ddp", "fsdp")}
         finally:
             dist.destroy_process_group()
+        if rank == 0:  # the single-process reference, here so that it runs in the interpreter as the ranks do
+            out["single"] = _curve(None, 0, 1)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -85,7 +87,8 @@ def curves(tmp_path_factory):
     errors = "".join((tmp / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp / f"rank{r}.err").exists())
     if failure or errors:
         pytest.fail(f"distributed trainer failed: {failure}\n{errors}", pytrace=False)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)], _curve(None, 0, 1)
+    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return ranks, ranks[0]["single"]
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

@@ -1,0 +1,134 @@
+"""bench/device_session.py, the one call a lent GPU gets: its plan fits the budget, it drops and
+kills what would not fit, records every step, and its whole CPU form (--cpu-smoke) runs here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import HAS_CUDA
+
+from mechgpu import bench
+
+sys.path.insert(0, str(bench.BENCH_DIR))
+import device_session as ds  # noqa: E402
+
+SMOKE_TIMEOUT_S = 900  # the smoke session takes about 90 s on two cores; this only stops a hang
+
+
+def test_dry_run_plans_every_step_within_the_default_budget():
+    out = subprocess.run([sys.executable, str(bench.BENCH_DIR / "device_session.py"), "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    total, budget = map(float, re.search(r"planned total: (\d+) s of (\d+) s", out.stdout).groups())
+    assert budget == ds.DEFAULT_BUDGET_S == 480
+    assert total == sum(step.estimate_s for step in ds.STEPS) <= budget
+    assert "dropped" not in out.stdout
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and " s " in line
+              and "basis:" not in line]
+    assert listed == [step.name for step in ds.STEPS]
+    assert set(ds.ESTIMATES_BASIS) == {step.name for step in ds.STEPS}
+
+
+def _step(name: str, estimate_s: float, run=None) -> ds.Step:
+    return ds.Step(name, estimate_s, f"fake {name}", run or (lambda s, deadline: {"status": "ok"}))
+
+
+def test_plan_keeps_the_steps_whose_estimates_fit_in_what_is_left():
+    steps = (_step("a", 30), _step("b", 50), _step("c", 40), _step("d", 20))
+    assert [fits for _, fits in ds.plan(steps, 100)] == [True, True, False, True]
+    assert [fits for _, fits in ds.plan(steps, 29)] == [False, False, False, True]
+
+
+def _session(tmp_path: Path, budget_s: float) -> ds.Session:
+    return ds.Session(out=tmp_path, smoke=False, budget_s=budget_s, warmup_ms=1, rep_ms=1, device="cpu",
+                      archive=tmp_path.parent / f"{tmp_path.name}.tgz")
+
+
+def test_run_steps_skips_kills_and_records_every_step(tmp_path):
+    def sleeper(s: ds.Session, deadline: float) -> dict:
+        s.sh("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+             deadline=time.monotonic() + 1.0)
+        return {"status": "ok"}
+
+    def broken(s, deadline):
+        raise ValueError("no such thing")
+
+    steps = (_step("first", 0.01), _step("too-long", 10_000), _step("broken", 0.01, broken),
+             _step("sleeper", 0.01, sleeper), _step("last", 0.01))
+    s = _session(tmp_path, budget_s=60)
+    start = time.monotonic()
+    ds.run_steps(s, steps)
+    assert time.monotonic() - start < 30, "the sleeping command was not killed at its deadline"
+    status = {r["step"]: r["status"] for r in s.results}
+    assert status == {"first": "ok", "too-long": "skipped: its estimate, 10000 s, is over the 60 s left",
+                      "broken": "failed", "sleeper": "killed: out of time", "last": "ok"}
+    assert next(r for r in s.results if r["step"] == "broken")["error"] == "ValueError: no such thing"
+    assert "started" in (tmp_path / "cpu-session" / "sleeper.log").read_text()
+    doc = json.loads((tmp_path / "cpu-session.json").read_text())
+    assert [r["step"] for r in doc["steps"]] == [step.name for step in steps]
+    with tarfile.open(s.archive) as tar:
+        assert {"cpu-session.json", "cpu-session.md", "cpu-session/sleeper.log"} <= set(tar.getnames())
+    table = (tmp_path / "cpu-session.md").read_text()
+    assert "| too-long | skipped: its estimate" in table and "| broken | failed | ValueError: no such thing" in table
+
+
+def test_a_failed_preflight_stops_the_session(tmp_path):
+    steps = (_step("preflight", 0.01, lambda s, d: {"status": "failed", "error": "pip install -e . exited 1"}),
+             _step("gpu-tests", 0.01))
+    s = _session(tmp_path, budget_s=60)
+    ds.run_steps(s, steps)
+    assert [r["status"] for r in s.results] == ["failed", "skipped: the preflight failed"]
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite tests="7" failures="1" errors="2" skipped="3"/></testsuites>')
+    assert ds.junit_counts(xml) == {"tests": 7, "failures": 1, "errors": 2, "skipped": 3, "passed": 1}
+    assert ds.junit_counts(tmp_path / "missing.xml")["tests"] == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU form of the session; on a GPU host run the session itself")
+def test_cpu_smoke_session_runs_every_step(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "session.tgz"
+    run = subprocess.run([sys.executable, str(bench.BENCH_DIR / "device_session.py"), "--cpu-smoke", "--out", str(out),
+                          "--archive", str(archive)], capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    doc = json.loads((out / "cpu-session.json").read_text())
+    steps = {r["step"]: r for r in doc["steps"]}
+    assert list(steps) == [step.name for step in ds.STEPS]
+    assert all(r["status"] == "ok" for r in doc["steps"]), doc["steps"]
+    assert doc["smoke"] and doc["torch"] and doc["triton"]
+    # the GPU tests were selected and skipped here; the checks all ran and passed
+    tests = steps["gpu-tests"]
+    assert tests["tests"] > 300 and tests["skipped"] == tests["tests"] and tests["failures"] == tests["errors"] == 0
+    check = json.loads((out / "cpu-check.json").read_text())
+    assert check["failed"] == 0 and check["checks"] == steps["check"]["checks"] > 200 and check["quick"]
+    assert "without compute-sanitizer" in steps["sanitizer"]["note"]
+    # the benchmarks merged as `mechgpu bench` merges them, with the session's selections
+    merged = json.loads((out / "cpu.json").read_text())
+    assert merged["smoke"] and merged["session"] == {"warmup_ms": ds.SESSION_WARMUP_MS, "rep_ms": ds.SESSION_REP_MS}
+    assert set(merged["benchmarks"]) == set(ds.BENCH_SCRIPTS)
+    activations = merged["benchmarks"]["activations"]["rows"]
+    assert {(r["activation"], r["dtype"]) for r in activations} == {("relu", "bf16"), ("gelu", "bf16")}
+    assert {(r["impl"], r["checkpoint"]) for r in merged["benchmarks"]["train"]["rows"]} == {
+        ("mechgpu", "none"), ("mechgpu", "sqrt")}
+    optim_rows = merged["benchmarks"]["optim"]["rows"]
+    keys = [(r["list"], r["optimizer"], r["implementation"]) for r in optim_rows]
+    assert len(keys) == len(set(keys)) and all(r["host_ms"] > 0 for r in optim_rows)
+    assert bench.bandwidth_rows(merged)
+    for name in ("cpu.md", "cpu-bandwidth.png", "cpu-train.png", "cpu-session.md"):
+        assert (out / name).stat().st_size > 0, name
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"cpu-session.json", "cpu.json", "cpu-check.json", "cpu-session/gpu-tests.xml"} <= names
+    # the README's results section reads it (smoke runs only when asked: never from bench/results)
+    section = bench.render_results(out, include_smoke=True)
+    assert f"cpu, torch {doc['torch']}" in section and f"{len(ds.STEPS)} of {len(ds.STEPS)} steps ok" in section
+    assert "No device session is committed yet" in bench.render_results(out)
