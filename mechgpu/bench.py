@@ -41,6 +41,7 @@ END = "<!-- end of generated results -->"
 class Script:
     name: str  # bench/<name>.py
     quick: tuple[str, ...] = ()  # arguments of the --quick run on a GPU
+    timed: bool = True  # times with do_bench, so takes --warmup-ms and --rep-ms
 
 
 SUITE = (
@@ -49,7 +50,7 @@ SUITE = (
     Script("mixed_precision"),
     Script("activations", ("--sizes", "16M", "--no-compile")),
     Script("init"),
-    Script("train"),
+    Script("train", timed=False),
 )
 #: scripts in bench/ that run alone, outside the suite, and why
 STANDALONE = {
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for <device>.json, .md and the plots (default: bench/results on a GPU, "
                              "a temporary folder without one)")
+    parser.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up per timed call, passed "
+                        "to every script that times with do_bench (default: the scripts' own)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time, passed likewise")
     parser.add_argument("--readme", action="store_true",
                         help="run nothing; regenerate the README's results section from bench/results/")
 
@@ -92,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         wall = {}
         for script in scripts:
             extra = ["--smoke"] if smoke else list(script.quick) if args.quick else []
+            for flag, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms)):
+                if script.timed and value is not None:
+                    extra += [flag, str(value)]
             command = [sys.executable, str(BENCH_DIR / f"{script.name}.py"), *extra, "--out", parts]
             print(f"\n=== {' '.join(command[1:])}", flush=True)
             start = time.perf_counter()

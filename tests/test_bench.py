@@ -32,6 +32,13 @@ def test_suite_covers_every_benchmark_script():
     assert not {s.name for s in bench.SUITE} & set(bench.STANDALONE)
 
 
+def test_timing_options_reach_exactly_the_scripts_that_take_them():
+    """`mechgpu bench --warmup-ms/--rep-ms` passes them to the scripts marked timed, and only those accept them."""
+    for script in bench.SUITE:
+        text = (bench.BENCH_DIR / f"{script.name}.py").read_text()
+        assert ("add_timing_arguments(parser)" in text) == script.timed, script.name
+
+
 def test_step_overhead_smoke(tmp_path):
     """bench/step_overhead.py, which runs outside the suite, in its --smoke form."""
     script = bench.BENCH_DIR / "step_overhead.py"
