@@ -29,10 +29,15 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard
-from .multi_tensor import MultiTensorPlan
+from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
-NORM_COLUMNS = 3
+#: One row per tensor: its address, element count and dtype code (DTYPE_CODES).
+TABLE = TableLayout("address", "numel", "dtype_code")
+_COL_ADDRESS = TABLE.constexpr("address")
+_COL_NUMEL = TABLE.constexpr("numel")
+_COL_DTYPE_CODE = TABLE.constexpr("dtype_code")
+_NCOL = tl.constexpr(TABLE.width)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Norm kinds (constexpr): the code each p needs is different. (p = 0 is not a reduction
@@ -86,8 +91,8 @@ def _load_typed(ptr, offs, mask):
 @triton.jit
 def _load_any(row, offs, mask, ALIGNED: tl.constexpr):
     """The block of a tensor of any float dtype, as fp32 (zeros where masked)."""
-    code = tl.load(row + 2)
-    address = tl.load(row)
+    code = tl.load(row + _COL_DTYPE_CODE)
+    address = tl.load(row + _COL_ADDRESS)
     if code == 0:
         x = _load_typed(_typed_ptr(address, tl.float32, ALIGNED), offs, mask)
     elif code == 1:
@@ -192,8 +197,8 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, acc_ptr, out_ptr, grad_sca
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)
     block_idx = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor_idx.to(tl.int64) * 3
-    numel = tl.load(row + 1)
+    row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
+    numel = tl.load(row + _COL_NUMEL)
     start = block_idx.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
@@ -218,8 +223,8 @@ def grad_norm_finalize_kernel(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_n
 
 @triton.jit
 def _scale_any(row, offs, mask, coef, ALIGNED: tl.constexpr):
-    code = tl.load(row + 2)
-    address = tl.load(row)
+    code = tl.load(row + _COL_DTYPE_CODE)
+    address = tl.load(row + _COL_ADDRESS)
     if code == 0:
         _scale_typed(_typed_ptr(address, tl.float32, ALIGNED), offs, mask, coef)
     elif code == 1:
@@ -243,8 +248,8 @@ def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, ALIGNED: tl.constexpr, BL
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)
     block_idx = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor_idx.to(tl.int64) * 3
-    numel = tl.load(row + 1)
+    row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
+    numel = tl.load(row + _COL_NUMEL)
     coef = tl.load(coef_ptr).to(tl.float32)
     start = block_idx.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -260,7 +265,16 @@ def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, ALIGNED: tl.constexpr, BL
 # launchers
 # ----------------------------------------------------------------------------------
 def norm_rows(tensors: list[torch.Tensor]) -> list[list[int]]:
-    return [[t.data_ptr(), t.numel(), DTYPE_CODES[t.dtype]] for t in tensors]
+    return [TABLE.row(address=t.data_ptr(), numel=t.numel(), dtype_code=DTYPE_CODES[t.dtype]) for t in tensors]
+
+
+def plan_workspace(plan: MultiTensorPlan, kind: int) -> torch.Tensor:
+    """The plan's own fp64 workspace for norms of ``kind``, made on first use (so a captured
+    step allocates and copies nothing) and reset by the kernels after each use."""
+    workspace = plan.workspaces.get(kind)
+    if workspace is None:
+        workspace = plan.workspaces[kind] = new_workspace(kind, plan.device)
+    return workspace
 
 
 def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float,

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard, fill_block, fill_warps
-from .multi_tensor import MultiTensorPlan
+from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
 KIND_UNIFORM = tl.constexpr(0)
@@ -63,17 +63,17 @@ KIND_NORMAL = tl.constexpr(1)
 KIND_TRUNC_NORMAL = tl.constexpr(2)
 KIND_CONSTANT = tl.constexpr(3)
 
-# Columns of the MultiTensorPlan table of a multi-tensor fill (its own layout, eight int64
-# columns; two fp32 parameters share one column).
-_COL_PTR = tl.constexpr(0)
-_COL_STREAM = tl.constexpr(1)
-_COL_LOC_SCALE = tl.constexpr(2)
-_COL_LO_HI = tl.constexpr(3)
-_COL_CDF_LO_SF_HI = tl.constexpr(4)
-_COL_CDF_HI_MASS = tl.constexpr(5)
-_COL_NUMEL = tl.constexpr(6)
-_COL_KIND = tl.constexpr(7)
-_NCOL = tl.constexpr(8)
+#: The table of a multi-tensor fill: one row per tensor, two fp32 parameters packed per column.
+TABLE = TableLayout("ptr", "stream", "loc_scale", "lo_hi", "cdf_lo_sf_hi", "cdf_hi_mass", "numel", "kind")
+_COL_PTR = TABLE.constexpr("ptr")
+_COL_STREAM = TABLE.constexpr("stream")
+_COL_LOC_SCALE = TABLE.constexpr("loc_scale")
+_COL_LO_HI = TABLE.constexpr("lo_hi")
+_COL_CDF_LO_SF_HI = TABLE.constexpr("cdf_lo_sf_hi")
+_COL_CDF_HI_MASS = TABLE.constexpr("cdf_hi_mass")
+_COL_NUMEL = TABLE.constexpr("numel")
+_COL_KIND = TABLE.constexpr("kind")
+_NCOL = tl.constexpr(TABLE.width)
 
 
 # ----------------------------------------------------------------------------------
@@ -401,10 +401,11 @@ class FillPlan:
             numels, rows = grouped.setdefault((t.device, t.dtype, t.data_ptr() % 16 == 0), ([], []))
             loc_scale, lo_hi, cdf_lo_sf_hi, cdf_hi_mass = _pack_pairs([f.fp32_params()])[0]
             numels.append(t.numel())
-            rows.append([t.data_ptr(), stream, loc_scale, lo_hi, cdf_lo_sf_hi, cdf_hi_mass, t.numel(), f.kind])
+            rows.append(TABLE.row(ptr=t.data_ptr(), stream=stream, loc_scale=loc_scale, lo_hi=lo_hi,
+                                  cdf_lo_sf_hi=cdf_lo_sf_hi, cdf_hi_mass=cdf_hi_mass, numel=t.numel(), kind=f.kind))
         self._buckets = []
         for (device, dtype, aligned), (numels, rows) in grouped.items():
-            plan = MultiTensorPlan(numels, device, ncol=int(_NCOL))
+            plan = MultiTensorPlan(numels, device, TABLE)
             plan.set_rows(rows)
             self._buckets.append((plan, _TL_DTYPES[dtype], aligned))
 

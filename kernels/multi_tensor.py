@@ -2,9 +2,10 @@
 
 A multi-tensor launch reads two tables:
 
-* the *tensor table*, int64 ``[T, ncol]``: for an optimizer, tensor ``t``'s param, grad,
-  up to three state buffers, its fp32 step counter, its element count and its fp32
-  master copy (columns ``COL_*``); other kernels define their own columns;
+* the *tensor table*, int64 ``[T, ncol]``: one row per tensor, whose columns the kernel
+  module that reads it declares once as a ``TableLayout`` (the optimizers' param, grad,
+  states, step, element count and master copy in ``optim.TABLE``; the norms' address,
+  element count and dtype code in ``clip.TABLE``), and builds with ``layout.row(...)``;
 * the *block table*, int32 ``[P, 2]``: program ``pid`` works on block
   ``blocks[pid, 1]`` of tensor ``blocks[pid, 0]``. Every tensor gets at least one
   program, so a tensor with no elements still has its step counted.
@@ -24,18 +25,41 @@ launches of that owner only. The owner confirms every address before it is uploa
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
 from ._launch import multi_tensor_block, multi_tensor_warps
 
-# Optimizer tables: one row per tensor. (The norm kernels use their own three columns.)
-COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_STATE2, COL_STEP, COL_NUMEL, COL_MASTER = range(8)
-NCOL = 8
+
+class TableLayout:
+    """The columns of a tensor table, declared once by the kernel module that reads them.
+
+    ``index(name)`` is a column's position for the host, ``constexpr(name)`` the same for a
+    kernel, and ``row(**values)`` one table row by column name (columns not given are 0).
+    """
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.width = len(names)
+        self._index = {name: i for i, name in enumerate(names)}
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def constexpr(self, name: str) -> tl.constexpr:
+        return tl.constexpr(self._index[name])
+
+    def row(self, **values: int) -> list[int]:
+        unknown = set(values) - set(self._index)
+        if unknown:
+            raise KeyError(f"no column {sorted(unknown)} in this table (its columns: {', '.join(self.names)})")
+        return [int(values.get(name, 0)) for name in self.names]
 
 
 class MultiTensorPlan:
     """The tables and launch shape for one fixed list of tensor sizes on one device."""
 
-    def __init__(self, numels: list[int], device: torch.device, ncol: int = NCOL) -> None:
+    def __init__(self, numels: list[int], device: torch.device, layout: TableLayout) -> None:
+        self.layout = layout
         self.numels = list(numels)
         self.device = device
         self.block = multi_tensor_block(self.numels)
@@ -51,7 +75,7 @@ class MultiTensorPlan:
         # to finish does the tensor's epilogue and resets its slot, so it is all zeros
         # between launches.
         self.done = torch.zeros(max(1, len(self.numels)), dtype=torch.int32, device=device)
-        self.table = torch.zeros((len(self.numels), ncol), dtype=torch.int64, device=device)
+        self.table = torch.zeros((len(self.numels), layout.width), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None
         self.workspaces: dict = {}  # scratch buffers of the owner's kernels, made once
         self.uploads = 0  # host-to-device copies of the table so far (a steady state makes none)
@@ -63,8 +87,9 @@ class MultiTensorPlan:
             self._uploaded = [list(row) for row in rows]
             self.uploads += 1
 
-    def set_column(self, col: int, values: list[int]) -> None:
+    def set_column(self, name: str, values: list[int]) -> None:
         """Upload one column (say, the grad addresses of a new step) if it changed."""
+        col = self.layout.index(name)
         uploaded = self._uploaded
         if uploaded is not None and all(row[col] == v for row, v in zip(uploaded, values)):
             return

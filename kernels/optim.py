@@ -36,18 +36,38 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard
-from .multi_tensor import MultiTensorPlan
+from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
-_COL_PARAM = tl.constexpr(0)
-_COL_GRAD = tl.constexpr(1)
-_COL_STATE0 = tl.constexpr(2)
-_COL_STATE1 = tl.constexpr(3)
-_COL_STATE2 = tl.constexpr(4)
-_COL_STEP = tl.constexpr(5)
-_COL_NUMEL = tl.constexpr(6)
-_COL_MASTER = tl.constexpr(7)
-_NCOL = tl.constexpr(8)
+#: One row per tensor: its param, grad, up to three states (adam: exp_avg, exp_avg_sq,
+#: max_exp_avg_sq; rmsprop: square_avg, momentum_buffer, grad_avg; sgd: momentum_buffer),
+#: its fp32 step counter, its element count and its fp32 master copy.
+TABLE = TableLayout("param", "grad", "state0", "state1", "state2", "step", "numel", "master")
+_COL_PARAM = TABLE.constexpr("param")
+_COL_GRAD = TABLE.constexpr("grad")
+_COL_STATE0 = TABLE.constexpr("state0")
+_COL_STATE1 = TABLE.constexpr("state1")
+_COL_STATE2 = TABLE.constexpr("state2")
+_COL_STEP = TABLE.constexpr("step")
+_COL_NUMEL = TABLE.constexpr("numel")
+_COL_MASTER = TABLE.constexpr("master")
+_NCOL = tl.constexpr(TABLE.width)
+_STATE_COLUMNS = ("state0", "state1", "state2")
+
+
+def row_is_aligned(row: list[int]) -> bool:
+    """Whether every address the kernel streams through (not the step counter) is 16-byte aligned,
+    as the ``ALIGNED`` variant assumes; columns left 0 are."""
+    return all(row[TABLE.index(c)] % 16 == 0 for c in ("param", "grad", *_STATE_COLUMNS, "master"))
+
+
+def table_row(*, param: int, grad: int, states: list[int], step: int, numel: int, master: int = 0) -> list[int]:
+    """One optimizer table row; ``states`` are the addresses of the kernel's state columns in
+    order (0 for one the kernel does not read)."""
+    if len(states) > len(_STATE_COLUMNS):
+        raise ValueError(f"at most {len(_STATE_COLUMNS)} state columns, got {len(states)}")
+    return TABLE.row(param=param, grad=grad, step=step, numel=numel, master=master,
+                     **dict(zip(_STATE_COLUMNS, states)))
 
 
 # ----------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def _plan_for(plans: Plans, key: tuple, tensors: list[torch.Tensor]) -> MultiTen
     numels = [t.numel() for t in tensors]
     plan = plans.get(key)
     if plan is None or plan.numels != numels:
-        plan = plans[key] = MultiTensorPlan(numels, key[0], ncol=clip_kernels.NORM_COLUMNS)
+        plan = plans[key] = MultiTensorPlan(numels, key[0], clip_kernels.TABLE)
     plan.set_rows(clip_kernels.norm_rows(tensors))
     return plan
 
@@ -90,9 +90,7 @@ def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: f
         device, aligned, groups = key
         if not groups and device == out.device:
             plan = _plan_for(plans, key, members)
-            workspace = plan.workspaces.get(kind)
-            if workspace is None:  # made once: nothing is allocated or copied in a captured step
-                workspace = plan.workspaces[kind] = clip_kernels.new_workspace(kind, device)
+            workspace = clip_kernels.plan_workspace(plan, kind)
             clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
                                    aligned=aligned, grad_scale=grad_scale)
             return

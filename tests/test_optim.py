@@ -549,3 +549,19 @@ def test_update_norm_from_the_kernel(name, device):
         assert expected > 0
         torch.testing.assert_close(opt.last_update_norm.double().cpu(), expected.cpu(), rtol=1e-5, atol=0)
     assert getattr(mo, name)(params, lr=0.1, **kwargs).last_update_norm is None
+
+
+def test_table_rows_are_built_by_column_name():
+    """Each kernel module declares its table once; a row names its columns, so a new column cannot shift the rest."""
+    from mechgpu.kernels import optim as kernels
+
+    row = kernels.table_row(param=16, grad=32, states=[48, 64], step=8, numel=5, master=80)
+    assert row == [16, 32, 48, 64, 0, 8, 5, 80] and len(row) == kernels.TABLE.width
+    assert kernels.row_is_aligned(row)
+    assert not kernels.row_is_aligned(kernels.table_row(param=16, grad=32, states=[52], step=8, numel=5))
+    # the step counter is not streamed, so its alignment does not matter
+    assert kernels.row_is_aligned(kernels.table_row(param=16, grad=32, states=[], step=4, numel=5))
+    with pytest.raises(KeyError, match="no column"):
+        kernels.TABLE.row(parm=1)
+    with pytest.raises(ValueError, match="at most 3 state columns"):
+        kernels.table_row(param=0, grad=0, states=[0, 0, 0, 0], step=0, numel=0)

@@ -23,7 +23,8 @@ import torch
 
 from .._backend import PLAIN_TENSORS, is_dense, kernels_run_on, warn_fallback_once
 from .._backend import local as _local
-from ..kernels.multi_tensor import COL_GRAD, COL_NUMEL, MultiTensorPlan
+from ..kernels import optim as optim_kernels
+from ..kernels.multi_tensor import MultiTensorPlan
 from ..kernels.optim import Precision, StepControl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -163,7 +164,7 @@ class _GroupCache:
         """Point the tables at the grads ``confirm`` accepted (an upload only if they moved)."""
         if self.pending_grads is not None:
             for bucket in self.buckets:
-                bucket.plan.set_column(COL_GRAD, [self.pending_grads[i] for i in bucket.indices])
+                bucket.plan.set_column("grad", [self.pending_grads[i] for i in bucket.indices])
             self.pending_grads = None
 
 
@@ -545,12 +546,13 @@ class FusedOptimizer:
             state = self.state[p]
             step = self._step_counter(p)
             local = _local(p)
-            ptrs = [local.data_ptr(), _local(p.grad).data_ptr()]
-            ptrs += [_local(state[k]).data_ptr() if k is not None else 0 for k in state_keys]
-            master = _local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0
-            aligned = all(ptr % 16 == 0 for ptr in ptrs) and master % 16 == 0
-            ptrs += [0] * (5 - len(ptrs))
-            rows.append(ptrs + [step.data_ptr(), local.numel(), master])
+            row = optim_kernels.table_row(
+                param=local.data_ptr(), grad=_local(p.grad).data_ptr(),
+                states=[_local(state[k]).data_ptr() if k is not None else 0 for k in state_keys],
+                step=step.data_ptr(), numel=local.numel(),
+                master=_local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0)
+            aligned = optim_kernels.row_is_aligned(row)
+            rows.append(row)
             by_bucket.setdefault((p.dtype, aligned), []).append(index)
             kernel_keys = self._kernel_keys(p, group)
             keys.append(kernel_keys)
@@ -562,10 +564,10 @@ class FusedOptimizer:
         old_plans = {} if old is None else {(b.dtype, b.aligned): b.plan for b in old.buckets}
         buckets = []
         for (dtype, aligned), indices in by_bucket.items():
-            numels = [rows[i][COL_NUMEL] for i in indices]
+            numels = [_local(params[i]).numel() for i in indices]
             plan = old_plans.get((dtype, aligned))
             if plan is None or plan.numels != numels or plan.device != device:
-                plan = MultiTensorPlan(numels, device)
+                plan = MultiTensorPlan(numels, device, optim_kernels.TABLE)
             precision = Precision(state_dtype=self.state_dtype, master=self._uses_master(params[indices[0]]),
                                   stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
                                   seed=self._rounding_seed)
