@@ -1,15 +1,17 @@
-"""Helpers shared by the benchmarks in ``bench/``: timing, copy bandwidth, result files.
+"""Helpers shared by the benchmarks in ``bench/``: timing, copy bandwidth, command line, result files.
 
-This module imports triton, so a benchmark must decide on ``TRITON_INTERPRET`` before
-importing it (see the top of ``bench/optim.py``).
+Without a GPU, mechgpu's kernels can only run in Triton's interpreter (a script's --smoke
+run), and triton reads ``TRITON_INTERPRET`` when it is first imported. So this module sets
+it before it imports triton, and every benchmark imports it before anything that imports
+triton (mechgpu does).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -17,10 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
-import triton.testing
 
-from mechgpu.bench import device_slug  # noqa: F401  (one home: the merged results use it too)
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from mechgpu.bench import device_slug  # noqa: E402, F401  (one home: the merged results use it too)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -47,6 +53,32 @@ def set_timing(args: argparse.Namespace) -> None:
     """Apply ``--warmup-ms`` and ``--rep-ms`` to every later ``median_ms`` call."""
     global WARMUP_MS, REP_MS
     WARMUP_MS, REP_MS = args.warmup_ms, args.rep_ms
+
+
+def bench_parser(doc: str, smoke: str, *, timed: bool = True) -> tuple[argparse.ArgumentParser,
+                                                                      argparse._MutuallyExclusiveGroup]:
+    """A benchmark's command line: ``--smoke`` (``smoke`` says what it runs), ``--out`` and, when
+    ``timed``, the do_bench options. Returns the parser and the group ``--smoke`` is in, for the
+    script's size option (``--lists``, ``--sizes``), which ``--smoke`` replaces."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--smoke", action="store_true",
+                       help=f"{smoke}; works without a GPU; writes to a temporary folder unless --out")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    if timed:
+        add_timing_arguments(parser)
+    return parser, which
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, apply the timing options, refuse a full run without CUDA, and resolve ``--out``."""
+    args = parser.parse_args(argv)
+    if hasattr(args, "warmup_ms"):
+        set_timing(args)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
+    args.out = output_dir(args.out, args.smoke)
+    return args
 
 
 def synchronize() -> None:
@@ -151,6 +183,19 @@ def copy_line(copy: dict) -> str:
             f"{copy['buffer_bytes'] / 2**20:,.0f} MiB of fp32; a copy moves twice the buffer)")
 
 
+def report_head(results: dict, title: str, timed: str, bullets: list[str]) -> list[str]:
+    """A report's first lines: its title, the environment, how the times were taken (``timed``:
+    what each timed call is), the copy bandwidth, the script's own ``bullets``, and the
+    parameter lists where the results have them."""
+    lines = [f"# {title}", "",
+             f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}", "",
+             f"- time: {timing_line(results['timing'], timed)}", copy_line(results["copy"]), *bullets]
+    if "lists" in results:
+        lines.append("- lists: " + "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
+                                             for name, info in results["lists"].items()))
+    return lines + [""]
+
+
 def timing_line(timing: dict, what: str) -> str:
     """How the times were taken: ``what`` names the timed call and its untimed warm-up."""
     if timing["method"].startswith("time.perf_counter"):
@@ -180,14 +225,12 @@ def free_memory() -> None:
 
 
 def environment(device: torch.device) -> dict:
-    """Device name, library versions and the date (UTC), for the head of a result file."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    """``mechgpu check``'s environment reader (device, driver, CUDA runtime, library versions,
+    date), with ``device`` the name the result files go by: the GPU's, or "cpu"."""
+    from mechgpu.check import environment as read_environment
+
+    env = read_environment(device)
+    return {**env, "device": env["device_name"] if device.type == "cuda" else "cpu"}
 
 
 def cell(value: float | None, spec: str) -> str:

@@ -37,38 +37,14 @@ How to run
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
-from pathlib import Path
 
+import _common as common
 import torch
+import torch.nn.functional as F
+from mechgpu.kernels import activation as kernels
 
-# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
-# Set TRITON_INTERPRET before anything imports triton (_common and mechgpu do).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import torch.nn.functional as F  # noqa: E402
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    add_timing_arguments,
-    cell,
-    copy_line,
-    free_memory,
-    gbps,
-    markdown_table,
-    median_ms,
-    output_dir,
-    publish,
-    run_header,
-    set_timing,
-    synchronize,
-    timing_line,
-)
-from mechgpu.kernels import activation as kernels  # noqa: E402
-
-import mechgpu.nn.functional as MF  # noqa: E402
+import mechgpu.nn.functional as MF
 
 SLOPE = 0.01
 aten = torch.ops.aten
@@ -169,7 +145,7 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
         quick: bool) -> dict:
     """Benchmark every activation, dtype, size and direction; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = run_header("activations", device, quick=quick)
+    header = common.run_header("activations", device, quick=quick)
     copy = header["copy"]
     implementations = [i for i in IMPLEMENTATIONS if with_compile or i != "torch compile"]
     results = {
@@ -195,8 +171,8 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
                         calls = make_calls(activation, implementation, x, g, compiled)
                         for call in calls.values():  # compile and warm up
                             call()
-                        synchronize()
-                        timings[implementation] = {d: {"ms": median_ms(calls[d], quick=quick), "error": None}
+                        common.synchronize()
+                        timings[implementation] = {d: {"ms": common.median_ms(calls[d], quick=quick), "error": None}
                                                    for d in DIRECTIONS}
                     except Exception as exc:
                         if implementation != "torch compile":
@@ -204,7 +180,7 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
                         message = str(exc).strip().splitlines()
                         error = f"{type(exc).__name__}: {message[0] if message else ''}"
                         timings[implementation] = {d: {"ms": None, "error": error} for d in DIRECTIONS}
-                    free_memory()
+                    common.free_memory()
                 for direction in DIRECTIONS:
                     row = {"activation": activation, "dtype": dtype_name, "size": size_name, "numel": numel,
                            "direction": direction, "results": {}}
@@ -212,7 +188,7 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
                         entry = dict(timings[implementation][direction])
                         moved = bytes_per_element(activation, direction, implementation, element_size) * numel
                         entry["bytes"] = moved
-                        entry["gbps"] = None if entry["ms"] is None else gbps(moved, entry["ms"])
+                        entry["gbps"] = None if entry["ms"] is None else common.gbps(moved, entry["ms"])
                         entry["copy_fraction"] = None if entry["ms"] is None else entry["gbps"] / copy["gbps"]
                         row["results"][implementation] = entry
                     ours = row["results"]["mechgpu"]["ms"]
@@ -225,7 +201,7 @@ def run(activations: list[str], dtypes: list[str], sizes: dict[str, int], *, wit
                         f"{i} {row['results'][i]['ms']:.4f} ms" if row["results"][i]["ms"] is not None
                         else f"{i} failed" for i in implementations), flush=True)
                 del x, g
-                free_memory()
+                common.free_memory()
             results["saved"].append(measure_saved(activation, dtype, dtype_name, device, compiled,
                                                   implementations, min(sizes.values())))
     return results
@@ -248,25 +224,16 @@ def measure_saved(activation: str, dtype: torch.dtype, dtype_name: str, device: 
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, a timing table, a saved-bytes table."""
-    copy = results["copy"]
-    timing = results["timing"]
-    how = timing_line(timing, ", after an untimed warm-up call")
     implementations = results["implementations"]
-    head = [
-        "# mechgpu.nn.functional activations vs torch eager and torch.compile",
-        "",
-        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
-        "",
-        f"- time: {how}",
-        copy_line(copy),
+    head = common.report_head(results, "mechgpu.nn.functional activations vs torch eager and torch.compile",
+                              ", after an untimed warm-up call", [
         "- forward: `y = act(x)` with x requiring grad; backward: the backward op alone from g and the "
         "saved tensor; forward+backward: `torch.autograd.grad(act(x), x, g)`",
         "- GB/s: the bytes each implementation must move (forward: read x, write y; backward: read g "
         "and the saved tensor, write dx; mechgpu's relu/leaky_relu: + or instead 1/8 B of bit mask) / ms",
         "- speedup: torch's ms / mechgpu's ms",
         f"- leaky_relu slope {results['leaky_relu_slope']}",
-        "",
-    ]
+    ])
 
     header = ["activation", "dtype", "elements", "direction", "mechgpu ms", "GB/s", "of copy BW"]
     for implementation in implementations[1:]:
@@ -274,56 +241,40 @@ def to_markdown(results: dict) -> str:
     rows, errors = [], set()
     for r in results["rows"]:
         ours = r["results"]["mechgpu"]
-        line = [r["activation"], r["dtype"], r["size"], r["direction"], cell(ours["ms"], ".4f"),
-                cell(ours["gbps"], ",.0f"), cell(ours["copy_fraction"], ".0%")]
+        line = [r["activation"], r["dtype"], r["size"], r["direction"], common.cell(ours["ms"], ".4f"),
+                common.cell(ours["gbps"], ",.0f"), common.cell(ours["copy_fraction"], ".0%")]
         for implementation in implementations[1:]:
             theirs = r["results"][implementation]
             if theirs["error"]:
                 errors.add(f"- {r['activation']} {r['dtype']} {implementation}: {theirs['error']}")
             speedup = theirs.get("mechgpu_speedup")
-            line += [cell(theirs["ms"], ".4f") if not theirs["error"] else "failed",
+            line += [common.cell(theirs["ms"], ".4f") if not theirs["error"] else "failed",
                      "–" if speedup is None else f"{speedup:.2f}x"]
         rows.append(line)
     saved_header = ["activation", "dtype"] + [f"{i} B/element" for i in implementations] + ["mechgpu / eager"]
     saved_rows = []
     for s in results["saved"]:
         per = s["bytes_per_element"]
-        saved_rows.append([s["activation"], s["dtype"]] + [cell(per.get(i), ".4g") for i in implementations]
-                          + [cell(s["mechgpu_over_eager"], ".4g")])
+        saved_rows.append([s["activation"], s["dtype"]] + [common.cell(per.get(i), ".4g") for i in implementations]
+                          + [common.cell(s["mechgpu_over_eager"], ".4g")])
     failures = ["", "Failures:", *sorted(errors)] if errors else []
-    return "\n".join(head + [markdown_table(header, rows, text_columns=4), "",
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=4), "",
                              "Bytes saved for backward per element (`saved_tensors_hooks`):", "",
-                             markdown_table(saved_header, saved_rows, text_columns=2)] + failures)
+                             common.markdown_table(saved_header, saved_rows, text_columns=2)] + failures)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group()
+    parser, which = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_SIZES)} elements timed with "
+                                          "time.perf_counter, no torch.compile")
     which.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: all")
-    which.add_argument("--smoke", action="store_true",
-                       help=f"tiny run on {', '.join(SMOKE_SIZES)} elements timed with time.perf_counter, "
-                            "no torch.compile; works without a GPU; writes to a temporary folder unless --out")
     parser.add_argument("--activations", nargs="+", choices=list(ACTIVATIONS), default=list(ACTIVATIONS))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
-    add_timing_arguments(parser)
-    args = parser.parse_args(argv)
-    set_timing(args)
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    if args.smoke:
-        sizes = SMOKE_SIZES
-    else:
-        sizes = {name: SIZES[name] for name in args.sizes or SIZES}
-
-    out = output_dir(args.out, args.smoke)
+    args = common.parse_bench_args(parser, argv)
+    sizes = SMOKE_SIZES if args.smoke else {name: SIZES[name] for name in args.sizes or SIZES}
     results = run(args.activations, args.dtypes, sizes, with_compile=not (args.smoke or args.no_compile),
                   quick=args.smoke)
-    markdown = to_markdown(results)
-    publish(out, "activations", results, markdown)
+    common.publish(args.out, "activations", results, to_markdown(results))
 
 
 if __name__ == "__main__":

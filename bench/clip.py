@@ -41,39 +41,16 @@ AdamW states; only one optimizer lives at a time.
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import _common as common
 import torch
+from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b, make_params
 
-# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
-# Set TRITON_INTERPRET before anything imports triton (_common, optim and mechgpu do).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    add_timing_arguments,
-    copy_line,
-    free_memory,
-    gbps,
-    markdown_table,
-    median_ms,
-    output_dir,
-    publish,
-    run_header,
-    set_timing,
-    synchronize,
-    timing_line,
-)
-from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b, make_params  # noqa: E402
-
-import mechgpu.clip  # noqa: E402
-import mechgpu.optim  # noqa: E402
-from mechgpu.traffic import ADAM_STEP, GRAD_NORM, GRAD_SCALE  # noqa: E402
+import mechgpu.clip
+import mechgpu.optim
+from mechgpu.traffic import ADAM_STEP, GRAD_NORM, GRAD_SCALE
 
 PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small, "1b": llama_1b}
 
@@ -155,9 +132,9 @@ def time_variant(variant: str, params: list[torch.Tensor], *, quick: bool) -> di
     step = make_step(variant, params)
     for _ in range(WARMUP_STEPS):
         step()
-    synchronize()
+    common.synchronize()
     warmup_s = time.perf_counter() - start
-    return {"ms": median_ms(step, quick=quick), "warmup_s": warmup_s}
+    return {"ms": common.median_ms(step, quick=quick), "warmup_s": warmup_s}
 
 
 # ----------------------------------------------------------------------------------
@@ -166,7 +143,7 @@ def time_variant(variant: str, params: list[torch.Tensor], *, quick: bool) -> di
 def run(lists: dict[str, Callable[[], Shapes]], *, quick: bool) -> dict:
     """Benchmark every variant on every list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = run_header("clip", device, quick=quick)
+    header = common.run_header("clip", device, quick=quick)
     copy = header["copy"]
     results = {
         **header,
@@ -188,13 +165,13 @@ def run(lists: dict[str, Callable[[], Shapes]], *, quick: bool) -> dict:
             first_norm = redraw(params, seed=1234)  # the same start for every variant
             timing = time_variant(variant, params, quick=quick)
             last_norm = grad_norm(params)  # (b) leaves the grads as they are; (c) and (d) rescale them
-            free_memory()  # this optimizer's state is gone before the next one allocates
+            common.free_memory()  # this optimizer's state is gone before the next one allocates
             moved = BYTES_PER_PARAM[variant] * numel
             ms = timing["ms"]
             ms_by_variant[variant] = ms
             row = {"list": list_name, "variant": variant, "implementation": VARIANTS[variant],
                    "bytes_per_param": BYTES_PER_PARAM[variant], "bytes": moved, **timing,
-                   "gbps": gbps(moved, ms), "copy_fraction": gbps(moved, ms) / copy["gbps"],
+                   "gbps": common.gbps(moved, ms), "copy_fraction": common.gbps(moved, ms) / copy["gbps"],
                    "clips": variant in "bcd",
                    "grad_norm_first_call": first_norm if variant in "bcd" else None,
                    "grad_norm_last_call": last_norm if variant in "bcd" else None}
@@ -212,32 +189,20 @@ def run(lists: dict[str, Callable[[], Shapes]], *, quick: bool) -> dict:
             ratios[f"{num}/{den}"] = entry
         results["ratios"][list_name] = ratios
         del params
-        free_memory()
+        common.free_memory()
     return results
 
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, a table of rows, a table of ratios."""
-    copy = results["copy"]
-    timing = results["timing"]
-    how = timing_line(timing, f" of one clip + `opt.step()`, after {results['warmup_steps']} untimed calls")
-    lists = "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
-                      for name, info in results["lists"].items())
-    head = [
-        "# Gradient clipping + AdamW: fused into the step, separate, and torch",
-        "",
-        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
-        "",
-        f"- time: {how}",
-        copy_line(copy),
+    head = common.report_head(results, "Gradient clipping + AdamW: fused into the step, separate, and torch",
+                              f" of one clip + `opt.step()`, after {results['warmup_steps']} untimed calls", [
         "- B/param: the least each variant must read and write per fp32 parameter: the AdamW step "
         "28 B, the grad norm 4 B (reads g), a separate scaling pass 8 B (reads and writes g)",
         f"- max_norm {results['max_norm']}; grads N(0, 1), so the first call's norm is sqrt(#params) "
         "(column `grad norm`); (c) and (d) rescale the grads in place, so later calls see a norm of ~1",
         "- AdamW: torch's defaults (lr 1e-3, weight decay 1e-2); fp32 params, grads and states",
-        f"- lists: {lists}",
-        "",
-    ]
+    ])
     header = ["list", "variant", "ms", "B/param", "MB moved", "GB/s", "of copy BW", "grad norm"]
     rows = []
     for r in results["rows"]:
@@ -253,35 +218,18 @@ def to_markdown(results: dict) -> str:
     ratio_note = ("Ratios of ms; targets are for an H100 and are not judged on a smoke run (b/a: the cost "
                   "of clipping inside the step; d/b: torch's clip + fused AdamW against mechgpu's fused "
                   "clip + step).")
-    return "\n".join(head + [markdown_table(header, rows, text_columns=2), "", ratio_note, "",
-                             markdown_table(["list", "ratio", "target", "met", "value"], ratio_rows,
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=2), "", ratio_note, "",
+                             common.markdown_table(["list", "ratio", "target", "met", "value"], ratio_rows,
                                             text_columns=4)])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group()
+    parser, which = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter")
     which.add_argument("--lists", nargs="+", choices=list(PARAM_LISTS), help="default: all")
-    which.add_argument("--smoke", action="store_true",
-                       help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter; works "
-                            "without a GPU; writes to a temporary folder unless --out")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
-    add_timing_arguments(parser)
-    args = parser.parse_args(argv)
-    set_timing(args)
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    if args.smoke:
-        lists = SMOKE_LISTS
-    else:
-        lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
-
-    out = output_dir(args.out, args.smoke)
+    args = common.parse_bench_args(parser, argv)
+    lists = SMOKE_LISTS if args.smoke else {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
     results = run(lists, quick=args.smoke)
-    markdown = to_markdown(results)
-    publish(out, "clip", results, markdown)
+    common.publish(args.out, "clip", results, to_markdown(results))
 
 
 if __name__ == "__main__":

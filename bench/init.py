@@ -34,36 +34,14 @@ How to run
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
+import _common as common
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
-# Set TRITON_INTERPRET before anything imports triton (_common and mechgpu do).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    add_timing_arguments,
-    copy_line,
-    gbps,
-    markdown_table,
-    median_ms,
-    output_dir,
-    run_header,
-    set_timing,
-    synchronize,
-    timing_line,
-    write_results,
-)
-
-import mechgpu.init  # noqa: E402
+import mechgpu.init
 
 
 @dataclass(frozen=True)
@@ -132,11 +110,11 @@ def build(shape: LlamaShape, device: torch.device, dtype: torch.dtype) -> Llama:
 def run(shape: LlamaShape, dtype: torch.dtype, *, quick: bool) -> dict:
     """Time every row; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = run_header("init", device, quick=quick)
+    header = common.run_header("init", device, quick=quick)
     copy = header["copy"]
     model = build(shape, device, dtype)
     table = mechgpu.init.init_model(model)  # the first call compiles the kernel
-    synchronize()
+    common.synchronize()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     weights = [(m.weight, row.std) for m, row in zip(linears, table)]
     numel = sum(w.numel() for w, _ in weights)
@@ -167,10 +145,10 @@ def run(shape: LlamaShape, dtype: torch.dtype, *, quick: bool) -> dict:
     }
     for name, launches, fn in implementations:
         fn()  # warm up: compilation and allocator
-        synchronize()
-        ms = median_ms(fn, quick=quick)
+        common.synchronize()
+        ms = common.median_ms(fn, quick=quick)
         results["rows"].append({"implementation": name, "launches": launches, "ms": ms,
-                                "gbps": gbps(moved, ms), "copy_fraction": gbps(moved, ms) / copy["gbps"]})
+                                "gbps": common.gbps(moved, ms), "copy_fraction": common.gbps(moved, ms) / copy["gbps"]})
         print(f"{name}: {ms:.3f} ms", flush=True)
     reinit_ms = next(r["ms"] for r in results["rows"] if r["implementation"] == "mechgpu reinit")
     for row in results["rows"]:
@@ -184,52 +162,29 @@ def _count(n: int) -> str:
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one row per implementation."""
-    copy, timing, model = results["copy"], results["timing"], results["model"]
-    how = timing_line(timing, ", after one untimed call")
-    head = [
-        f"# Initialising a {_count(model['params'])}-parameter Llama: mechgpu.init vs torch.nn.init "
-        f"({results['dtype']})",
-        "",
-        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
-        "",
-        f"- model: hidden {model['hidden']}, {model['layers']} layers, ffn {model['ffn']}, vocab "
-        f"{model['vocab']}; {model['params']:,} params, of which {model['initialised_tensors']} Linear "
-        f"weights ({model['initialised_params']:,} params) are initialised",
-        f"- init_model's choices: {'; '.join(results['choices'])}",
-        f"- time: {how}",
-        copy_line(copy),
-        f"- MB written: elements x element size, {results['bytes'] / 1e6:,.1f} MB (a fill reads nothing)",
-        "- reinit speedup: the row's ms / mechgpu reinit's ms",
-        "",
-    ]
+    model = results["model"]
+    head = common.report_head(
+        results, f"Initialising a {_count(model['params'])}-parameter Llama: mechgpu.init vs torch.nn.init "
+        f"({results['dtype']})", ", after one untimed call", [
+            f"- model: hidden {model['hidden']}, {model['layers']} layers, ffn {model['ffn']}, vocab "
+            f"{model['vocab']}; {model['params']:,} params, of which {model['initialised_tensors']} Linear "
+            f"weights ({model['initialised_params']:,} params) are initialised",
+            f"- init_model's choices: {'; '.join(results['choices'])}",
+            f"- MB written: elements x element size, {results['bytes'] / 1e6:,.1f} MB (a fill reads nothing)",
+            "- reinit speedup: the row's ms / mechgpu reinit's ms",
+        ])
     header = ["implementation", "launches", "ms", "GB/s", "of copy BW", "reinit speedup"]
     rows = [[r["implementation"], str(r["launches"]), f"{r['ms']:.3f}", f"{r['gbps']:,.1f}",
              f"{r['copy_fraction']:.0%}", f"{r['reinit_speedup']:.2f}x"] for r in results["rows"]]
-    return "\n".join(head + [markdown_table(header, rows, text_columns=1)])
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=1)])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny model timed with time.perf_counter; works without a GPU; "
-                             "writes to a temporary folder unless --out")
+    parser, _ = common.bench_parser(__doc__, "a tiny model timed with time.perf_counter")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
-    add_timing_arguments(parser)
-    args = parser.parse_args(argv)
-    set_timing(args)
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    out = output_dir(args.out, args.smoke)
+    args = common.parse_bench_args(parser, argv)
     results = run(SMOKE if args.smoke else ONE_B, DTYPES[args.dtype], quick=args.smoke)
-    markdown = to_markdown(results)
-    print()
-    print(markdown)
-    name = "init" if args.dtype == "float32" else f"init-{args.dtype}"
-    json_path, md_path = write_results(out, name, results, markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    common.publish(args.out, "init" if args.dtype == "float32" else f"init-{args.dtype}", results, to_markdown(results))
 
 
 if __name__ == "__main__":

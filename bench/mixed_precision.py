@@ -59,38 +59,15 @@ How to run
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import _common as common
 import torch
+from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small
 
-# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
-# Set TRITON_INTERPRET before anything imports triton (_common, optim and mechgpu do).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    add_timing_arguments,
-    copy_line,
-    free_memory,
-    gbps,
-    markdown_table,
-    median_ms,
-    output_dir,
-    publish,
-    run_header,
-    set_timing,
-    synchronize,
-    timing_line,
-)
-from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small  # noqa: E402
-
-import mechgpu.optim  # noqa: E402
+import mechgpu.optim
 
 PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small}
 
@@ -205,10 +182,10 @@ def time_mode(mode: Mode, params: list[torch.Tensor], *, quick: bool) -> dict:
     opt = make_optimizer(mode, params)
     for _ in range(WARMUP_STEPS):
         opt.step()
-    synchronize()
+    common.synchronize()
     warmup_s = time.perf_counter() - start
     check_steps_taken(mode, opt, params, WARMUP_STEPS)
-    return {"ms": median_ms(opt.step, quick=quick), "warmup_s": warmup_s, "state_bytes": state_bytes(opt)}
+    return {"ms": common.median_ms(opt.step, quick=quick), "warmup_s": warmup_s, "state_bytes": state_bytes(opt)}
 
 
 # ----------------------------------------------------------------------------------
@@ -217,7 +194,7 @@ def time_mode(mode: Mode, params: list[torch.Tensor], *, quick: bool) -> dict:
 def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
     """Benchmark every mode on one list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = run_header("mixed_precision", device, quick=quick)
+    header = common.run_header("mixed_precision", device, quick=quick)
     copy = header["copy"]
     shape_list = shapes()
     numel = sum(torch.Size(s).numel() for s in shape_list)
@@ -235,7 +212,7 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
         params = make_params(shape_list, device, mode)
         timing = time_mode(mode, params, quick=quick)
         del params
-        free_memory()  # this mode's params and state are gone before the next one allocates
+        common.free_memory()  # this mode's params and state are gone before the next one allocates
         ms = timing["ms"]
         if mode.name == REFERENCE:
             reference_ms = ms
@@ -253,7 +230,7 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
             "measured_state_bytes_per_param": measured,
             "param_plus_state_bytes_per_param": _size(mode.param_dtype) + mode.state_bytes_per_param(),
             "ms": ms, "warmup_s": timing["warmup_s"],
-            "gbps": gbps(moved, ms), "copy_fraction": gbps(moved, ms) / copy["gbps"],
+            "gbps": common.gbps(moved, ms), "copy_fraction": common.gbps(moved, ms) / copy["gbps"],
             "speedup_vs_torch_fused_fp32": reference_ms / ms,
         }
         results["rows"].append(row)
@@ -263,17 +240,9 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one table row per mode."""
-    copy = results["copy"]
-    timing = results["timing"]
-    how = timing_line(timing, f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps")
     info = results["list"]
-    head = [
-        "# mechgpu AdamW in each mixed-precision mode vs torch fused AdamW (fp32)",
-        "",
-        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
-        "",
-        f"- time: {how}",
-        copy_line(copy),
+    head = common.report_head(results, "mechgpu AdamW in each mixed-precision mode vs torch fused AdamW (fp32)",
+                              f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps", [
         f"- B/param: the least a step reads and writes per parameter: {results['bytes_formula']}",
         "- state B/param: optimizer state kept between steps (exp_avg, exp_avg_sq, fp32 master); "
         "param + state adds the param itself",
@@ -282,39 +251,22 @@ def to_markdown(results: dict) -> str:
         f"- {results['optimizer']}; list: {info['name']}, {info['tensors']:,} tensors, "
         f"{info['params']:,} params",
         "- vs torch: torch fused fp32's ms / the mode's ms",
-        "",
-    ]
+    ])
     header = ["mode", "options", "ms", "B/param", "GB/s", "of copy BW", "state B/param",
               "param + state B/param", "vs torch"]
     rows = [[r["mode"], r["options"], f"{r['ms']:.3f}", str(r["bytes_per_param"]), f"{r['gbps']:,.1f}",
              f"{r['copy_fraction']:.0%}", str(r["state_bytes_per_param"]),
              str(r["param_plus_state_bytes_per_param"]), f"{r['speedup_vs_torch_fused_fp32']:.2f}x"]
             for r in results["rows"]]
-    return "\n".join(head + [markdown_table(header, rows, text_columns=2)])
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=2)])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter; works "
-                             "without a GPU; writes to a temporary folder unless --out")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
-    add_timing_arguments(parser)
-    args = parser.parse_args(argv)
-    set_timing(args)
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    if args.smoke:
-        (list_name, shapes), = SMOKE_LISTS.items()
-    else:
-        (list_name, shapes), = PARAM_LISTS.items()
-
-    out = output_dir(args.out, args.smoke)
+    parser, _ = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter")
+    args = common.parse_bench_args(parser, argv)
+    (list_name, shapes), = (SMOKE_LISTS if args.smoke else PARAM_LISTS).items()
     results = run(list_name, shapes, quick=args.smoke)
-    markdown = to_markdown(results)
-    publish(out, "mixed_precision", results, markdown)
+    common.publish(args.out, "mixed_precision", results, to_markdown(results))
 
 
 if __name__ == "__main__":

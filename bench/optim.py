@@ -38,41 +38,14 @@ torch.compile can take minutes on ``10k-x-1k``; ``warmup_s`` in the JSON records
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import _common as common
 import torch
 
-# Without a GPU, mechgpu's kernels can only run in Triton's interpreter (the --smoke run).
-# Triton reads TRITON_INTERPRET when it is first imported, so set it before anything
-# imports triton: mechgpu.optim and _common both do.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    add_timing_arguments,
-    cell,
-    copy_line,
-    free_memory,
-    gbps,
-    graph_ms,
-    host_ms,
-    markdown_table,
-    median_ms,
-    output_dir,
-    publish,
-    run_header,
-    set_timing,
-    synchronize,
-    timing_line,
-)
-
-import mechgpu.optim  # noqa: E402
-from mechgpu.traffic import STEP_BYTES  # noqa: E402
+import mechgpu.optim
+from mechgpu.traffic import STEP_BYTES
 
 Shapes = list[tuple[int, ...]]
 
@@ -179,7 +152,7 @@ def warm_step(optimizer: str, implementation: str, params: list[torch.Tensor], *
     step = make_step(optimizer, implementation, params, capturable=capturable)
     for _ in range(WARMUP_STEPS):
         step()
-    synchronize()
+    common.synchronize()
     return step, time.perf_counter() - start
 
 
@@ -198,13 +171,13 @@ def time_step(optimizer: str, implementation: str, params: list[torch.Tensor], *
         message = str(exc).strip().splitlines()
         return {"ms": None, "host_ms": None, "graph_ms": None, "warmup_s": None,
                 "error": f"{type(exc).__name__}: {message[0] if message else ''}"}
-    result = {"ms": median_ms(step, quick=quick), "host_ms": host_ms(step), "graph_ms": None,
+    result = {"ms": common.median_ms(step, quick=quick), "host_ms": common.host_ms(step), "graph_ms": None,
               "warmup_s": warmup_s, "error": None}
     if graph and implementation != "torch compile" and not quick:
         del step
-        free_memory()
+        common.free_memory()
         try:
-            result["graph_ms"] = graph_ms(warm_step(optimizer, implementation, params, capturable=True)[0])
+            result["graph_ms"] = common.graph_ms(warm_step(optimizer, implementation, params, capturable=True)[0])
         except Exception as exc:  # a step that cannot be captured keeps its eager time, and says why
             result["graph_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
     return result
@@ -217,7 +190,7 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
         quick: bool) -> dict:
     """Benchmark every optimizer on every list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = run_header("optim", device, quick=quick)
+    header = common.run_header("optim", device, quick=quick)
     copy = header["copy"]
     results = {
         **header,
@@ -242,12 +215,12 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
                                    graph=len(params) > GRAPH_MIN_TENSORS)
                 if implementation == "torch compile":
                     torch._dynamo.reset()  # drop the compiled step and what it holds on to
-                free_memory()  # this optimizer's state is gone before the next one allocates
+                common.free_memory()  # this optimizer's state is gone before the next one allocates
                 row = {"list": list_name, "optimizer": optimizer, "implementation": implementation,
                        "bytes": moved, **timing, "gbps": None, "copy_fraction": None, "mechgpu_speedup": None}
                 ms = timing["graph_ms"] or timing["ms"]  # the kernels' time where a graph was replayed
                 if ms is not None:
-                    row["gbps"] = gbps(moved, ms)
+                    row["gbps"] = common.gbps(moved, ms)
                     row["copy_fraction"] = row["gbps"] / copy["gbps"]
                     if implementation == "mechgpu":
                         mechgpu_ms = ms
@@ -259,27 +232,17 @@ def run(lists: dict[str, Callable[[], Shapes]], optimizers: list[str], *, with_c
                            if ms is not None else timing["error"])
                 print(f"{list_name} {optimizer} {implementation}: {outcome}", flush=True)
         del params
-        free_memory()
+        common.free_memory()
     return results
 
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown report: what was measured, then one table row per result."""
-    copy = results["copy"]
-    timing = results["timing"]
-    how = timing_line(timing, f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps")
     per_element = ", ".join(f"{name} {b} B" for name, b in results["bytes_per_element"].items())
     hyper = "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
                       for name, kwargs in results["hyperparameters"].items() if kwargs)
-    lists = "; ".join(f"{name} {info['tensors']:,} tensors, {info['params']:,} params"
-                      for name, info in results["lists"].items())
-    head = [
-        "# mechgpu.optim vs torch.optim: one optimizer step, fp32 params",
-        "",
-        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']}",
-        "",
-        f"- time: {how}",
-        copy_line(copy),
+    head = common.report_head(results, "mechgpu.optim vs torch.optim: one optimizer step, fp32 params",
+                              f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps", [
         f"- MB moved: the least a step must read and write, bytes per element × elements ({per_element})",
         f"- hyperparameters: torch's defaults, except {hyper}",
         "- host ms: median time until one `step()` call returns, the device idle before it "
@@ -287,56 +250,38 @@ def to_markdown(results: dict) -> str:
         f"- graph ms (lists of over {GRAPH_MIN_TENSORS:,} tensors): median device time of a CUDA-graph replay of "
         "the step (torch's optimizers with `capturable=True`); GB/s, fraction and speedup use it where given",
         "- mechgpu speedup: the torch implementation's ms / mechgpu's ms",
-        f"- lists: {lists}",
-        "",
-    ]
+    ])
 
     header = ["list", "optimizer", "implementation", "ms", "host ms", "graph ms", "MB moved", "GB/s", "of copy BW",
               "mechgpu speedup"]
     rows, errors = [], []
     for r in results["rows"]:
-        ms = cell(r["ms"], ".3f")
+        ms = common.cell(r["ms"], ".3f")
         if r["error"] is not None:
             ms = "failed"
             errors.append(f"- {r['list']} {r['optimizer']} {r['implementation']}: {r['error']}")
         if r.get("graph_error"):
             errors.append(f"- {r['list']} {r['optimizer']} {r['implementation']}, graph capture: {r['graph_error']}")
         speedup = "–" if r["mechgpu_speedup"] is None else f"{r['mechgpu_speedup']:.2f}x"
-        rows.append([r["list"], r["optimizer"], r["implementation"], ms, cell(r.get("host_ms"), ".3f"),
-                     cell(r.get("graph_ms"), ".3f"), f"{r['bytes'] / 1e6:,.4g}",
-                     cell(r["gbps"], ",.1f"), cell(r["copy_fraction"], ".0%"), speedup])
-    table = markdown_table(header, rows, text_columns=3)
+        rows.append([r["list"], r["optimizer"], r["implementation"], ms, common.cell(r.get("host_ms"), ".3f"),
+                     common.cell(r.get("graph_ms"), ".3f"), f"{r['bytes'] / 1e6:,.4g}",
+                     common.cell(r["gbps"], ",.1f"), common.cell(r["copy_fraction"], ".0%"), speedup])
+    table = common.markdown_table(header, rows, text_columns=3)
     failures = ["", "Failures:", *errors] if errors else []
     return "\n".join(head + [table] + failures)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group()
+    parser, which = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter, "
+                                          "no torch.compile")
     which.add_argument("--lists", nargs="+", choices=list(PARAM_LISTS), help="default: all")
-    which.add_argument("--smoke", action="store_true",
-                       help=f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter, no "
-                            "torch.compile; works without a GPU; writes to a temporary folder unless --out")
     parser.add_argument("--optimizers", nargs="+", choices=list(IMPLEMENTATIONS),
                         default=list(IMPLEMENTATIONS), help="default: all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
-    add_timing_arguments(parser)
-    args = parser.parse_args(argv)
-    set_timing(args)
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    if args.smoke:
-        lists = SMOKE_LISTS
-    else:
-        lists = {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
-
-    out = output_dir(args.out, args.smoke)
+    args = common.parse_bench_args(parser, argv)
+    lists = SMOKE_LISTS if args.smoke else {name: PARAM_LISTS[name] for name in args.lists or PARAM_LISTS}
     results = run(lists, args.optimizers, with_compile=not (args.smoke or args.no_compile), quick=args.smoke)
-    markdown = to_markdown(results)
-    publish(out, "optim", results, markdown)
+    common.publish(args.out, "optim", results, to_markdown(results))
 
 
 if __name__ == "__main__":

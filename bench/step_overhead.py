@@ -61,26 +61,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _common as common
 import torch
 
-# Without a GPU, mechgpu's kernels can only be called in Triton's interpreter (stubbed
-# here, they never run). Triton reads TRITON_INTERPRET when it is first imported, so set
-# it before anything imports triton: mechgpu.optim and _common both do.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import (  # noqa: E402
-    RESULTS_DIR,
-    cell,
-    device_slug,
-    environment,
-    free_memory,
-    markdown_table,
-    output_dir,
-    synchronize,
-)
-
-import mechgpu.optim  # noqa: E402
+import mechgpu.optim
 
 BENCHMARK = "step-overhead"
 TENSOR_COUNTS = (150, 10_000)
@@ -183,7 +167,7 @@ def time_steps(step: Callable[[], object], params: list[torch.Tensor], regime: s
         for i in range(warmup + steps):
             if regime == "new":
                 new_grads(params)
-            synchronize()
+            common.synchronize()
             calls = stub.calls if stub is not None else 0
             start, cpu_start = time.perf_counter(), time.thread_time()
             step()
@@ -252,7 +236,7 @@ def run(cases: list[str], counts: tuple[int, ...], *, steps: int, warmup: int, l
         smoke: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {
-        **environment(device),
+        **common.environment(device),
         "benchmark": BENCHMARK,
         "label": label,
         "smoke": smoke,
@@ -274,7 +258,7 @@ def run(cases: list[str], counts: tuple[int, ...], *, steps: int, warmup: int, l
                 runs = [(MECHGPU, NUMEL)] + [(impl, n) for impl in TORCH_IMPLEMENTATIONS for n in (NUMEL, FLOOR_NUMEL)]
                 for implementation, numel in runs:
                     row = measure(case, implementation, regime, count, numel, device, steps=steps, warmup=warmup)
-                    free_memory()  # this optimizer and its params are gone before the next
+                    common.free_memory()  # this optimizer and its params are gone before the next
                     results["rows"].append(row)
                     outcome = row["error"] or f"median {row['median_us']:,.1f} us, p90 {row['p90_us']:,.1f} us"
                     print(f"{count} x {numel} {case}, {regime} grads, {implementation}: {outcome}", flush=True)
@@ -320,15 +304,15 @@ def to_markdown(results: dict) -> str:
     rows, errors = [], []
     for r in results["rows"]:
         launches = "–" if r["launches_per_step"] is None else "/".join(map(str, r["launches_per_step"]))
-        median = cell(r["median_us"], ",.1f")
+        median = common.cell(r["median_us"], ",.1f")
         if r["error"] is not None:
             median = "failed"
             errors.append(f"- {r['tensors']:,} x {r['numel']} {r['case']} {r['regime']} "
                           f"{r['implementation']}: {r['error']}")
         rows.append([f"{r['tensors']:,}", r["case"], r["regime"], r["implementation"], str(r["numel"]), launches,
-                     median, cell(r["p90_us"], ",.1f"), cell(r["us_per_tensor"], ".3f"),
-                     cell(r["cpu_median_us"], ",.1f")])
-    table = markdown_table(header, rows, text_columns=4)
+                     median, common.cell(r["p90_us"], ",.1f"), common.cell(r["us_per_tensor"], ".3f"),
+                     common.cell(r["cpu_median_us"], ",.1f")])
+    table = common.markdown_table(header, rows, text_columns=4)
     failures = ["", "Failures:", *errors] if errors else []
     return "\n".join(head + [table] + failures)
 
@@ -336,8 +320,8 @@ def to_markdown(results: dict) -> str:
 def write(out_dir: Path, results: dict, markdown: str) -> tuple[Path, Path]:
     """``<out_dir>/step-overhead-<device>[-<label>].json`` and ``.md``; returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    label = f"-{device_slug(results['label'])}" if results["label"] else ""
-    stem = out_dir / f"{BENCHMARK}-{device_slug(results['device'])}{label}"
+    label = f"-{common.device_slug(results['label'])}" if results["label"] else ""
+    stem = out_dir / f"{BENCHMARK}-{common.device_slug(results['device'])}{label}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(markdown + "\n")
@@ -357,14 +341,14 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"untimed steps first (default: {WARMUP_STEPS})")
     parser.add_argument("--label", default=None, help="names the run in the report and the file name, "
                                                       "e.g. before/after")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {common.RESULTS_DIR})")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1 (the first step builds states and caches)")
 
     counts, steps, warmup = (SMOKE["tensors"], SMOKE["steps"], SMOKE["warmup"]) if args.smoke else (
         tuple(args.tensors), args.steps, args.warmup)
-    out = output_dir(args.out, args.smoke)
+    out = common.output_dir(args.out, args.smoke)
     results = run(args.cases, counts, steps=steps, warmup=warmup, label=args.label, smoke=args.smoke)
     markdown = to_markdown(results)
     print()

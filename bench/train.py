@@ -25,21 +25,12 @@ How to run
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
-from pathlib import Path
-
+import _common as common
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from _common import RESULTS_DIR, environment, free_memory, markdown_table, write_results  # noqa: E402
-
-from mechgpu.train.checkpointing import format_bytes  # noqa: E402
-from mechgpu.train.gpt import CharCorpus  # noqa: E402
-from mechgpu.train.jobs import TrainConfig, build  # noqa: E402
+from mechgpu.train.checkpointing import format_bytes
+from mechgpu.train.gpt import CharCorpus
+from mechgpu.train.jobs import TrainConfig, build
 
 FULL = dict(dim=1024, depth=24, heads=16, context=512, micro_batch=16, accum_steps=1, steps=30, lr=3e-4)
 SMOKE = dict(dim=16, depth=4, heads=2, context=8, micro_batch=2, accum_steps=1, steps=2, lr=1e-2)
@@ -65,20 +56,20 @@ def run(shape: dict, device: str, rows_wanted: list[str] | None = None) -> dict:
         if policy.startswith("budget"):
             policy = f"{int(none_saved * int(policy[6:]) / 100)}B"
         cfg = TrainConfig(**{**base.__dict__, "checkpoint": policy, "torch_baseline": baseline})
-        free_memory()
+        common.free_memory()
         trainer, data, _ = build(cfg, corpus)
         trainer.warmup_steps = min(3, shape["steps"] - 1)
         s = trainer.fit(data, cfg.steps)
         if impl == "mechgpu" and policy == "none":
             none_saved = s["saved_activation_bytes"]
-        rows.append({"impl": impl, "checkpoint": policy, "peak_bytes": s.get("peak_bytes"),
+        rows.append({"implementation": impl, "checkpoint": policy, "peak_bytes": s.get("peak_bytes"),
                      "saved_bytes": s["saved_activation_bytes"],
                      "predicted_saved_bytes": s["predicted_saved_activation_bytes"],
                      "budget_bytes": trainer.plan.budget, "tokens_per_s": s["items_per_s"],
                      "step_ms": 1e3 * s["step_s"], "final_loss": s["final_loss"]})
         print(rows[-1], flush=True)
         del trainer, data
-    by = {(r["impl"], r["checkpoint"]): r for r in rows}
+    by = {(r["implementation"], r["checkpoint"]): r for r in rows}
     none, sqrt, torch_row = by.get(("mechgpu", "none")), by.get(("mechgpu", "sqrt")), by.get(("torch", "none"))
     checks = {"budget_landing": [r["saved_bytes"] / r["budget_bytes"] for r in rows if r["budget_bytes"]]}
     if none and sqrt:
@@ -87,15 +78,16 @@ def run(shape: dict, device: str, rows_wanted: list[str] | None = None) -> dict:
     if none and torch_row:
         checks["tokens_per_s_vs_torch"] = none["tokens_per_s"] / torch_row["tokens_per_s"]
         checks["peak_vs_torch"] = none["peak_bytes"] / torch_row["peak_bytes"] if none["peak_bytes"] else None
-    return {**environment(torch.device(device)), "shape": shape, "rows": rows, "checks": checks}
+    return {**common.environment(torch.device(device)), "shape": shape, "rows": rows, "checks": checks}
 
 
 def to_markdown(results: dict) -> str:
     fmt = lambda b: format_bytes(b) if b else "n/a"
-    rows = [[r["impl"], r["checkpoint"], fmt(r["peak_bytes"]), fmt(r["saved_bytes"]), fmt(r["predicted_saved_bytes"]),
-             f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", f"{r['final_loss']:.4f}"] for r in results["rows"]]
-    table = markdown_table(["impl", "checkpoint", "peak memory", "saved activations", "predicted", "tokens/s",
-                            "ms/step", "final loss"], rows, text_columns=2)
+    rows = [[r["implementation"], r["checkpoint"], fmt(r["peak_bytes"]), fmt(r["saved_bytes"]),
+             fmt(r["predicted_saved_bytes"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}",
+             f"{r['final_loss']:.4f}"] for r in results["rows"]]
+    table = common.markdown_table(["implementation", "checkpoint", "peak memory", "saved activations", "predicted",
+                                   "tokens/s", "ms/step", "final loss"], rows, text_columns=2)
     c = results["checks"]
     notes = []
     if "sqrt_activation_cut" in c:
@@ -110,25 +102,16 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model on any device")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {RESULTS_DIR})")
+    parser, _ = common.bench_parser(__doc__, "a tiny model", timed=False)
     parser.add_argument("--rows", nargs="+", choices=list(ROW_NAMES), default=None,
                         help="default: all; e.g. --rows mechgpu-none mechgpu-sqrt")
     parser.add_argument("--steps", type=int, default=None, help="training steps per row (default: the shape's)")
-    args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke runs on a CPU-only machine")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="mechgpu-bench-")) if args.smoke else RESULTS_DIR)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = common.parse_bench_args(parser, argv)
     shape = SMOKE if args.smoke else FULL
     if args.steps:
         shape = {**shape, "steps": args.steps}
-    results = run(shape, device, args.rows)
-    markdown = to_markdown(results)
-    print(markdown)
-    json_path, md_path = write_results(out, "train", results, markdown)
-    print(f"wrote {json_path} and {md_path}")
+    results = run(shape, "cuda" if torch.cuda.is_available() else "cpu", args.rows)
+    common.publish(args.out, "train", results, to_markdown(results))
 
 
 if __name__ == "__main__":

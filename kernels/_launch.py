@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton.language as tl
+
+#: torch dtype -> triton dtype, for the dtypes the kernels take
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def device_guard(device: torch.device):

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, fill_block, fill_warps
+from ._launch import TL_DTYPES, device_guard, fill_block, fill_warps
 from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
@@ -62,6 +62,11 @@ KIND_UNIFORM = tl.constexpr(0)
 KIND_NORMAL = tl.constexpr(1)
 KIND_TRUNC_NORMAL = tl.constexpr(2)
 KIND_CONSTANT = tl.constexpr(3)
+
+# Random integers to floats: k bits times 2^-k is uniform on [0, 1) (exact in fp32 for k = 24);
+# adding 0.5 first keeps it off 0.
+_TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
+_TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
 
 #: The table of a multi-tensor fill: one row per tensor, two fp32 parameters packed per column.
 TABLE = TableLayout("ptr", "stream", "loc_scale", "lo_hi", "cdf_lo_sf_hi", "cdf_hi_mass", "numel", "kind")
@@ -110,7 +115,7 @@ def normal_ppf(p, pc):
 def uniform_from_bits(r, lo, hi, out_ptr):
     """x = lo + u (hi - lo), u = (r >> 8) 2^-24 in [0, 1); x -> lo where x rounds to hi in
     out_ptr's element type (torch's CUDA rule, so stored values lie in [lo, hi))."""
-    u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+    u = (r >> 8).to(tl.float32) * _TWO_POW_M24
     x = lo + u * (hi - lo)
     hi_rounded = round_like(tl.cast(hi, tl.float32), out_ptr).to(tl.float32)
     return tl.where(round_like(x, out_ptr).to(tl.float32) >= hi_rounded, lo, x)
@@ -139,9 +144,9 @@ def normal_pair_from_bits(ra, rb, loc, scale):
     """Two independent N(loc, scale^2) values from two words, by Box-Muller:
     R = sqrt(-2 log u), u = (ra + 1/2) 2^-32 in (0, 1] (so |z| <= 6.77); the angle
     2 pi t, t = (rb >> 8) 2^-24 - 1/2; z0 = R cos, z1 = R sin."""
-    u = (ra.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    u = (ra.to(tl.float32) + 0.5) * _TWO_POW_M32
     radius = tl.sqrt(-2.0 * tl.log(u))
-    sin_t, cos_t = _sincos_turns((rb >> 8).to(tl.float32) * 5.9604644775390625e-08 - 0.5)
+    sin_t, cos_t = _sincos_turns((rb >> 8).to(tl.float32) * _TWO_POW_M24 - 0.5)
     return loc + scale * (radius * cos_t), loc + scale * (radius * sin_t)
 
 
@@ -154,7 +159,7 @@ def trunc_normal_from_bits(r, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass):
     the draws measured from alpha never pass p = 1/2.
     """
     from_upper = (r >> 31) != 0
-    t = ((r & 0x7FFFFFFF).to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    t = ((r & 0x7FFFFFFF).to(tl.float32) + 0.5) * _TWO_POW_M32
     d = t * mass
     p = tl.where(from_upper, sf_hi + d, cdf_lo + d)
     pc = tl.where(from_upper, cdf_hi - d, 1.0 - p)
@@ -282,7 +287,6 @@ def fill_multi_kernel(table_ptr, blocks_ptr, seed,
 # launchers: plain Python, torch tensors in
 # ----------------------------------------------------------------------------------
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _std_normal_cdf(x: float) -> float:
@@ -407,7 +411,7 @@ class FillPlan:
         for (device, dtype, aligned), (numels, rows) in grouped.items():
             plan = MultiTensorPlan(numels, device, TABLE)
             plan.set_rows(rows)
-            self._buckets.append((plan, _TL_DTYPES[dtype], aligned))
+            self._buckets.append((plan, TL_DTYPES[dtype], aligned))
 
     @property
     def launches(self) -> int:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard
+from ._launch import TL_DTYPES, device_guard
 from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
@@ -140,10 +140,9 @@ def _program_slice(table_ptr, blocks_ptr, skip, BLOCK: tl.constexpr, ALIGNED: tl
 
 @triton.jit
 def _read_step(row, skip):
-    """(step pointer, step after this update): the step does not count when skipped."""
-    step_ptr = tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr)
-    return step_ptr, tl.where(skip, step, step + 1.0)
+    """(step before, step after this update): the step does not count when skipped."""
+    step = tl.load(tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32)))
+    return step, tl.where(skip, step, step + 1.0)
 
 
 @triton.jit
@@ -212,15 +211,26 @@ def _add_update_norm(update_sq_ptr, p_new, p_old, mask):
     tl.atomic_add(update_sq_ptr, tl.sum(delta * delta, axis=0).to(tl.float64))
 
 
+# Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
+_TENSOR_SEED_STRIDE = tl.constexpr(1000003)
+_STEP_SEED_STRIDE = tl.constexpr(7919)
+
+
 @triton.jit
 def _rounding_seed(seed, tensor_idx, step):
     """A fresh Philox seed for each (tensor, step) pair."""
-    return seed + tensor_idx * 1000003 + step.to(tl.int32) * 7919
+    return seed + tensor_idx * _TENSOR_SEED_STRIDE + step.to(tl.int32) * _STEP_SEED_STRIDE
 
 
 # ----------------------------------------------------------------------------------
-# Adam / AdamW
+# the update rules: each formula once, on fp32 values
 # ----------------------------------------------------------------------------------
+ADAM, RMSPROP, SGD = range(3)  # the RULE constexpr
+_ADAM = tl.constexpr(ADAM)
+_RMSPROP = tl.constexpr(RMSPROP)
+_SGD = tl.constexpr(SGD)
+
+
 @triton.jit
 def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay,
                 step_size, bias_correction2_sqrt,
@@ -251,102 +261,6 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
-def _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr,
-                offs, mask, multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, step_size,
-                bias_correction2_sqrt,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                UPDATE_NORM: tl.constexpr):
-    p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
-    p_old = p
-    m = tl.load(exp_avg_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask).to(tl.float32)
-    vmax = v
-    if AMSGRAD:
-        vmax = tl.load(max_sq_ptr + offs, mask=mask).to(tl.float32)
-    p, m, v, vmax = adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
-                                weight_decay, step_size, bias_correction2_sqrt,
-                                AMSGRAD, MAXIMIZE, DECOUPLED_WD)
-    if UPDATE_NORM:
-        _add_update_norm(update_sq_ptr, p, p_old, mask)
-    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    tl.store(exp_avg_ptr + offs, round_like(m, exp_avg_ptr), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, round_like(v, exp_avg_sq_ptr), mask=mask)
-    if AMSGRAD:
-        tl.store(max_sq_ptr + offs, round_like(vmax, max_sq_ptr), mask=mask)
-
-
-@triton.jit
-def adam_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
-                lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
-                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-                LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-                CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
-                FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Adam/AdamW over every tensor of a table (states: exp_avg, exp_avg_sq, max_exp_avg_sq).
-
-    Bias corrections 1 - beta^t are computed per tensor in fp64 from its own step.
-    Bytes per element, with P the param size and S the state size: reads p, g, m, v and
-    writes p, m, v, 3P + 4S: 28 B in fp32, 22 B for bf16 params with fp32 states, 14 B
-    with bf16 states. With an fp32 master the param is written but not read, 2P + 8 + 4S:
-    28 B for bf16. amsgrad adds 2S.
-    """
-    multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
-                                     CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
-    param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    exp_avg_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
-    exp_avg_sq_ptr = _table_ptr(row, _COL_STATE1, STATE_DTYPE, ALIGNED)
-    max_sq_ptr = exp_avg_sq_ptr
-    if AMSGRAD:
-        max_sq_ptr = _table_ptr(row, _COL_STATE2, STATE_DTYPE, ALIGNED)
-    master_ptr = exp_avg_ptr.to(tl.pointer_type(tl.float32))
-    if MASTER:
-        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
-    step_ptr, new_step = _read_step(row, skip)
-
-    lr = _scalar(lr, LR_IS_PTR)
-    if BETAS_ARE_PTRS:
-        beta1_32 = tl.load(beta1).to(tl.float32)
-        beta2_32 = tl.load(beta2).to(tl.float32)
-        beta1_weight = 1.0 - beta1_32
-        one_minus_beta2 = 1.0 - beta2_32
-        beta1_64 = beta1_32.to(tl.float64)
-        beta2_64 = beta2_32.to(tl.float64)
-    else:
-        beta2_32 = beta2
-        beta1_weight = one_minus_beta1
-        # 1 - beta arrives rounded to fp32 with full relative precision, so rebuilding
-        # beta from it in fp64 keeps 1 - beta^t accurate even for beta2 = 0.9999.
-        beta1_64 = 1.0 - tl.cast(one_minus_beta1, tl.float64)
-        beta2_64 = 1.0 - tl.cast(one_minus_beta2, tl.float64)
-    n = new_step.to(tl.int32)
-    bias_correction1 = 1.0 - _pow_int(beta1_64, n)
-    bias_correction2 = 1.0 - _pow_int(beta2_64, n)
-    step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-    seed = _rounding_seed(seed, tensor_idx, new_step)
-
-    if full:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr, offs, None,
-                    multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay,
-                    step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    else:
-        _adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, master_ptr, update_sq_ptr, offs,
-                    offs < numel, multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps,
-                    weight_decay, step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
-
-
-# ----------------------------------------------------------------------------------
-# RMSprop
-# ----------------------------------------------------------------------------------
-@triton.jit
 def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
                    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr):
     """One RMSprop element update, fp32, in torch.optim's order of operations.
@@ -375,77 +289,6 @@ def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight
 
 
 @triton.jit
-def _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, mask,
-                   multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                   UPDATE_NORM: tl.constexpr):
-    p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
-    p_old = p
-    sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
-    g_avg = sq
-    buf = sq
-    if CENTERED:
-        g_avg = tl.load(g_avg_ptr + offs, mask=mask).to(tl.float32)
-    if HAS_MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-    p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps,
-                                       weight_decay, momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
-    if UPDATE_NORM:
-        _add_update_norm(update_sq_ptr, p, p_old, mask)
-    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    tl.store(sq_ptr + offs, round_like(sq, sq_ptr), mask=mask)
-    if CENTERED:
-        tl.store(g_avg_ptr + offs, round_like(g_avg, g_avg_ptr), mask=mask)
-    if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, round_like(buf, buf_ptr), mask=mask)
-
-
-@triton.jit
-def rmsprop_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
-                   lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                   PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, LR_IS_PTR: tl.constexpr,
-                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
-                   FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                   UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """RMSprop over every tensor of a table (states: square_avg, momentum_buffer, grad_avg).
-
-    Bytes per element in fp32: 20 B (p, g, square_avg), +8 B each for momentum and centered.
-    """
-    multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
-                                     CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
-    param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    sq_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
-    buf_ptr = sq_ptr
-    g_avg_ptr = sq_ptr
-    if HAS_MOMENTUM:
-        buf_ptr = _table_ptr(row, _COL_STATE1, STATE_DTYPE, ALIGNED)
-    if CENTERED:
-        g_avg_ptr = _table_ptr(row, _COL_STATE2, STATE_DTYPE, ALIGNED)
-    master_ptr = sq_ptr.to(tl.pointer_type(tl.float32))
-    if MASTER:
-        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
-    step_ptr, new_step = _read_step(row, skip)
-    lr = _scalar(lr, LR_IS_PTR)
-    seed = _rounding_seed(seed, tensor_idx, new_step)
-    if full:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, None,
-                       multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    else:
-        _rmsprop_block(param_ptr, grad_ptr, sq_ptr, buf_ptr, g_avg_ptr, master_ptr, update_sq_ptr, offs, offs < numel,
-                       multiplier, seed, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                       CENTERED, HAS_MOMENTUM, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
-
-
-# ----------------------------------------------------------------------------------
-# SGD
-# ----------------------------------------------------------------------------------
-@triton.jit
 def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
     """One SGD element update, fp32, in torch.optim's order of operations.
@@ -471,73 +314,152 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
     return p, buf
 
 
+# ----------------------------------------------------------------------------------
+# the one multi-tensor optimizer kernel
+# ----------------------------------------------------------------------------------
 @triton.jit
-def _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, mask, first, multiplier, seed,
-               lr, weight_decay, momentum, one_minus_dampening,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-               UPDATE_NORM: tl.constexpr):
+def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs, mask,
+                multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
+                one_minus_dampening, step_size, bias_correction2_sqrt, first,
+                RULE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
+                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, UPDATE_NORM: tl.constexpr):
+    """One block: load p and g, the rule's states, update, store. States are read only where the
+    rule and its options use them (``TABLE``'s comment gives each rule's state columns)."""
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
-    buf = g
-    if HAS_MOMENTUM:
-        if not first:
-            buf = tl.load(buf_ptr + offs, mask=mask).to(tl.float32)
-    p, buf = sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
-                        HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+    if RULE == _ADAM:
+        m = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(state1_ptr + offs, mask=mask).to(tl.float32)
+        vmax = v
+        if AMSGRAD:
+            vmax = tl.load(state2_ptr + offs, mask=mask).to(tl.float32)
+        p, m, v, vmax = adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay,
+                                    step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD)
+        tl.store(state0_ptr + offs, round_like(m, state0_ptr), mask=mask)
+        tl.store(state1_ptr + offs, round_like(v, state1_ptr), mask=mask)
+        if AMSGRAD:
+            tl.store(state2_ptr + offs, round_like(vmax, state2_ptr), mask=mask)
+    elif RULE == _RMSPROP:
+        sq = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
+        buf = sq
+        g_avg = sq
+        if HAS_MOMENTUM:
+            buf = tl.load(state1_ptr + offs, mask=mask).to(tl.float32)
+        if CENTERED:
+            g_avg = tl.load(state2_ptr + offs, mask=mask).to(tl.float32)
+        p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, beta2, one_minus_beta2, eps, weight_decay,
+                                           momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
+        tl.store(state0_ptr + offs, round_like(sq, state0_ptr), mask=mask)
+        if HAS_MOMENTUM:
+            tl.store(state1_ptr + offs, round_like(buf, state1_ptr), mask=mask)
+        if CENTERED:
+            tl.store(state2_ptr + offs, round_like(g_avg, state2_ptr), mask=mask)
+    else:
+        buf = g
+        if HAS_MOMENTUM:
+            if not first:
+                buf = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
+        p, buf = sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
+                            HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+        if HAS_MOMENTUM:
+            tl.store(state0_ptr + offs, round_like(buf, state0_ptr), mask=mask)
     if UPDATE_NORM:
         _add_update_norm(update_sq_ptr, p, p_old, mask)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    if HAS_MOMENTUM:
-        tl.store(buf_ptr + offs, round_like(buf, buf_ptr), mask=mask)
 
 
 @triton.jit
-def sgd_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr, seed,
-               lr, weight_decay, momentum, one_minus_dampening,
-               PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-               LR_IS_PTR: tl.constexpr, WD_IS_PTR: tl.constexpr,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
-               FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-               UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """SGD over every tensor of a table (state: momentum_buffer).
+def _state_ptr(row, COL: tl.constexpr, USED: tl.constexpr, fallback, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A state column's pointer where the rule reads it; else ``fallback``, which is never dereferenced."""
+    if USED:
+        return _table_ptr(row, COL, DTYPE, ALIGNED)
+    else:
+        return fallback.to(tl.pointer_type(DTYPE))
 
-    The step column holds a private count of steps taken (torch's SGD keeps no step);
-    at 0 the momentum buffer is set to the grad, as torch does on its first step.
-    Bytes per element in fp32: 12 B without momentum, 20 B with it.
+
+@triton.jit
+def optimizer_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr,
+                     seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, momentum,
+                     one_minus_dampening,
+                     RULE: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                     LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr, WD_IS_PTR: tl.constexpr,
+                     AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
+                     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                     CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
+                     FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One optimizer step over every tensor of a table; ``RULE`` picks Adam/AdamW, RMSprop or SGD.
+
+    Hyperparameters: ``beta2``/``one_minus_beta2`` are the decay of the squared-grad average,
+    Adam's beta2 and RMSprop's alpha; ``beta1``/``one_minus_beta1`` Adam's first-moment decay;
+    ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's. Adam's bias corrections
+    1 - beta^t are computed per tensor in fp64 from its own step. SGD's step column holds a
+    private count of steps (torch's SGD keeps none); at 0 the momentum buffer is set to the
+    grad, as torch does on its first step.
+
+    Bytes per element (P the param size, S the state size; ``mechgpu/traffic.py`` tabulates
+    them): every rule reads p and g and writes p (3P); Adam reads and writes m and v (4S; 28 B
+    in fp32, 22 B for bf16 params with fp32 states, 14 B with bf16 states), amsgrad adds 2S;
+    RMSprop square_avg (2S: 20 B in fp32), momentum and centered add 2S each; SGD nothing
+    (12 B), momentum 2S (20 B). With an fp32 master the param is written, not read, and the
+    master read and written: 2P + 8 instead of 3P.
     """
     multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
                                      CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
     tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
     param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    buf_ptr = grad_ptr.to(tl.pointer_type(STATE_DTYPE))
-    if HAS_MOMENTUM:
-        buf_ptr = _table_ptr(row, _COL_STATE0, STATE_DTYPE, ALIGNED)
-    master_ptr = grad_ptr.to(tl.pointer_type(tl.float32))
-    if MASTER:
-        master_ptr = _table_ptr(row, _COL_MASTER, tl.float32, ALIGNED)
-    step_ptr, new_step = _read_step(row, skip)
-    first = tl.load(step_ptr) == 0.0
+    state0_ptr = _state_ptr(row, _COL_STATE0, RULE != _SGD or HAS_MOMENTUM, grad_ptr, STATE_DTYPE, ALIGNED)
+    state1_ptr = _state_ptr(row, _COL_STATE1, RULE == _ADAM or (RULE == _RMSPROP and HAS_MOMENTUM), state0_ptr,
+                            STATE_DTYPE, ALIGNED)
+    state2_ptr = _state_ptr(row, _COL_STATE2, (RULE == _ADAM and AMSGRAD) or (RULE == _RMSPROP and CENTERED),
+                            state0_ptr, STATE_DTYPE, ALIGNED)
+    master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
+    step, new_step = _read_step(row, skip)
+    first = step == 0.0  # SGD's first step sets the momentum buffer to the grad
     lr = _scalar(lr, LR_IS_PTR)
     weight_decay = _scalar(weight_decay, WD_IS_PTR)
-    seed = _rounding_seed(seed, tensor_idx, new_step)
-    if full:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, None, first, multiplier, seed,
-                   lr, weight_decay, momentum, one_minus_dampening,
-                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+    beta2_32 = _scalar(beta2, BETAS_ARE_PTRS)
+    beta1_weight = one_minus_beta1
+    step_size = lr
+    bias_correction2_sqrt = lr
+    if BETAS_ARE_PTRS:
+        beta1_32 = tl.load(beta1).to(tl.float32)
+        beta1_weight = 1.0 - beta1_32
+        one_minus_beta2 = 1.0 - beta2_32
+        beta1_64 = beta1_32.to(tl.float64)
+        beta2_64 = beta2_32.to(tl.float64)
     else:
-        _sgd_block(param_ptr, grad_ptr, buf_ptr, master_ptr, update_sq_ptr, offs, offs < numel, first, multiplier, seed,
-                   lr, weight_decay, momentum, one_minus_dampening,
-                   HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+        # 1 - beta arrives rounded to fp32 with full relative precision, so rebuilding
+        # beta from it in fp64 keeps 1 - beta^t accurate even for beta2 = 0.9999.
+        beta1_64 = 1.0 - tl.cast(one_minus_beta1, tl.float64)
+        beta2_64 = 1.0 - tl.cast(one_minus_beta2, tl.float64)
+    if RULE == _ADAM:
+        n = new_step.to(tl.int32)
+        bias_correction1 = 1.0 - _pow_int(beta1_64, n)
+        bias_correction2 = 1.0 - _pow_int(beta2_64, n)
+        step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+    seed = _rounding_seed(seed, tensor_idx, new_step)
+
+    if full:
+        _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs, None,
+                    multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay, momentum,
+                    one_minus_dampening, step_size, bias_correction2_sqrt, first,
+                    RULE, AMSGRAD, DECOUPLED_WD, CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+    else:
+        _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs,
+                    offs < numel, multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay,
+                    momentum, one_minus_dampening, step_size, bias_correction2_sqrt, first,
+                    RULE, AMSGRAD, DECOUPLED_WD, CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
     _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
 
-# ----------------------------------------------------------------------------------
 # launchers: plain Python, torch tensors in
 # ----------------------------------------------------------------------------------
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @dataclass
@@ -576,34 +498,25 @@ def _hyper(value):
     return float(value), False
 
 
-def _common_args(plan: MultiTensorPlan, param_dtype: torch.dtype, control: StepControl | None,
-                 precision: Precision | None):
-    """(leading tensor/seed arguments, shared constexprs) of every optimizer kernel."""
+#: Every option a rule may set, and its value when the rule does not
+RULE_OPTIONS = {"AMSGRAD": False, "DECOUPLED_WD": False, "CENTERED": False, "HAS_MOMENTUM": False,
+                "NESTEROV": False, "MAXIMIZE": False}
+
+
+def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligned: bool, lr, weight_decay=0.0,
+           beta1=0.0, beta2=0.0, eps: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
+           options: dict[str, bool], control: StepControl | None = None,
+           precision: Precision | None = None) -> None:
+    """One step of ``rule`` over every tensor in ``plan``: one launch, every argument by name.
+
+    ``lr``, ``weight_decay`` and the betas may be 0-d device tensors (read in the kernel);
+    ``options`` sets RULE_OPTIONS' flags for the rule.
+    """
     control = control or StepControl()
     precision = precision or Precision()
     spare = plan.table  # any device pointer, for arguments a variant never reads
-    args = (plan.table, plan.blocks, plan.done,
-            control.clip if control.clip is not None else spare,
-            control.grad_scale if control.grad_scale is not None else spare,
-            control.found_inf if control.found_inf is not None else spare,
-            control.update_sq if control.update_sq is not None else spare,
-            precision.seed)
-    constexprs = dict(
-        PARAM_DTYPE=_TL_DTYPES[param_dtype], STATE_DTYPE=_TL_DTYPES[precision.state_dtype],
-        CLIP=control.clip is not None, SKIP_NONFINITE=control.skip_nonfinite and control.clip is not None,
-        UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
-        MASTER=precision.master, STOCHASTIC=precision.stochastic, UPDATE_NORM=control.update_sq is not None,
-        BLOCK=plan.block, num_warps=plan.num_warps,
-    )
-    return args, constexprs
-
-
-
-def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, beta2, eps: float,
-              weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-              aligned: bool, control: StepControl | None = None, precision: Precision | None = None) -> None:
-    """Launch one Adam/AdamW step over every tensor in ``plan`` (one launch)."""
     lr, lr_is_ptr = _hyper(lr)
+    weight_decay, wd_is_ptr = _hyper(weight_decay)
     betas_are_ptrs = isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)
     if betas_are_ptrs:  # both read from device memory; a float beside a tensor becomes a 0-d tensor
         beta1, beta2 = (b if isinstance(b, torch.Tensor) else torch.full((), float(b), device=plan.device)
@@ -613,42 +526,22 @@ def adam_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, beta1, bet
         # 1 - beta in double on the host, as torch.optim computes it
         beta1, beta2 = float(beta1), float(beta2)
         one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
-    args, constexprs = _common_args(plan, param_dtype, control, precision)
     with device_guard(plan.device):
-        adam_kernel[(plan.num_programs,)](
-            *args, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, float(eps), float(weight_decay),
-            LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            DECOUPLED_WD=decoupled_weight_decay, ALIGNED=aligned, **constexprs,
-        )
-
-
-def rmsprop_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, alpha: float, eps: float,
-                 weight_decay: float, momentum: float, centered: bool, maximize: bool,
-                 aligned: bool, control: StepControl | None = None,
-                 precision: Precision | None = None) -> None:
-    """Launch one RMSprop step over every tensor in ``plan`` (one launch)."""
-    lr, lr_is_ptr = _hyper(lr)
-    args, constexprs = _common_args(plan, param_dtype, control, precision)
-    with device_guard(plan.device):
-        rmsprop_kernel[(plan.num_programs,)](
-            *args, lr, float(alpha), 1.0 - float(alpha), float(eps), float(weight_decay), float(momentum),
-            LR_IS_PTR=lr_is_ptr, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
-            ALIGNED=aligned, **constexprs,
-        )
-
-
-def sgd_step(plan: MultiTensorPlan, param_dtype: torch.dtype, *, lr, weight_decay, momentum: float,
-             dampening: float, nesterov: bool, maximize: bool, aligned: bool,
-             control: StepControl | None = None, precision: Precision | None = None) -> None:
-    """Launch one SGD step over every tensor in ``plan`` (one launch)."""
-    lr, lr_is_ptr = _hyper(lr)
-    weight_decay, wd_is_ptr = _hyper(weight_decay)
-    args, constexprs = _common_args(plan, param_dtype, control, precision)
-    with device_guard(plan.device):
-        sgd_kernel[(plan.num_programs,)](
-            *args, lr, weight_decay, float(momentum), 1.0 - float(dampening),
-            LR_IS_PTR=lr_is_ptr, WD_IS_PTR=wd_is_ptr, HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
-            MAXIMIZE=maximize, ALIGNED=aligned, **constexprs,
+        optimizer_kernel[(plan.num_programs,)](
+            table_ptr=plan.table, blocks_ptr=plan.blocks, done_ptr=plan.done,
+            control_ptr=control.clip if control.clip is not None else spare,
+            grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare,
+            found_inf_ptr=control.found_inf if control.found_inf is not None else spare,
+            update_sq_ptr=control.update_sq if control.update_sq is not None else spare,
+            seed=precision.seed, lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1,
+            one_minus_beta2=one_minus_beta2, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
+            one_minus_dampening=1.0 - float(dampening),
+            RULE=rule, PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
+            LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr, **{**RULE_OPTIONS, **options},
+            CLIP=control.clip is not None, SKIP_NONFINITE=control.skip_nonfinite and control.clip is not None,
+            UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
+            MASTER=precision.master, STOCHASTIC=precision.stochastic, UPDATE_NORM=control.update_sq is not None,
+            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
         )
 
 
@@ -659,46 +552,37 @@ def aot_variants() -> list:
 
     block = MULTI_TENSOR_BLOCKS[0]
     warps = multi_tensor_warps(block)
-    lead = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "control_ptr": "*fp32",
-            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "update_sq_ptr": "*fp64", "seed": "i32"}
+    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "control_ptr": "*fp32",
+           "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "update_sq_ptr": "*fp64", "seed": "i32",
+           "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
+           "eps": "fp32", "weight_decay": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32"}
     plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
-             "MASTER": False, "STOCHASTIC": False, "UPDATE_NORM": False}
+             "MASTER": False, "STOCHASTIC": False, "UPDATE_NORM": False,
+             "LR_IS_PTR": False, "BETAS_ARE_PTRS": False, "WD_IS_PTR": False, **RULE_OPTIONS}
     everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True, "UPDATE_NORM": True}
-    adam_sig = dict(lead, lr="fp32", beta1="fp32", beta2="fp32", one_minus_beta1="fp32",
-                    one_minus_beta2="fp32", eps="fp32", weight_decay="fp32")
-    rms_sig = dict(lead, lr="fp32", alpha="fp32", one_minus_alpha="fp32", eps="fp32",
-                   weight_decay="fp32", momentum="fp32")
-    sgd_sig = dict(lead, lr="fp32", weight_decay="fp32", momentum="fp32", one_minus_dampening="fp32")
+    # (name, rule, its options in the plain and in the "extra" variant)
+    rules = (("adam", ADAM, {"AMSGRAD": True, "DECOUPLED_WD": True}, "amsgrad,adamw"),
+             ("rmsprop", RMSPROP, {"CENTERED": True, "HAS_MOMENTUM": True}, "centered,momentum"),
+             ("sgd", SGD, {"HAS_MOMENTUM": True, "NESTEROV": True}, "momentum,nesterov"))
     variants = []
     for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
         for aligned in (True, False):
             tag = f"{dtype_name}{'' if aligned else ',unaligned'}"
-            common = dict(plain, PARAM_DTYPE=dtype, STATE_DTYPE=tl.float32, MAXIMIZE=False,
-                          ALIGNED=aligned, BLOCK=block)
+            common = dict(plain, PARAM_DTYPE=dtype, STATE_DTYPE=tl.float32, ALIGNED=aligned, BLOCK=block)
             for extra in (False, True):
-                name = f"adam[{tag}{',amsgrad,adamw' if extra else ''}]"
-                cx = dict(common, LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=extra, DECOUPLED_WD=extra)
-                variants.append(variant(name, adam_kernel, adam_sig, cx, aligned, warps))
-                name = f"rmsprop[{tag}{',centered,momentum' if extra else ''}]"
-                cx = dict(common, LR_IS_PTR=False, CENTERED=extra, HAS_MOMENTUM=extra)
-                variants.append(variant(name, rmsprop_kernel, rms_sig, cx, aligned, warps))
-                name = f"sgd[{tag}{',momentum,nesterov' if extra else ''}]"
-                cx = dict(common, LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=extra, NESTEROV=extra)
-                variants.append(variant(name, sgd_kernel, sgd_sig, cx, aligned, warps))
+                for name, rule, options, label in rules:
+                    cx = dict(common, RULE=rule, **(options if extra else {}))
+                    variants.append(variant(f"{name}[{tag}{',' + label if extra else ''}]", optimizer_kernel, sig,
+                                            cx, aligned, warps))
     # tensor hyperparameters (lr and betas read from device memory)
-    sig = dict(adam_sig, lr="*fp32", beta1="*fp32", beta2="*fp32")
-    cx = dict(plain, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, MAXIMIZE=True, ALIGNED=True,
-              BLOCK=block, LR_IS_PTR=True, BETAS_ARE_PTRS=True, AMSGRAD=False, DECOUPLED_WD=False)
-    variants.append(variant("adam[fp32,tensor-lr-betas]", adam_kernel, sig, cx, True, warps))
+    cx = dict(plain, RULE=ADAM, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, MAXIMIZE=True, ALIGNED=True,
+              BLOCK=block, LR_IS_PTR=True, BETAS_ARE_PTRS=True)
+    variants.append(variant("adam[fp32,tensor-lr-betas]", optimizer_kernel,
+                            dict(sig, lr="*fp32", beta1="*fp32", beta2="*fp32"), cx, True, warps))
     # clip-in-step + AMP, and each mixed-precision mode
-    for name, fn, sig, cx in (
-        ("adam", adam_kernel, adam_sig, dict(LR_IS_PTR=False, BETAS_ARE_PTRS=False, AMSGRAD=False,
-                                             DECOUPLED_WD=True)),
-        ("rmsprop", rmsprop_kernel, rms_sig, dict(LR_IS_PTR=False, CENTERED=False, HAS_MOMENTUM=True)),
-        ("sgd", sgd_kernel, sgd_sig, dict(LR_IS_PTR=False, WD_IS_PTR=False, HAS_MOMENTUM=True,
-                                          NESTEROV=False)),
-    ):
-        base = dict(plain, MAXIMIZE=False, ALIGNED=True, BLOCK=block, **cx)
+    for name, rule, options in (("adam", ADAM, {"DECOUPLED_WD": True}), ("rmsprop", RMSPROP, {"HAS_MOMENTUM": True}),
+                                ("sgd", SGD, {"HAS_MOMENTUM": True})):
+        base = dict(plain, RULE=rule, ALIGNED=True, BLOCK=block, **options)
         modes = (
             ("fp32,clip,amp", dict(everything, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32)),
             ("bf16,master", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, MASTER=True)),
@@ -708,5 +592,5 @@ def aot_variants() -> list:
                                           MASTER=True)),
         )
         for mode, flags in modes:
-            variants.append(variant(f"{name}[{mode}]", fn, sig, dict(base, **flags), True, warps))
+            variants.append(variant(f"{name}[{mode}]", optimizer_kernel, sig, dict(base, **flags), True, warps))
     return variants

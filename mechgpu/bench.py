@@ -300,11 +300,11 @@ def plot_train(merged: dict, path: Path) -> Path:
     key, label = ("peak_bytes", "peak memory (MiB)") if peak else ("saved_bytes", "saved activations (MiB)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        color = "tab:blue" if r["impl"] == "torch" else "tab:orange"
+        color = "tab:blue" if r["implementation"] == "torch" else "tab:orange"
         ax.scatter(r["tokens_per_s"], r[key] / 2**20, color=color)
         policy = r["checkpoint"]
         policy = f"budget {format_bytes(int(policy[:-1]))}" if re.fullmatch(r"\d+B", policy) else policy
-        ax.annotate(f"{r['impl']} {policy}", (r["tokens_per_s"], r[key] / 2**20), fontsize=8,
+        ax.annotate(f"{r['implementation']} {policy}", (r["tokens_per_s"], r[key] / 2**20), fontsize=8,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(label)

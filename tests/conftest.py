@@ -4,6 +4,9 @@ TRITON_INTERPRET must be set before triton is imported, so this runs first.
 """
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -43,3 +46,34 @@ def count_launches(monkeypatch):
 
     monkeypatch.setattr(cls, name, counting)
     return lambda: len(calls)
+
+
+def run_without_interpreter(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c script`` in a fresh process without TRITON_INTERPRET (CPU tensors there take
+    torch's fallback, and triton compiles instead of interpreting); its output captured as text."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_interpreted(fn, args: tuple, nprocs: int, timeout_s: float) -> str | None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes with the kernels in triton's
+    interpreter; None when all finished, else why not (a timeout, or a rank's exception).
+    Ranks still alive at the end are terminated."""
+    import torch.multiprocessing as mp
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned children
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                return f"timed out after {timeout_s} s (a rank hung in a collective?)"
+    except Exception as exc:  # ProcessRaisedException / ProcessExitedException
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+    return None

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +35,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, KERNEL_DEVICE, gpu, requires_cuda
+from conftest import DEVICES, KERNEL_DEVICE, gpu, requires_cuda, run_without_interpreter
 from mechgpu.kernels import _launch
 from mechgpu.kernels import activation as kernels
 
@@ -607,8 +604,7 @@ assert len(msgs) == 1 and "runs torch's own relu" in msgs[0], msgs
 assert all(torch.equal(a, b) for a, b in pairs)
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = run_without_interpreter(script)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -92,13 +92,14 @@ def test_wrong_optimizer_step_fails(monkeypatch):
     """Adam's launcher with a 5% larger lr: every Adam trajectory is off; SGD is untouched."""
     from mechgpu.kernels import optim as optim_kernels
 
-    original = optim_kernels.adam_step
+    original = optim_kernels.launch
 
-    def wrong_lr(plan, dtype, **kwargs):
-        kwargs["lr"] = kwargs["lr"] * 1.05
-        original(plan, dtype, **kwargs)
+    def wrong_lr(plan, dtype, rule, **kwargs):
+        if rule == optim_kernels.ADAM:
+            kwargs["lr"] = kwargs["lr"] * 1.05
+        original(plan, dtype, rule, **kwargs)
 
-    monkeypatch.setattr(optim_kernels, "adam_step", wrong_lr)
+    monkeypatch.setattr(optim_kernels, "launch", wrong_lr)
     rows = check.run_checks(KERNEL_DEVICE, quick=True, only=["optim.Adam-amsgrad", "optim.SGD-momentum"], seed=0)
     results = _by_check(rows)
     assert results[("optim.Adam-amsgrad", "params, 3 steps", "fp32")] is False

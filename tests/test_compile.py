@@ -84,7 +84,7 @@ from mechgpu.kernels import optim as kernels
 from mechgpu.kernels._launch import compiled_variants
 
 name = {name!r}
-kernel = {{"Adam": kernels.adam_kernel, "RMSprop": kernels.rmsprop_kernel, "SGD": kernels.sgd_kernel}}[name]
+kernel = kernels.optimizer_kernel
 params = [torch.randn(n, requires_grad=True) for n in (1000, 4097)]
 for p in params:
     p.grad = torch.randn_like(p)

@@ -117,7 +117,7 @@ def test_cpu_smoke_session_runs_every_step(tmp_path):
     assert set(merged["benchmarks"]) == set(ds.BENCH_SCRIPTS)
     activations = merged["benchmarks"]["activations"]["rows"]
     assert {(r["activation"], r["dtype"]) for r in activations} == {("relu", "bf16"), ("gelu", "bf16")}
-    assert {(r["impl"], r["checkpoint"]) for r in merged["benchmarks"]["train"]["rows"]} == {
+    assert {(r["implementation"], r["checkpoint"]) for r in merged["benchmarks"]["train"]["rows"]} == {
         ("mechgpu", "none"), ("mechgpu", "sqrt")}
     optim_rows = merged["benchmarks"]["optim"]["rows"]
     keys = [(r["list"], r["optimizer"], r["implementation"]) for r in optim_rows]

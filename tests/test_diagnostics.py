@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_without_interpreter
 from torch import nn
 
 from mechgpu.diagnostics import SignalRecorder, default_layers, plot_signals
@@ -105,9 +106,7 @@ def classic():
     by torch (a subprocess without TRITON_INTERPRET: the kernels' CPU fallback), since the
     interpreter would take minutes for 20 networks of 2M weights; the kernels themselves are
     tested in test_init.py and run the CLI below. Median ratios over SEEDS networks each."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = CLASSIC.replace("SEEDS", str(SEEDS))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    out = run_without_interpreter(CLASSIC.replace("SEEDS", str(SEEDS)), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -17,14 +17,13 @@ interpreter (TRITON_INTERPRET=1 in the workers).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import _dist_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_interpreted
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch built without torch.distributed / gloo")
@@ -40,24 +39,7 @@ def _spawn_all(tmp: Path) -> dict[str, list[dict] | str]:
     """Every scenario on one pair of ranks (one start-up, one process group): scenario ->
     [rank 0 results, rank 1 results], or a readable account of why it has none."""
     scenarios = list(worker.SCENARIOS)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned children
-        ctx = mp.start_processes(worker.run, args=(scenarios, str(tmp / "init"), str(tmp)),
-                                 nprocs=worker.WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    failure = None
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                failure = f"timed out after {TIMEOUT_S} s (a rank hung in a collective?)"
-                break
-    except Exception as exc:  # ProcessRaisedException / ProcessExitedException
-        failure = f"{type(exc).__name__}: {exc}"
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+    failure = spawn_interpreted(worker.run, (scenarios, str(tmp / "init"), str(tmp)), worker.WORLD_SIZE, TIMEOUT_S)
 
     outcome: dict[str, list[dict] | str] = {}
     first_failed = None

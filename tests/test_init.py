@@ -13,15 +13,13 @@ import inspect
 import math
 import os
 import re
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES, KERNEL_DEVICE, count_launches
+from conftest import DEVICES, KERNEL_DEVICE, count_launches, run_without_interpreter
 from mechgpu.kernels import init as K
 from scipy import integrate, stats
 from torch import nn
@@ -419,8 +417,7 @@ def test_cpu_without_interpreter_falls_back_to_torch_with_one_warning():
         "b = torch.nn.init.normal_(torch.empty(100), 0.0, 2.0, generator=g2)\n"
         "print(torch.equal(a, b), len(w), 'TRITON_INTERPRET=1' in str(w[0].message))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = run_without_interpreter(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "1", "True"], out.stdout
 

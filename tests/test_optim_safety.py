@@ -13,16 +13,13 @@ from __future__ import annotations
 import copy
 import io
 import multiprocessing
-import os
 import pickle
-import subprocess
-import sys
 import traceback
 from collections import defaultdict
 
 import pytest
 import torch
-from conftest import HAS_CUDA, KERNEL_DEVICE
+from conftest import HAS_CUDA, KERNEL_DEVICE, run_without_interpreter
 
 import mechgpu.optim as mo
 
@@ -574,7 +571,5 @@ print("ok")
 
 
 def test_cpu_fallback_amp_with_clipping_and_update_norm():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=CHILD_TIMEOUT_S)
+    out = run_without_interpreter(FALLBACK_SCRIPT, timeout=CHILD_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

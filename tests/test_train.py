@@ -526,5 +526,5 @@ def test_profile_command_smoke(tmp_path):
     assert len(rows) == 3, out
     assert png.exists() and png.stat().st_size > 0
     runs = json.loads(png.with_suffix(".json").read_text())["runs"]
-    none, full = (r for r in runs if r["impl"] == "mechgpu")
+    none, full = (r for r in runs if r["implementation"] == "mechgpu")
     assert full["saved_bytes"] < none["saved_bytes"]

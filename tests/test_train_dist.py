@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_interpreted
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch built without torch.distributed / gloo")
@@ -67,23 +66,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_dist")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TRITON_INTERPRET", "1")
-        ctx = mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline, failure = time.monotonic() + TIMEOUT_S, None
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                failure = f"timed out after {TIMEOUT_S} s"
-                break
-    except Exception as exc:
-        failure = f"{type(exc).__name__}: {exc}"
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+    failure = spawn_interpreted(_worker, (str(tmp / "init"), str(tmp)), WORLD, TIMEOUT_S)
     errors = "".join((tmp / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp / f"rank{r}.err").exists())
     if failure or errors:
         pytest.fail(f"distributed trainer failed: {failure}\n{errors}", pytrace=False)

@@ -44,11 +44,12 @@ class _AdamFamily(FusedOptimizer):
     def _launch(self, plan, dtype, group, aligned, control, precision):
         device = plan.device
         beta1, beta2 = group["betas"]
-        optim_kernels.adam_step(
-            plan, dtype, lr=self._hyper(group["lr"], device),
+        optim_kernels.launch(
+            plan, dtype, optim_kernels.ADAM, lr=self._hyper(group["lr"], device),
             beta1=self._hyper(beta1, device), beta2=self._hyper(beta2, device),
-            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            options={"AMSGRAD": group["amsgrad"], "MAXIMIZE": group["maximize"],
+                     "DECOUPLED_WD": group["decoupled_weight_decay"]},
             aligned=aligned, control=control, precision=precision,
         )
 
@@ -113,10 +114,12 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return "RMSprop does not support sparse gradients"
 
     def _launch(self, plan, dtype, group, aligned, control, precision):
-        optim_kernels.rmsprop_step(
-            plan, dtype, lr=self._hyper(group["lr"], plan.device), alpha=group["alpha"], eps=group["eps"],
-            weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-            maximize=group["maximize"], aligned=aligned, control=control, precision=precision,
+        optim_kernels.launch(
+            plan, dtype, optim_kernels.RMSPROP, lr=self._hyper(group["lr"], plan.device), beta2=group["alpha"],
+            eps=group["eps"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+            options={"CENTERED": group["centered"], "HAS_MOMENTUM": group["momentum"] > 0,
+                     "MAXIMIZE": group["maximize"]},
+            aligned=aligned, control=control, precision=precision,
         )
 
 
@@ -147,10 +150,12 @@ class SGD(FusedOptimizer, torch.optim.SGD):
 
     def _launch(self, plan, dtype, group, aligned, control, precision):
         device = plan.device
-        optim_kernels.sgd_step(
-            plan, dtype, lr=self._hyper(group["lr"], device),
+        optim_kernels.launch(
+            plan, dtype, optim_kernels.SGD, lr=self._hyper(group["lr"], device),
             weight_decay=self._hyper(group["weight_decay"], device), momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            dampening=group["dampening"],
+            options={"HAS_MOMENTUM": group["momentum"] != 0, "NESTEROV": group["nesterov"],
+                     "MAXIMIZE": group["maximize"]},
             aligned=aligned, control=control, precision=precision,
         )
 

@@ -504,19 +504,19 @@ class FusedOptimizer:
             cache.upload_grads()
 
         device = devices.pop()
-        control = StepControl(grad_scale=self._amp_tensor("grad_scale", device),
-                              found_inf=self._amp_tensor("found_inf", device))
+        grad_scale = self._amp_tensor("grad_scale", device)
+        clip = None
         if self.max_grad_norm is not None:
             from ..clip import total_norm_into
 
             if self._clip_out is None or self._clip_out.device != device:
                 self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
+            clip = self._clip_out
             grads = [p.grad for _, _, params, _ in work for p in params]
-            total_norm_into(self._clip_out, grads, 2.0, float(self.max_grad_norm), control.grad_scale,
-                            plans=self._norm_plans)
-            control.clip = self._clip_out
-            control.skip_nonfinite = self.skip_nonfinite
-        control.update_sq = update_sq  # on the kernels' device, when there are kernels to launch
+            total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
+        control = StepControl(clip=clip, skip_nonfinite=self.skip_nonfinite and clip is not None,
+                              grad_scale=grad_scale, found_inf=self._amp_tensor("found_inf", device),
+                              update_sq=update_sq)  # update_sq: on the kernels' device
         for _, group, _, cache in work:
             for bucket in cache.buckets:
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)

@@ -208,7 +208,7 @@ def run_profile(base: TrainConfig, policies: list[str], accums: list[int], micro
                     torch.cuda.empty_cache()
                 trainer, data, _ = build(cfg, corpus)
                 s = trainer.fit(data, cfg.steps)
-                row = {"impl": "torch" if torch_baseline else "mechgpu", "checkpoint": policy, "accum": accum,
+                row = {"implementation": "torch" if torch_baseline else "mechgpu", "checkpoint": policy, "accum": accum,
                        "micro_batch": micro, "peak_bytes": s.get("peak_bytes"),
                        "saved_bytes": s["saved_activation_bytes"],
                        "predicted_saved_bytes": s["predicted_saved_activation_bytes"],
@@ -231,9 +231,9 @@ def _header() -> str:
 
 def _row(r: dict) -> str:
     fmt = lambda b: format_bytes(b) if b is not None else "n/a"
-    return (f"{r['impl']:<8} {r['checkpoint']:<10} {r['accum']:>5} {r['micro_batch']:>5} {fmt(r['peak_bytes']):>11} "
-            f"{fmt(r['saved_bytes']):>11} {fmt(r['predicted_saved_bytes']):>11} {r['tokens_per_s'] or 0:>10,.0f} "
-            f"{1e3 * (r['step_s'] or 0):>9.1f} {r['final_loss']:>7.4f}")
+    return (f"{r['implementation']:<8} {r['checkpoint']:<10} {r['accum']:>5} {r['micro_batch']:>5} "
+            f"{fmt(r['peak_bytes']):>11} {fmt(r['saved_bytes']):>11} {fmt(r['predicted_saved_bytes']):>11} "
+            f"{r['tokens_per_s'] or 0:>10,.0f} {1e3 * (r['step_s'] or 0):>9.1f} {r['final_loss']:>7.4f}")
 
 
 def _device_name(device: str) -> str:
@@ -249,9 +249,9 @@ def _plot(runs: list[dict], out: Path, device: str) -> None:
     key = "peak_bytes" if device == "cuda" else "saved_bytes"
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(runs):
-        marker = "x" if r["impl"] == "torch" else "o"
+        marker = "x" if r["implementation"] == "torch" else "o"
         ax.scatter(r["tokens_per_s"] or 0, (r[key] or 0) / 2**20, marker=marker)
-        ax.annotate(f"{r['impl']} {r['checkpoint']} a{r['accum']} m{r['micro_batch']}",
+        ax.annotate(f"{r['implementation']} {r['checkpoint']} a{r['accum']} m{r['micro_batch']}",
                     (r["tokens_per_s"] or 0, (r[key] or 0) / 2**20), fontsize=7,
                     xytext=(4, -10 + 9 * (i % 3)), textcoords="offset points")  # staggered: labels overlap less
     ax.set_xlabel("tokens/s")
