@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from mechgpu.kernels import activation as kernels
 
 import mechgpu.nn.functional as MF
+from mechgpu import traffic
 
 SLOPE = 0.01
 aten = torch.ops.aten
@@ -82,11 +83,11 @@ IMPLEMENTATIONS = ("mechgpu", "torch eager", "torch compile")
 
 
 def bytes_per_element(activation: str, direction: str, implementation: str, element_size: int) -> float:
-    """The least an implementation must read and write per element in one direction."""
-    mask = implementation == "mechgpu" and ACTIVATIONS[activation][0] in kernels.MASK_KINDS
-    forward = 2 * element_size + (1 / 8 if mask else 0)  # read x, write y (+ the bit mask)
-    backward = 2 * element_size + (1 / 8 if mask else element_size)  # read g and what was saved, write dx
-    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[direction]
+    """The least an implementation must read and write per element in one direction
+    (``mechgpu.traffic.activation_bytes``; torch saves a tensor where mechgpu saves a bit mask)."""
+    kind = ACTIVATIONS[activation][0]
+    return traffic.activation_bytes(kind, direction, element_size,
+                                    mask=None if implementation == "mechgpu" else False)
 
 
 def saved_bytes_per_element(fn: Callable, x: torch.Tensor) -> float | None:

@@ -7,36 +7,26 @@ The time of one full ``opt.step()`` of AdamW (torch's defaults: lr 1e-3, weight 
 124.4M parameters), in each mode mechgpu offers, against ``torch.optim.AdamW(fused=True)``
 on fp32 params:
 
-=============================  ======  ===============  =====================  ========  =======
-mode                           params  states           mechgpu options        B/param   state B
-=============================  ======  ===============  =====================  ========  =======
-torch fused fp32 (reference)   fp32    fp32             (torch, fused=True)    28        8
-fp32                           fp32    fp32                                    28        8
-bf16                           bf16    fp32                                    22        8
-bf16, bf16 states              bf16    bf16             state_dtype=bf16       14        4
-bf16, master weights           bf16    fp32 + master    master_weights=True    28        12
-bf16, stochastic rounding      bf16    fp32             stochastic_rounding    22        8
-fp16, master, GradScaler       fp16    fp32 + master    master_weights=True    28        12
-=============================  ======  ===============  =====================  ========  =======
+=============================  ======  ===============  =====================
+mode                           params  states           mechgpu options
+=============================  ======  ===============  =====================
+torch fused fp32 (reference)   fp32    fp32             (torch, fused=True)
+fp32                           fp32    fp32
+bf16                           bf16    fp32
+bf16, bf16 states              bf16    bf16             state_dtype=bf16
+bf16, master weights           bf16    fp32 + master    master_weights=True
+bf16, stochastic rounding      bf16    fp32             stochastic_rounding
+fp16, master, GradScaler       fp16    fp32 + master    master_weights=True
+=============================  ======  ===============  =====================
 
-B/param, the least a step moves per parameter, follows from what ``adam_kernel`` in
-``kernels/optim.py`` loads and stores, with P the param's size in bytes (the grad has the
-param's dtype) and S a state's: it reads g (P) and the two states (2S) and writes the two
-states (2S) and the param (P); without master weights it also reads the param (P), with
-them it reads and writes the fp32 master instead (8) and never reads the param::
-
-    bytes/param = 3P + 4S              (no master weights)
-                = 2P + 8 + 4S          (master weights)
-
-So bf16 with fp32 states is 6 + 16 = 22 B, with bf16 states 6 + 8 = 14 B, and bf16 or fp16
-with a master 4 + 8 + 16 = 28 B. (The kernel's docstring says 20 B, 12 B and "+8 B for a
-master"; those leave out one 2-byte stream, and a master replaces the 2-byte param read.)
+B/param, the least a step moves per parameter, and "state B" come from ``mechgpu.traffic``
+(``optimizer_step_bytes``, ``optimizer_state_bytes``), whose docstrings derive them and
+whose numbers tests/test_traffic.py checks against what the kernel loads and stores.
 Stochastic rounding draws its random bits in registers: same bytes as plain bf16.
 GradScaler's ``grad_scale`` and ``found_inf`` are two scalars read once per program.
 
-"state B" is the optimizer state kept between steps, per parameter: exp_avg and
-exp_avg_sq (2S) plus the fp32 master (4 B) when there is one. The JSON has it both as
-derived here and as measured from ``opt.state`` after the run (it includes the per-tensor
+"state B" is the optimizer state kept between steps, per parameter. The JSON has it both as
+derived and as measured from ``opt.state`` after the run (it includes the per-tensor
 step counters, a few bytes per tensor).
 
 The GradScaler mode sets ``opt.grad_scale`` (65536, GradScaler's initial scale) and
@@ -68,6 +58,7 @@ import torch
 from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small
 
 import mechgpu.optim
+from mechgpu import traffic
 
 PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small}
 
@@ -95,14 +86,13 @@ class Mode:
                                 else self.param_dtype)  # torch keeps states in the param's dtype
 
     def bytes_per_param(self) -> int:
-        """The least one step moves per parameter (see the module docstring)."""
-        p = _size(self.param_dtype)
-        s = _size(self.state_dtype)
-        return (2 * p + 8 if self.master else 3 * p) + 4 * s
+        """The least one step moves per parameter (``mechgpu.traffic.optimizer_step_bytes``)."""
+        return traffic.optimizer_step_bytes("AdamW", _size(self.param_dtype), _size(self.state_dtype),
+                                            master=self.master)
 
     def state_bytes_per_param(self) -> int:
         """exp_avg + exp_avg_sq, plus the fp32 master copy when there is one."""
-        return 2 * _size(self.state_dtype) + (4 if self.master else 0)
+        return traffic.optimizer_state_bytes("AdamW", _size(self.state_dtype), master=self.master)
 
     def describe(self) -> str:
         parts = [f"{k}={_dtype_name(v) if isinstance(v, torch.dtype) else v}"
@@ -202,7 +192,7 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
         **header,
         "warmup_steps": WARMUP_STEPS,
         "optimizer": "AdamW, torch's defaults",
-        "bytes_formula": "3P + 4S without master weights, 2P + 8 + 4S with (P param bytes, S state bytes)",
+        "bytes_model": "mechgpu.traffic.optimizer_step_bytes",
         "grad_scale": GRAD_SCALE,
         "list": {"name": list_name, "tensors": len(shape_list), "params": numel},
         "rows": [],
@@ -243,7 +233,7 @@ def to_markdown(results: dict) -> str:
     info = results["list"]
     head = common.report_head(results, "mechgpu AdamW in each mixed-precision mode vs torch fused AdamW (fp32)",
                               f" of one full `opt.step()`, after {results['warmup_steps']} untimed steps", [
-        f"- B/param: the least a step reads and writes per parameter: {results['bytes_formula']}",
+        f"- B/param: the least a step reads and writes per parameter (`{results['bytes_model']}`)",
         "- state B/param: optimizer state kept between steps (exp_avg, exp_avg_sq, fp32 master); "
         "param + state adds the param itself",
         f"- GradScaler: `opt.grad_scale` = {results['grad_scale']:g} and `opt.found_inf` = 0 set by hand, "

@@ -429,7 +429,7 @@ def activation_fwd_kernel(x_ptr, y_ptr, mask_ptr, n, slope,
     mask_ptr: ceil(n / 32) int32 words, written only with SAVE_MASK.
     slope: leaky_relu's negative slope (a runtime scalar; ignored by other kinds).
     Program p handles elements [p BLOCK, (p + 1) BLOCK), in int64; full blocks are unmasked.
-    Bytes per element: read 4 + write 4 in fp32 (2 + 2 in bf16/fp16), + 1/8 with the mask.
+    Bytes per element: ``mechgpu.traffic.activation_bytes`` (read x, write y, + 1/8 B of mask).
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
@@ -477,8 +477,7 @@ def activation_bwd_kernel(g_ptr, saved_ptr, dx_ptr, n, slope,
     g_ptr, dx_ptr: n elements of the activation's dtype (dx_ptr may equal g_ptr).
     saved_ptr: y (sigmoid, tanh) or x (gelu, silu) in that dtype, or ceil(n / 32)
     int32 mask words (relu, leaky_relu).
-    Bytes per element: read g and y/x, write dx: 12 in fp32 (6 in bf16/fp16); with a
-    mask, read g + 1/8, write dx: 8.125 in fp32 (4.125 in bf16/fp16).
+    Bytes per element: ``mechgpu.traffic.activation_bytes`` (read g and y, x or the mask, write dx).
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK

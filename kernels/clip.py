@@ -16,8 +16,8 @@ the norm NaN, as in torch.
 device memory (torch's ``_foreach_mul_`` with a tensor scalar).
 
 Table columns: address, element count, dtype code (0 fp32, 1 bf16, 2 fp16).
-Bytes per element: the norm reads each grad once (4 B in fp32); scaling reads and
-writes it (8 B).
+Bytes per element: ``mechgpu.traffic.grad_norm_bytes`` (the norm reads each grad once) and
+``grad_scale_bytes`` (scaling reads and writes it).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, acc_ptr, out_ptr, grad_sca
 
     out[0] = (sum_i |g_i|^p)^(1/p) (max/min |g| for p = +-inf),
     divided by grad_scale when UNSCALE; out[1] = min(max_norm / (out[0] + 1e-6), 1).
-    Reads each element once: 4 B per fp32 element, 2 B per bf16/fp16 element.
+    Reads each element once (``mechgpu.traffic.grad_norm_bytes``).
     """
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)
@@ -243,7 +243,7 @@ def _scale_typed(ptr, offs, mask, coef):
 def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """g <- g * coef for every tensor of a table, coef read from device memory.
 
-    Reads and writes each element: 8 B per fp32 element.
+    Reads and writes each element (``mechgpu.traffic.grad_scale_bytes``).
     """
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)

@@ -225,7 +225,7 @@ def fill_kernel(out_ptr, numel, seed, stream,
     KIND_TRUNC_NORMAL reads loc, scale, the clamp bounds lo, hi and the interval's cdf_lo,
     sf_hi, cdf_hi, mass (see ``trunc_normal_from_bits``). All of them are runtime fp32
     scalars: new bounds never recompile.
-    Bytes per element: 4 B written in fp32, 2 B in bf16/fp16; nothing read.
+    Bytes per element: ``mechgpu.traffic.fill_bytes`` (written once, nothing read).
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     values = _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass, out_ptr,
@@ -251,7 +251,7 @@ def fill_multi_kernel(table_ptr, blocks_ptr, seed,
     normal, constant), element count and parameters (fp32 pairs, as ``fill_kernel`` takes
     them). ``seed`` is the Philox key of the launch; the kind is the same for every lane of
     a program, so only one branch runs.
-    Bytes per element: 4 B written in fp32, 2 B in bf16/fp16; nothing read but the row.
+    Bytes per element: ``mechgpu.traffic.fill_bytes`` (written once; nothing read but the row).
     """
     pid = tl.program_id(0)
     tensor_idx = tl.load(blocks_ptr + 2 * pid)

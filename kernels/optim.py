@@ -398,12 +398,9 @@ def optimizer_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_pt
     private count of steps (torch's SGD keeps none); at 0 the momentum buffer is set to the
     grad, as torch does on its first step.
 
-    Bytes per element (P the param size, S the state size; ``mechgpu/traffic.py`` tabulates
-    them): every rule reads p and g and writes p (3P); Adam reads and writes m and v (4S; 28 B
-    in fp32, 22 B for bf16 params with fp32 states, 14 B with bf16 states), amsgrad adds 2S;
-    RMSprop square_avg (2S: 20 B in fp32), momentum and centered add 2S each; SGD nothing
-    (12 B), momentum 2S (20 B). With an fp32 master the param is written, not read, and the
-    master read and written: 2P + 8 instead of 3P.
+    Bytes per element: ``mechgpu.traffic.optimizer_step_bytes`` (p and g read, p written, each
+    state the rule and options use read and written; an fp32 master read and written instead
+    of reading p), which tests/test_traffic.py checks against this kernel's loads and stores.
     """
     multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
                                      CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)

@@ -428,7 +428,10 @@ def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
     lines += ["### Bytes moved per element, against torch", "",
               "The least global-memory traffic per element (reads + writes; fp32 unless stated), from the "
               "kernels and from torch's own code paths (`mechgpu/traffic.py`). Memory-bound kernels are "
-              "judged by these numbers.", "", traffic.markdown(), "", END]
+              "judged by these numbers.", "", traffic.markdown(), "",
+              "An Adam/AdamW step in each precision mode, per parameter (`mechgpu.traffic.optimizer_step_bytes`, "
+              "checked against the bytes the kernels load and store in tests/test_traffic.py):", "",
+              traffic.precision_markdown(), "", END]
     return "\n".join(lines)
 
 

@@ -14,15 +14,74 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FP32 = 4
+MASK_BYTES = 1 / 8  # a bit-packed mask: one bit per element
 
-# One fused pass of each optimizer over fp32 params (kernels/optim.py):
-ADAM_STEP = 7 * FP32  # read p, g, exp_avg, exp_avg_sq; write p, exp_avg, exp_avg_sq
-ADAM_AMSGRAD_STEP = 9 * FP32  # + read and write max_exp_avg_sq
-SGD_MOMENTUM_STEP = 5 * FP32  # read p, g, momentum_buffer; write p, momentum_buffer
-RMSPROP_STEP = 5 * FP32  # read p, g, square_avg; write p, square_avg
-# Clipping (kernels/clip.py):
-GRAD_NORM = FP32  # the multi-tensor norm reads every grad once
-GRAD_SCALE = 2 * FP32  # scaling the grads in place reads and writes them
+# The state buffers each optimizer step reads and writes, by option (kernels/optim.py, TABLE)
+_STATES = {
+    "Adam": lambda o: 2 + o.get("amsgrad", False),
+    "AdamW": lambda o: 2 + o.get("amsgrad", False),
+    "RMSprop": lambda o: 1 + bool(o.get("momentum")) + o.get("centered", False),
+    "SGD": lambda o: int(bool(o.get("momentum"))),
+}
+
+
+def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int = FP32, *, master: bool = False,
+                         **options) -> int:
+    """The least one step of ``optimizer`` reads and writes per parameter element.
+
+    With P the param size (the grad has the param's dtype) and S a state's: g is read (P) and
+    the param written (P); the param is read too (P), or, with an fp32 master copy, the
+    master is read and written instead (8). Each state the options make is read and written
+    (2S): Adam's exp_avg and exp_avg_sq (+ max_exp_avg_sq with amsgrad), RMSprop's square_avg
+    (+ momentum_buffer, + grad_avg when centered), SGD's momentum_buffer with momentum.
+    So 3P + 2S * states, or 2P + 8 + 2S * states: fp32 Adam 28 B, bf16 params with fp32
+    states 22 B, with bf16 states 14 B, bf16 with masters 28 B; SGD without momentum 12 B.
+    ``options`` are the optimizer's torch options (amsgrad, momentum, centered); others are ignored.
+    """
+    params = 2 * param_size + 2 * FP32 if master else 3 * param_size
+    return params + 2 * state_size * _STATES[optimizer](options)
+
+
+def optimizer_state_bytes(optimizer: str, state_size: int = FP32, *, master: bool = False, **options) -> int:
+    """Optimizer state kept between steps per parameter element: each state buffer, plus the
+    fp32 master copy when there is one."""
+    return state_size * _STATES[optimizer](options) + (FP32 if master else 0)
+
+
+def grad_norm_bytes(element_size: int = FP32) -> int:
+    """The multi-tensor norm (kernels/clip.py) reads every grad element once."""
+    return element_size
+
+
+def grad_scale_bytes(element_size: int = FP32) -> int:
+    """Scaling grads in place reads and writes each element."""
+    return 2 * element_size
+
+
+def fill_bytes(element_size: int = FP32) -> int:
+    """A random fill (kernels/init.py) writes each element and reads nothing."""
+    return element_size
+
+
+def activation_bytes(kind: str, direction: str, element_size: int, *, mask: bool | None = None) -> float:
+    """The least an activation moves per element: forward reads x and writes y (plus the bit
+    mask relu and leaky_relu save); backward reads g and what was saved (the mask, or x or y)
+    and writes dx. ``mask`` overrides whether a bit mask is saved (torch saves a tensor)."""
+    from .kernels.activation import MASK_KINDS  # the kinds that save a bit mask
+
+    mask = kind in MASK_KINDS if mask is None else mask
+    forward = 2 * element_size + (MASK_BYTES if mask else 0)
+    backward = 2 * element_size + (MASK_BYTES if mask else element_size)
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[direction]
+
+
+# One fused pass of each optimizer over fp32 params, and clipping:
+ADAM_STEP = optimizer_step_bytes("Adam")
+ADAM_AMSGRAD_STEP = optimizer_step_bytes("Adam", amsgrad=True)
+SGD_MOMENTUM_STEP = optimizer_step_bytes("SGD", momentum=0.9)
+RMSPROP_STEP = optimizer_step_bytes("RMSprop")
+GRAD_NORM = grad_norm_bytes()
+GRAD_SCALE = grad_scale_bytes()
 
 #: Bytes per element moved by one optimizer step over fp32 params, by optimizer name.
 STEP_BYTES = {"Adam": ADAM_STEP, "AdamW": ADAM_STEP, "SGD": SGD_MOMENTUM_STEP, "RMSprop": RMSPROP_STEP}
@@ -57,19 +116,45 @@ TABLE: tuple[Traffic, ...] = (
             "clip_grad_norm_ reads g, then reads and writes it, then steps"),
     Traffic("clip_grad_norm_ alone", GRAD_NORM + GRAD_SCALE, None, GRAD_NORM + GRAD_SCALE,
             "same bytes; one launch per pass for any number of tensors, fp64 across blocks"),
-    Traffic("ReLU forward (bf16)", 2 * 2 + 1 / 8, None, 2 * 2,
+    Traffic("ReLU forward (bf16)", activation_bytes("relu", "forward", 2), None,
+            activation_bytes("relu", "forward", 2, mask=False),
             "mechgpu also writes the 1-bit mask it saves for backward"),
-    Traffic("ReLU saved for backward (bf16)", 1 / 8, None, 2,
+    Traffic("ReLU saved for backward (bf16)", MASK_BYTES, None, 2,
             "a bit-packed mask instead of the output: 16x less activation memory"),
-    Traffic("ReLU backward (bf16)", 2 * 2 + 1 / 8, None, 3 * 2, "reads grad and the mask, writes grad_in"),
-    Traffic("GELU / SiLU forward + backward (bf16)", 5 * 2, None, 5 * 2,
-            "both save the input; the same bytes as torch eager"),
-    Traffic("normal_ / uniform_ / kaiming / xavier init", FP32, None, FP32,
+    Traffic("ReLU backward (bf16)", activation_bytes("relu", "backward", 2), None,
+            activation_bytes("relu", "backward", 2, mask=False), "reads grad and the mask, writes grad_in"),
+    Traffic("GELU / SiLU forward + backward (bf16)", activation_bytes("gelu", "forward+backward", 2), None,
+            activation_bytes("gelu", "forward+backward", 2), "both save the input; the same bytes as torch eager"),
+    Traffic("normal_ / uniform_ / kaiming / xavier init", fill_bytes(), None, fill_bytes(),
             "the same bytes; init_model fills every layer in one launch"),
-    Traffic("trunc_normal_ init", FP32, None, FP32 + 14,
+    Traffic("trunc_normal_ init", fill_bytes(), None, fill_bytes() + 14,
             "torch: normal_ 4, then each rejection round builds a bool mask (x < lo 5, x > hi 5, or 3), "
             "reads it in mask.any() 1 and syncs with the host; mechgpu inverts the truncated CDF in registers"),
 )
+
+
+#: mechgpu's precision modes for an Adam/AdamW step: (mode, param bytes, state bytes, fp32 master,
+#: what torch keeps for the same params: its states take the param's dtype, with no master)
+PRECISION_MODES = (
+    ("fp32 params", 4, 4, False, True),
+    ("bf16 params, fp32 states", 2, 4, False, True),
+    ("bf16 params, bf16 states (`state_dtype=torch.bfloat16`)", 2, 2, False, False),
+    ("bf16 params + fp32 masters (`master_weights=True`)", 2, 4, True, False),
+    ("bf16 + stochastic rounding", 2, 4, False, False),
+    ("fp16 + fp32 masters + GradScaler", 2, 4, True, False),
+)
+
+
+def precision_markdown() -> str:
+    """Bytes an Adam/AdamW step moves and the state it keeps per parameter, in each precision mode."""
+    lines = ["| mode (Adam/AdamW) | moved per step | state kept | torch fused, same params |",
+             "|:---|---:|---:|:---|"]
+    for mode, p, s, master, torch_row in PRECISION_MODES:
+        torch_text = (f"{optimizer_step_bytes('Adam', p, p)} B, {optimizer_state_bytes('Adam', p)} B"
+                      if torch_row else "–")
+        lines.append(f"| {mode} | {optimizer_step_bytes('Adam', p, s, master=master)} B | "
+                     f"{optimizer_state_bytes('Adam', s, master=master)} B | {torch_text} |")
+    return "\n".join(lines)
 
 
 def bytes_text(value: float | None) -> str:

@@ -1,0 +1,136 @@
+"""The byte model (mechgpu.traffic) against the bytes the kernels really load and store.
+
+Under triton's interpreter every load and store of a kernel goes through its builder, so
+counting the active lanes of each block access, times the element size, gives the bytes a
+kernel moves. Scalar accesses (table rows, step counters, hyperparameters) are per program,
+not per element, and are left out. Interpreter only: on a GPU the kernels are compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import mechgpu
+import mechgpu.init as mi
+import mechgpu.nn.functional as MF
+import mechgpu.optim as mo
+from mechgpu import traffic
+
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="counts loads and stores in triton's interpreter, which a GPU "
+                                                 "host does not use; CI counts them on CPU")
+
+SIZES = (1000, 4097, 3, 32 * 129)  # odd, over one block, tiny, whole mask words
+NUMEL = sum(SIZES)
+DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+class Bytes:
+    """Bytes moved by block loads and stores of interpreted kernels, while active."""
+
+    def __init__(self, monkeypatch) -> None:
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        self.read = self.written = 0
+        load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+        def element_bytes(ptrs) -> int:
+            return ptrs.get_element_ty().primitive_bitwidth // 8
+
+        def counting_load(builder, ptrs, mask, *args, **kwargs):
+            if ptrs.data.size > 1:
+                self.read += int(mask.data.sum()) * element_bytes(ptrs)
+            return load(builder, ptrs, mask, *args, **kwargs)
+
+        def counting_store(builder, ptrs, value, mask, *args, **kwargs):
+            if ptrs.data.size > 1:
+                self.written += int(mask.data.sum()) * element_bytes(ptrs)
+            return store(builder, ptrs, value, mask, *args, **kwargs)
+
+        monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
+        monkeypatch.setattr(InterpreterBuilder, "create_masked_store", counting_store)
+
+    def reset(self) -> None:
+        self.read = self.written = 0
+
+    def per_element(self, numel: int) -> float:
+        return (self.read + self.written) / numel
+
+
+def _params(dtype: torch.dtype) -> list[torch.Tensor]:
+    params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in SIZES]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+OPTIMIZER_CASES = [
+    ("Adam", {}), ("Adam", {"amsgrad": True}), ("AdamW", {"weight_decay": 0.1}),
+    ("RMSprop", {}), ("RMSprop", {"momentum": 0.9}), ("RMSprop", {"centered": True, "momentum": 0.5}),
+    ("SGD", {}), ("SGD", {"momentum": 0.9, "nesterov": True}),
+]
+PRECISIONS = [  # (param dtype, mechgpu options)
+    (torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"state_dtype": torch.bfloat16}),
+    (torch.bfloat16, {"master_weights": True}), (torch.float16, {"master_weights": True}),
+]
+
+
+@pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("name, options", OPTIMIZER_CASES, ids=lambda v: str(v))
+def test_optimizer_step_moves_what_the_model_says(monkeypatch, name, options, dtype, precision):
+    params = _params(dtype)
+    opt = getattr(mo, name)(params, lr=1e-3, **options, **precision)
+    opt.step()  # states made; SGD's first step sets the buffer without reading it
+    counted = Bytes(monkeypatch)
+    opt.step()
+    state_size = DTYPE_SIZE[precision.get("state_dtype", torch.float32)]
+    expected = traffic.optimizer_step_bytes(name, DTYPE_SIZE[dtype], state_size,
+                                            master=bool(precision.get("master_weights")), **options)
+    assert counted.per_element(NUMEL) == expected
+    assert traffic.optimizer_state_bytes(name, state_size, master=bool(precision.get("master_weights")),
+                                         **options) * NUMEL == sum(
+        v.numel() * v.element_size() for p in params for k, v in opt.state[p].items() if k != "step")
+
+
+def test_clip_in_step_adds_one_read_of_the_grads(monkeypatch):
+    params = _params(torch.float32)
+    opt = mo.AdamW(params, max_grad_norm=1.0)
+    opt.step()
+    counted = Bytes(monkeypatch)
+    opt.step()
+    assert counted.per_element(NUMEL) == traffic.optimizer_step_bytes("AdamW") + traffic.grad_norm_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_grad_norm_reads_then_scales(monkeypatch, dtype):
+    params = _params(dtype)
+    counted = Bytes(monkeypatch)
+    mechgpu.clip_grad_norm_(params, max_norm=1e-3)
+    size = DTYPE_SIZE[dtype]
+    assert counted.per_element(NUMEL) == traffic.grad_norm_bytes(size) + traffic.grad_scale_bytes(size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh"])
+def test_activation_moves_what_the_model_says(monkeypatch, kind, dtype):
+    n = 32 * 129  # whole 32-bit mask words, so the mask is exactly 1/8 B per element
+    x = torch.randn(n, dtype=dtype, requires_grad=True)
+    fn = getattr(MF, kind)
+    counted = Bytes(monkeypatch)
+    y = fn(x)
+    forward = counted.per_element(n)
+    counted.reset()
+    y.backward(torch.randn_like(y))
+    backward = counted.per_element(n)
+    size = DTYPE_SIZE[dtype]
+    assert (forward, backward) == (traffic.activation_bytes(kind, "forward", size),
+                                   traffic.activation_bytes(kind, "backward", size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fill_writes_each_element_once(monkeypatch, dtype):
+    w = torch.empty(257, 129, dtype=dtype)
+    counted = Bytes(monkeypatch)
+    mi.kaiming_normal_(w)
+    assert counted.read == 0 and counted.written == traffic.fill_bytes(DTYPE_SIZE[dtype]) * w.numel()
