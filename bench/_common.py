@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from mechgpu.bench import device_slug  # noqa: E402, F401  (one home: the merged results use it too)
+from mechgpu.tools.bench import device_slug  # noqa: E402, F401  (one home: the merged results use it too)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -227,7 +227,7 @@ def free_memory() -> None:
 def environment(device: torch.device) -> dict:
     """``mechgpu check``'s environment reader (device, driver, CUDA runtime, library versions,
     date), with ``device`` the name the result files go by: the GPU's, or "cpu"."""
-    from mechgpu.check import environment as read_environment
+    from mechgpu.tools.check import environment as read_environment
 
     env = read_environment(device)
     return {**env, "device": env["device_name"] if device.type == "cuda" else "cpu"}

@@ -67,7 +67,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-# This process imports mechgpu.bench (stdlib only) from the checkout: mechgpu may not be installed
+# This process imports mechgpu.tools.bench (stdlib only) from the checkout: mechgpu may not be installed
 # yet, and an install made by the preflight is seen only by new processes. What needs the installed
 # package (the merged benchmarks and their plots) runs in one: ``--merge``.
 sys.path.insert(0, str(ROOT))
@@ -102,7 +102,7 @@ class Session:
 
     @property
     def slug(self) -> str:
-        from mechgpu.bench import device_slug
+        from mechgpu.tools.bench import device_slug
 
         return device_slug(self.device)
 
@@ -386,7 +386,7 @@ def run_steps(s: Session, steps: tuple[Step, ...]) -> None:
 def merge_benchmarks(session_json: Path) -> list[Path]:
     """The benchmark steps' files merged into ``<device>.json``, ``.md`` and plots, as ``mechgpu bench``
     does; run in a new process (``--merge``), where the installed mechgpu imports."""
-    from mechgpu import bench
+    from mechgpu.tools import bench
 
     doc = json.loads(session_json.read_text())
     out = session_json.parent
@@ -427,7 +427,7 @@ def summary(s: Session) -> dict:
 def to_markdown(doc: dict) -> str:
     from _common import markdown_table
 
-    from mechgpu.bench import session_findings
+    from mechgpu.tools.bench import session_findings
 
     kind = ("CPU smoke run (interpreter; shows the session works, measures nothing)" if doc["smoke"]
             else "device session")

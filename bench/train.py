@@ -28,9 +28,9 @@ from __future__ import annotations
 import _common as common
 import torch
 
+from mechgpu.tools.jobs import TrainConfig, build
 from mechgpu.train.checkpointing import format_bytes
 from mechgpu.train.gpt import CharCorpus
-from mechgpu.train.jobs import TrainConfig, build
 
 FULL = dict(dim=1024, depth=24, heads=16, context=512, micro_batch=16, accum_steps=1, steps=30, lr=3e-4)
 SMOKE = dict(dim=16, depth=4, heads=2, context=8, micro_batch=2, accum_steps=1, steps=2, lr=1e-2)

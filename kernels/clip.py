@@ -43,6 +43,10 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Norm kinds (constexpr): the code each p needs is different. (p = 0 is not a reduction
 # here: torch's clip counts the tensors with a nonzero norm, which mechgpu.clip leaves to torch.)
 KIND_L2, KIND_L1, KIND_MAX, KIND_MIN, KIND_LP = range(5)
+_KIND_L2 = tl.constexpr(KIND_L2)
+_KIND_L1 = tl.constexpr(KIND_L1)
+_KIND_MAX = tl.constexpr(KIND_MAX)
+_KIND_MIN = tl.constexpr(KIND_MIN)
 WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, running max or min of |g|
 
 
@@ -108,11 +112,11 @@ def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
     largest = tl.max(a, axis=0)
     inv = tl.where(largest > 0.0, 1.0 / tl.where(largest > 0.0, largest, 1.0), 0.0)
     scaled = a * inv
-    if KIND == 0:
+    if KIND == _KIND_L2:
         s = tl.sum(scaled * scaled, axis=0)
         largest64 = largest.to(tl.float64)
         partial = largest64 * largest64 * s.to(tl.float64)
-    elif KIND == 1:
+    elif KIND == _KIND_L1:
         partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
     else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
         zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
@@ -133,9 +137,9 @@ def _accumulate_block(row, offs, mask, acc_ptr, norm_type, KIND: tl.constexpr, A
     is_nan = a != a
     nan_count = tl.sum(is_nan.to(tl.float32), axis=0)
     a = tl.where(is_nan, 0.0, a)
-    if KIND == 2:
+    if KIND == _KIND_MAX:
         tl.atomic_max(acc_ptr + 2, tl.max(a, axis=0).to(tl.float64))
-    elif KIND == 3:
+    elif KIND == _KIND_MIN:
         if mask is not None:
             a = tl.where(mask, a, float("inf"))
         tl.atomic_min(acc_ptr + 2, tl.min(a, axis=0).to(tl.float64))
@@ -151,11 +155,11 @@ def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
     total_pow = tl.atomic_add(acc_ptr, 0.0)  # coherent reads of what other programs added
     nan_count = tl.atomic_add(acc_ptr + 1, 0.0)
     extreme = tl.atomic_add(acc_ptr + 2, 0.0)
-    if KIND == 0:
+    if KIND == _KIND_L2:
         total = tl.sqrt(total_pow).to(tl.float32)
-    elif KIND == 1:
+    elif KIND == _KIND_L1:
         total = total_pow.to(tl.float32)
-    elif KIND == 2 or KIND == 3:
+    elif KIND == _KIND_MAX or KIND == _KIND_MIN:
         total = extreme.to(tl.float32)
     else:
         # total_pow^(1/p) without leaving fp64's range: split off the binary exponent
@@ -177,7 +181,7 @@ def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
     tl.store(out_ptr + 1, coef)
     tl.store(acc_ptr, 0.0)
     tl.store(acc_ptr + 1, 0.0)
-    if KIND == 3:
+    if KIND == _KIND_MIN:
         tl.store(acc_ptr + 2, float("inf"))
     else:
         tl.store(acc_ptr + 2, 0.0)

@@ -58,10 +58,11 @@ from ._launch import TL_DTYPES, device_guard, fill_block, fill_warps
 from .multi_tensor import MultiTensorPlan, TableLayout
 from .rounding import round_like
 
-KIND_UNIFORM = tl.constexpr(0)
-KIND_NORMAL = tl.constexpr(1)
-KIND_TRUNC_NORMAL = tl.constexpr(2)
-KIND_CONSTANT = tl.constexpr(3)
+KIND_UNIFORM, KIND_NORMAL, KIND_TRUNC_NORMAL, KIND_CONSTANT = range(4)  # a fill's KIND
+_KIND_UNIFORM = tl.constexpr(KIND_UNIFORM)
+_KIND_NORMAL = tl.constexpr(KIND_NORMAL)
+_KIND_TRUNC_NORMAL = tl.constexpr(KIND_TRUNC_NORMAL)
+_KIND_CONSTANT = tl.constexpr(KIND_CONSTANT)
 
 # Random integers to floats: k bits times 2^-k is uniform on [0, 1) (exact in fp32 for k = 24);
 # adding 0.5 first keeps it off 0.
@@ -173,19 +174,19 @@ def _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi
                   KIND: tl.constexpr, BLOCK: tl.constexpr):
     """fp32 values of elements start .. start + BLOCK - 1 (start a multiple of BLOCK), to be
     stored through out_ptr."""
-    if KIND == KIND_CONSTANT:
+    if KIND == _KIND_CONSTANT:
         values = tl.zeros([BLOCK], dtype=tl.float32) + loc
     else:
         counter = start // 4 + tl.arange(0, BLOCK // 4)
         zero = tl.zeros([BLOCK // 4], dtype=tl.uint32)
         r0, r1, r2, r3 = tl.philox(seed, counter.to(tl.uint32), (counter >> 32).to(tl.uint32),
                                    zero + tl.cast(stream, tl.uint32), zero)
-        if KIND == KIND_UNIFORM:
+        if KIND == _KIND_UNIFORM:
             v0 = uniform_from_bits(r0, lo, hi, out_ptr)
             v1 = uniform_from_bits(r1, lo, hi, out_ptr)
             v2 = uniform_from_bits(r2, lo, hi, out_ptr)
             v3 = uniform_from_bits(r3, lo, hi, out_ptr)
-        elif KIND == KIND_NORMAL:
+        elif KIND == _KIND_NORMAL:
             v0, v1 = normal_pair_from_bits(r0, r1, loc, scale)
             v2, v3 = normal_pair_from_bits(r2, r3, loc, scale)
         else:
@@ -268,18 +269,18 @@ def fill_multi_kernel(table_ptr, blocks_ptr, seed,
     cdf_lo, sf_hi = _unpack_pair(tl.load(row + _COL_CDF_LO_SF_HI))
     cdf_hi, mass = _unpack_pair(tl.load(row + _COL_CDF_HI_MASS))
     start = block_idx.to(tl.int64) * BLOCK
-    if kind == KIND_UNIFORM:
+    if kind == _KIND_UNIFORM:
         values = _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass,
-                               out_ptr, KIND_UNIFORM, BLOCK)
-    elif kind == KIND_NORMAL:
+                               out_ptr, _KIND_UNIFORM, BLOCK)
+    elif kind == _KIND_NORMAL:
         values = _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass,
-                               out_ptr, KIND_NORMAL, BLOCK)
-    elif kind == KIND_TRUNC_NORMAL:
+                               out_ptr, _KIND_NORMAL, BLOCK)
+    elif kind == _KIND_TRUNC_NORMAL:
         values = _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass,
-                               out_ptr, KIND_TRUNC_NORMAL, BLOCK)
+                               out_ptr, _KIND_TRUNC_NORMAL, BLOCK)
     else:
         values = _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass,
-                               out_ptr, KIND_CONSTANT, BLOCK)
+                               out_ptr, _KIND_CONSTANT, BLOCK)
     _store_block(out_ptr, start, numel, values, BLOCK)
 
 
@@ -314,12 +315,12 @@ class Fill:
     @staticmethod
     def uniform(a: float, b: float) -> Fill:
         """U[a, b); a <= b is the caller's check."""
-        return Fill(int(KIND_UNIFORM), lo=float(a), hi=float(b))
+        return Fill(KIND_UNIFORM, lo=float(a), hi=float(b))
 
     @staticmethod
     def normal(mean: float, std: float) -> Fill:
         """N(mean, std^2), std >= 0."""
-        return Fill(int(KIND_NORMAL), loc=float(mean), scale=float(std))
+        return Fill(KIND_NORMAL, loc=float(mean), scale=float(std))
 
     @staticmethod
     def trunc_normal(mean: float, std: float, a: float, b: float) -> Fill:
@@ -337,13 +338,13 @@ class Fill:
         if alpha + beta > 0:
             alpha, beta, scale = -beta, -alpha, -std
         cdf_lo, cdf_hi = _std_normal_cdf(alpha), _std_normal_cdf(beta)
-        return Fill(int(KIND_TRUNC_NORMAL), loc=float(mean), scale=scale, lo=float(a), hi=float(b),
+        return Fill(KIND_TRUNC_NORMAL, loc=float(mean), scale=scale, lo=float(a), hi=float(b),
                     cdf_lo=cdf_lo, sf_hi=_std_normal_cdf(-beta), cdf_hi=cdf_hi,
                     mass=max(cdf_hi - cdf_lo, 0.0))
 
     @staticmethod
     def constant(value: float) -> Fill:
-        return Fill(int(KIND_CONSTANT), loc=float(value))
+        return Fill(KIND_CONSTANT, loc=float(value))
 
     def fp32_params(self) -> list[float]:
         """loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass rounded to fp32 (overflow -> inf)."""

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "device; a table of errors, non-zero exit on any failure")
     bench = sub.add_parser("bench", help="run the benchmark suite and write bench/results/<device>.json, "
                                          ".md and plots; or regenerate the README's results section")
-    from . import bench as bench_cli
-    from . import check as check_cli
+    from .tools import bench as bench_cli
+    from .tools import check as check_cli
 
     check_cli.add_arguments(check)
     bench_cli.add_arguments(bench)
@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return bench_cli.run(args)
     if args.command == "demo":
         device = _select_device(args.device)
-        from .demo import run_demo
+        from .tools.demo import run_demo
 
         return run_demo(steps=args.steps, batch=args.batch, device=device, seed=args.seed)
     if args.command == "flow":
         device = _select_device(args.device)
-        from .flow import run_flow
+        from .tools.flow import run_flow
 
         plot = None if str(args.plot) == "none" else args.plot
         run_flow(args.depth, args.width, args.activation, args.init, batch=args.batch, dtype=args.dtype,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("train", "profile"):
         device = _select_device(args.device)
-        from .train.jobs import TrainConfig, run_profile, run_train
+        from .tools.jobs import TrainConfig, run_profile, run_train
 
         cfg = TrainConfig(device=device, dim=args.dim, depth=args.depth, heads=args.heads, context=args.context,
                           lr=args.lr, dropout=args.dropout, bf16=args.bf16, seed=args.seed)

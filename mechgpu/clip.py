@@ -61,6 +61,12 @@ def _plan_for(plans: Plans, key: tuple, tensors: list[torch.Tensor]) -> MultiTen
     return plan
 
 
+def _kernels_take(tensors: list[torch.Tensor]) -> bool:
+    """The clip kernels run on every tensor: on a kernel device, in a dtype they read (fp32,
+    bf16, fp16). Otherwise torch's own functions run, as mechgpu.nn and mechgpu.init do."""
+    return all(kernels_run_on(_local(t).device) and _local(t).dtype in clip_kernels.DTYPE_CODES for t in tensors)
+
+
 def _segments(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
     """Local tensors grouped by (device, 16-byte aligned?, reduce groups)."""
     segments: dict[tuple, list[torch.Tensor]] = {}
@@ -165,7 +171,7 @@ def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: fl
         return torch.tensor(0.0)
     first_device = _local(tensors[0]).device
     _reject_empty_without_identity(tensors, norm_type)
-    if norm_type == 0.0 or not all(kernels_run_on(_local(t).device) for t in tensors):
+    if norm_type == 0.0 or not _kernels_take(tensors):
         from torch.nn.utils import get_total_norm as torch_get_total_norm
 
         return torch_get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
@@ -180,9 +186,13 @@ def get_total_norm(tensors: torch.Tensor | Iterable[torch.Tensor], norm_type: fl
 def clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
                           total_norm: torch.Tensor, foreach: bool | None = None) -> None:
     """Scale the grads of ``parameters`` by min(max_norm / (total_norm + 1e-6), 1), in place."""
-    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    parameters = _as_list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
     max_norm = float(max_norm)
     if len(grads) == 0:
+        return
+    if not _kernels_take(grads):
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
         return
     if _is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()
@@ -196,7 +206,7 @@ def _scale_grads(grads: list[torch.Tensor], coef: torch.Tensor, plans: Plans | N
     by_key: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         local = _local(g)
-        if not kernels_run_on(local.device) or not local.is_contiguous():
+        if not _kernels_take([local]) or not local.is_contiguous():
             local.mul_(coef.to(local.device, non_blocking=True))
             continue
         by_key.setdefault((local.device, local.data_ptr() % 16 == 0, ()), []).append(local)
@@ -223,7 +233,7 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    if not grads or norm_type == 0.0 or not all(kernels_run_on(_local(g).device) for g in grads):
+    if not grads or norm_type == 0.0 or not _kernels_take(grads):
         total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
         clip_grads_with_norm_(parameters, max_norm, total, foreach)
         return total

@@ -437,9 +437,9 @@ class _ModelFiller:
             _fill(t, f, generator)
             launches += 1
         for t, f in self.on_torch:
-            if f.kind == int(init_kernels.KIND_CONSTANT):
+            if f.kind == init_kernels.KIND_CONSTANT:
                 t.fill_(f.loc)
-            elif f.kind == int(init_kernels.KIND_UNIFORM):
+            elif f.kind == init_kernels.KIND_UNIFORM:
                 t.uniform_(f.lo, f.hi, generator=generator)
             else:
                 t.normal_(f.loc, f.scale, generator=generator)

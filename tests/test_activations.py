@@ -2,26 +2,12 @@
 
 On CPU the real Triton kernels run in triton's interpreter (see conftest.py).
 
-The oracle is torch's op evaluated in float64 on the same input (and, for the backward
-of sigmoid and tanh, on the same saved output). Two float64 formulas of torch's are
-themselves inaccurate: 0.5 x (1 + erf(x/sqrt2)) and 0.5 x (1 + tanh(a)) cancel to 0 below
-x = -8, so gelu's oracle is the same function written as x erfc(-x/sqrt2)/2 (and
-x sigmoid(2a)); ``test_oracles_agree_with_torch_float64`` shows they equal torch's float64
-op wherever that one is accurate, and at every special value.
-
-Tolerances, in ulps of the result's dtype at the float64 value:
-
-    dtype      forward   backward
-    float32    4         4; 8 for gelu, gelu('tanh'), silu (a sum of terms of opposite sign)
-    bfloat16   1         1
-    float16    1         1
-
-plus, for gelu('tanh') forward and gelu/gelu('tanh')/silu backward, the change of the
-float64 value when the input moves by one fp32 ulp (their fp32 intermediates carry that
-much: 2a = 2 sqrt(2/pi) (x + 0.044715 x^3) in fp32 is exp'd, and the derivatives
-cross zero), and an absolute 1e-35 (fp32 intermediates below the normal range flush to
-zero on a GPU). NaN and ±inf must match exactly, and so must the sign of a zero forward
-result.
+The float64 oracles, their conditioning and the per-dtype tolerances are the case
+database's (``mechgpu.tools.check``: ``ACTIVATIONS``, ``activation_ulps``, whose docstring
+gives the rules); its dense value sweeps and special values run in tests/test_cases.py.
+Here: layouts and shapes, masked-off gradients, every element written, saved bytes, in
+place, modules, torch.compile. NaN and ±inf must match exactly, and so must the sign of a
+zero forward result.
 """
 
 from __future__ import annotations
@@ -41,13 +27,9 @@ from mechgpu.kernels import activation as kernels
 
 import mechgpu.nn as mnn
 from mechgpu.nn import functional as MF
+from mechgpu.tools import check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FORWARD_ULPS = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
-BACKWARD_ULPS = {torch.float32: 4, torch.bfloat16: 1, torch.float16: 1}
-BACKWARD_SUM_ULPS = {torch.float32: 8, torch.bfloat16: 1, torch.float16: 1}
-ABS_FLOOR = 1e-35
-FP32_ULP = 2.0**-23
 POISON = -7777.0  # no activation or gradient here produces it
 
 # interpreter numpy warnings (overflow in exp of a huge argument, inf * 0) are expected
@@ -55,65 +37,52 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 # ----------------------------------------------------------------------------------
-# the activations and their float64 oracles
+# the activations: float64 oracles, conditioning and tolerances from the case database
+# (mechgpu.tools.check, whose full value sweeps tests/test_cases.py runs)
 # ----------------------------------------------------------------------------------
-SQRT_HALF = math.sqrt(0.5)
-K0 = math.sqrt(8 / math.pi)  # 2 sqrt(2/pi)
-K1 = 0.044715
-
-
-def _phi(x):
-    return 0.5 * torch.special.erfc(-x * SQRT_HALF)
-
-
-def _density(x):
-    return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def _gelu_tanh_grad(x):
-    z = K0 * (x + K1 * x**3)
-    s, one_minus_s = torch.sigmoid(z), torch.sigmoid(-z)
-    return s + x * s * one_minus_s * K0 * (1 + 3 * K1 * x * x)
-
-
 @dataclass
 class Act:
     name: str
     kind: str  # the kernel's kind
     ours: Callable  # (x) -> y through mechgpu.nn.functional
     torch_fn: Callable  # torch's own op, any dtype
-    forward64: Callable  # x64 -> y64
-    backward64: Callable  # (g64, x64, y64) -> dx64
+    oracle: check.Activation  # the database's float64 oracles and conditioning
     slope: float = 0.0
-    forward_perturbed: bool = False
-    backward_perturbed: bool = False
-    backward_is_sum: bool = False
+
+    @property
+    def forward64(self):
+        return self.oracle.forward64
+
+    @property
+    def backward64(self):
+        return self.oracle.backward64
 
     def __repr__(self):
         return self.name
 
 
+DB = {a.name: a for a in check.ACTIVATIONS}
+
+
 def _leaky(slope):
-    return Act(f"leaky_relu({slope})", "leaky_relu", lambda x: MF.leaky_relu(x, slope),
-               lambda x: F.leaky_relu(x, slope), lambda x: F.leaky_relu(x, slope),
-               lambda g, x, y: torch.ops.aten.leaky_relu_backward(g, x, slope, False), slope=slope)
+    """leaky_relu with its own slope: torch's op in float64 is the oracle."""
+    oracle = check.Activation(f"leaky_relu({slope})", lambda mf, x: mf.leaky_relu(x, slope),
+                              lambda x: F.leaky_relu(x, slope),
+                              lambda g, x, y: torch.ops.aten.leaky_relu_backward(g, x, slope, False))
+    return Act(oracle.name, "leaky_relu", lambda x: MF.leaky_relu(x, slope), lambda x: F.leaky_relu(x, slope),
+               oracle, slope=slope)
 
 
 ACTS = [
-    Act("sigmoid", "sigmoid", MF.sigmoid, torch.sigmoid, torch.sigmoid,
-        lambda g, x, y: torch.ops.aten.sigmoid_backward(g, y)),
-    Act("tanh", "tanh", MF.tanh, torch.tanh, torch.tanh, lambda g, x, y: torch.ops.aten.tanh_backward(g, y)),
-    Act("relu", "relu", MF.relu, F.relu, F.relu,
-        lambda g, x, y: torch.ops.aten.threshold_backward(g, torch.relu(x), 0)),
-    _leaky(0.01),
+    Act("sigmoid", "sigmoid", MF.sigmoid, torch.sigmoid, DB["sigmoid"]),
+    Act("tanh", "tanh", MF.tanh, torch.tanh, DB["tanh"]),
+    Act("relu", "relu", MF.relu, F.relu, DB["relu"]),
+    _leaky(check.LEAKY_SLOPE),
     _leaky(-0.3),
-    Act("gelu", "gelu", MF.gelu, F.gelu, lambda x: x * _phi(x), lambda g, x, y: g * (_phi(x) + x * _density(x)),
-        backward_perturbed=True, backward_is_sum=True),
+    Act("gelu", "gelu", MF.gelu, F.gelu, DB["gelu"]),
     Act("gelu_tanh", "gelu_tanh", lambda x: MF.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh"),
-        lambda x: x * torch.sigmoid(K0 * (x + K1 * x**3)), lambda g, x, y: g * _gelu_tanh_grad(x),
-        forward_perturbed=True, backward_perturbed=True, backward_is_sum=True),
-    Act("silu", "silu", MF.silu, F.silu, F.silu, lambda g, x, y: torch.ops.aten.silu_backward(g, x),
-        backward_perturbed=True, backward_is_sum=True),
+        DB["gelu_tanh"]),
+    Act("silu", "silu", MF.silu, F.silu, DB["silu"]),
 ]
 BY_NAME = {a.name: a for a in ACTS}
 
@@ -154,11 +123,11 @@ def assert_matches(actual, expected, dtype, ulps, what, inputs=None, oracle=None
         assert not len(bad), f"{what}: sign of zero differs at {bad[0].item()}: got {got[bad[0]].item()}, " \
                              f"expected {rounded[bad[0]].item()}"
     finite = ~nan & ~inf
-    tol = ulps * ulp(exp, dtype) + ABS_FLOOR
+    tol = ulps * ulp(exp, dtype) + check.ACTIVATION_ABS_FLOOR
     if oracle is not None:
         x = inputs.detach().double().cpu().reshape(-1)
         for sign in (1.0, -1.0):
-            moved = oracle(x * (1 + sign * FP32_ULP)).reshape(-1)
+            moved = oracle(x * (1 + sign * check.FP32_ULP)).reshape(-1)
             tol = tol + torch.nan_to_num((moved - exp).abs(), nan=0.0, posinf=0.0)
     err = torch.where(finite, (got - exp).abs() / tol, torch.zeros_like(got))
     if err.numel() and err.max() > 1:
@@ -172,15 +141,16 @@ def assert_matches(actual, expected, dtype, ulps, what, inputs=None, oracle=None
 def check_forward(act, x, y):
     x64 = x.detach().double()
     dtype = x.dtype
-    assert_matches(y, act.forward64(x64), dtype, FORWARD_ULPS[dtype], f"{act.name} forward {dtype}",
-                   inputs=x, oracle=act.forward64 if act.forward_perturbed else None, check_zero_sign=True)
+    assert_matches(y, act.forward64(x64), dtype, check.activation_ulps(act.oracle, dtype, "forward"),
+                   f"{act.name} forward {dtype}", inputs=x,
+                   oracle=act.forward64 if act.oracle.ill_conditioned_forward else None, check_zero_sign=True)
 
 
 def check_backward(act, x, y, g, dx):
     x64, y64, g64 = x.detach().double(), y.detach().double(), g.detach().double()
     dtype = x.dtype
-    ulps = (BACKWARD_SUM_ULPS if act.backward_is_sum else BACKWARD_ULPS)[dtype]
-    oracle = (lambda xm: act.backward64(g64.reshape(-1), xm, None)) if act.backward_perturbed else None
+    ulps = check.activation_ulps(act.oracle, dtype, "backward")
+    oracle = (lambda xm: act.backward64(g64.reshape(-1), xm, None)) if act.oracle.ill_conditioned_backward else None
     assert_matches(dx, act.backward64(g64, x64, y64), dtype, ulps, f"{act.name} backward {dtype}",
                    inputs=x, oracle=oracle)
 
@@ -225,42 +195,6 @@ def test_matches_torch(act, dtype, shape, layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS, ids=repr)
-def test_accuracy_sweep(act, dtype, device):
-    """A dense sweep of [-20, 20], tiny magnitudes and random points: every value in tolerance."""
-    gen = torch.Generator().manual_seed(2)
-    tiny = torch.logspace(-30, 1.3, 600)
-    x = torch.cat([torch.linspace(-20, 20, 8001), tiny, -tiny, torch.randn(2000, generator=gen) * 1e-3,
-                   torch.randn(2000, generator=gen) - 1.0]).to(device=device, dtype=dtype)
-    g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-    x, y, dx = forward_backward(act, x, g)
-    check_forward(act, x, y)
-    check_backward(act, x, y, g, dx)
-
-
-def _special_values(dtype):
-    info = torch.finfo(dtype)
-    values = [math.nan, math.inf, -math.inf, 1e4, -1e4, 0.0, -0.0, info.tiny, -info.tiny, 1.0, -1.0,
-              1e-3, -1e-3, 20.0, -20.0, info.max, -info.max]
-    if dtype != torch.float16:
-        values += [1e20, -1e20, 1e-30, -1e-30, 100.0, -100.0]
-    return torch.tensor(values, dtype=dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS, ids=repr)
-def test_special_values(act, dtype, device):
-    """NaN, ±inf, ±1e4, ±max, the breakpoint at ±0 and tiny values: exactly torch's NaN/inf."""
-    x = _special_values(dtype).to(device)
-    g = torch.linspace(-1.5, 1.5, x.numel(), dtype=dtype, device=device)
-    x, y, dx = forward_backward(act, x, g)
-    check_forward(act, x, y)
-    check_backward(act, x, y, g, dx)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["relu", "leaky_relu(0.01)"])
 def test_masked_off_gradients_follow_torch(name, device):
     """relu passes no gradient at all where it is flat (a NaN or inf gradient there gives 0,
@@ -288,7 +222,7 @@ def test_expanded_upstream_gradient(act, device):
 def test_oracles_agree_with_torch_float64():
     """Our float64 gelu oracles equal torch's float64 ops wherever those are accurate, and at
     every special value; below x = -8 torch's own float64 cancels to 0 and ours does not."""
-    x = torch.cat([torch.linspace(-3, 20, 2001, dtype=torch.float64), _special_values(torch.float32).double()])
+    x = torch.cat([torch.linspace(-3, 20, 2001, dtype=torch.float64), check.special_values(torch.float32)])
     g = torch.linspace(-2, 2, x.numel(), dtype=torch.float64)
     for act, approximate in ((BY_NAME["gelu"], "none"), (BY_NAME["gelu_tanh"], "tanh")):
         for ours, theirs in ((act.forward64(x), F.gelu(x, approximate=approximate)),

@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import HAS_CUDA
 
-from mechgpu import bench
+from mechgpu.tools import bench
 
 # The suite's CPU form (--smoke, into cpu.json) is what these check; on a GPU host
 # `mechgpu bench --quick` would run the real benchmarks for minutes instead.

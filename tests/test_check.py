@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE
 
-from mechgpu import check
 from mechgpu.cli import _select_device
+from mechgpu.tools import check
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -262,3 +262,17 @@ def test_optimizers_of_equal_sizes_keep_their_own_tables(device):
                 torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
     tables = [plan.table.data_ptr() for _, _, opt, _ in pairs for plan in opt._norm_plans.values()]
     assert len(set(tables)) == len(tables) == 2
+
+
+def test_dtypes_the_kernels_do_not_take_go_to_torch():
+    """float64 grads: torch's own clip runs, as mechgpu.nn and mechgpu.init call torch for such dtypes."""
+    params = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (3, 1000)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for t, p in zip(twins, params):
+        t.grad = p.grad.clone()
+    total = mechgpu.clip_grad_norm_(params, max_norm=1.0)
+    expected = torch.nn.utils.clip_grad_norm_(twins, max_norm=1.0)
+    assert total.dtype == torch.float64 and torch.equal(total, expected)
+    assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import HAS_CUDA
 
-from mechgpu import bench
+from mechgpu.tools import bench
 
 sys.path.insert(0, str(bench.BENCH_DIR))
 import device_session as ds  # noqa: E402

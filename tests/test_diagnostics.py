@@ -85,7 +85,7 @@ def test_plot_writes_a_png(tmp_path):
 CLASSIC = """
 import json, statistics, warnings
 warnings.simplefilter("ignore")
-from mechgpu.flow import measure
+from mechgpu.tools.flow import measure
 out = {}
 for activation, init in [("relu", "xavier"), ("relu", "kaiming"), ("tanh", "auto"), ("tanh", "normal")]:
     runs = [measure(30, 256, activation, init, batch=256, seed=seed) for seed in range(SEEDS)]

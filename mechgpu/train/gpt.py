@@ -9,6 +9,8 @@ trainer checkpoints.
 from __future__ import annotations
 
 import math
+import os
+import sysconfig
 
 import torch
 from torch import nn
@@ -85,12 +87,28 @@ def init_gpt(model: CharGPT, seed: int) -> None:
             block.mlp[2].weight.mul_(1 / math.sqrt(2 * len(model.blocks)))
 
 
+STDLIB_FILES = ("argparse.py", "inspect.py", "typing.py", "dataclasses.py", "functools.py")
+
+
+def stdlib_text(max_chars: int = 400_000) -> str:
+    """Source text of a few standard-library modules, as found on this machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    parts = []
+    for name in STDLIB_FILES:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                parts.append(f.read())
+    text = "\n".join(parts)
+    if not text:
+        raise RuntimeError(f"no standard-library source found under {root}")
+    return text[:max_chars]
+
+
 class CharCorpus:
     """Character ids of stdlib source; ``train`` and ``val`` are the first 90% and the rest."""
 
     def __init__(self, max_chars: int = 400_000) -> None:
-        from ..demo import stdlib_text
-
         text = stdlib_text(max_chars)
         self.chars = sorted(set(text))
         lookup = {c: i for i, c in enumerate(self.chars)}

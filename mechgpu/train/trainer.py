@@ -81,8 +81,9 @@ class Trainer:
         eval_data, eval_every: mean loss over ``eval_data`` every ``eval_every`` steps.
         log_every: steps between host reads of the logged tensors (the only syncs).
         log_dir: writes ``train_log.csv``, ``train_log.jsonl`` and ``summary.json`` there.
-        track_update_norm: log ``||p_after - p_before||``: summed inside the update kernel for a
-            mechgpu optimizer (no extra pass), else from one copy of the params.
+        track_update_norm: log ``||p_after - p_before||``: summed inside the update kernel by a
+            mechgpu optimizer made with ``track_update_norm=True`` (no extra pass), else from one
+            copy of the params. The optimizer is not changed.
         warmup_steps: steps left out of the throughput.
         progress: show a tqdm progress bar.
         predict: profile the blocks (two extra forward passes) to predict the saved
@@ -202,47 +203,22 @@ class Trainer:
             loss_total = loss_total.to(self.device)
         loss_mean = loss_total / _world()
 
-        grad_norm = None
-        if not self.fused_clip:
-            grads = [p for p in self.params if p.grad is not None]
-            # mechgpu.clip's kernels take fp32/bf16/fp16 grads; float64 (tests) goes to torch's
-            ours = all(p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in grads)
-            if ours:
-                from .. import clip as clip_mod
-            else:
-                clip_mod = torch.nn.utils
-            if self.max_grad_norm is not None:
-                grad_norm = clip_mod.clip_grad_norm_(grads, self.max_grad_norm)
-            elif grads:
-                grad_norm = clip_mod.get_total_norm([p.grad for p in grads])
-            else:
-                grad_norm = torch.zeros((), device=self.device)
-        before = None
-        in_kernel = getattr(self.optimizer, "track_update_norm", None)  # a mechgpu optimizer sums it in its kernel
-        if self.track_update_norm and in_kernel is False:
-            self.optimizer.track_update_norm = in_kernel = True
-        if self.track_update_norm and not in_kernel:  # one copy of the (local shards of the) params
-            before = [_local(p).detach().clone() for p in self.params]
+        grad_norm = None if self.fused_clip else self._grad_norm()
+        # a mechgpu optimizer with track_update_norm sums the update's squares in its kernel;
+        # otherwise one copy of the (local shards of the) params is kept for the difference
+        in_kernel = bool(getattr(self.optimizer, "track_update_norm", False))
+        before = [_local(p).detach().clone() for p in self.params] if self.track_update_norm and not in_kernel \
+            else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.fused_clip:
             grad_norm = self.optimizer.last_grad_norm.clone()
         update_norm = None
         if self.track_update_norm and in_kernel:
-            squares = self.optimizer.last_update_norm.double().square()
-            if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
-                squares = squares.to(self._comm_device())  # FSDP2 shards on a 1-D mesh: sum over ranks
-                torch.distributed.all_reduce(squares)
-                squares = squares.to(self.device)
-            update_norm = squares.sqrt()
+            update_norm = self._sum_over_shards(self.optimizer.last_update_norm.double().square()).sqrt()
         elif before is not None:
             diffs = torch._foreach_sub([_local(p).detach() for p in self.params], before)
-            squares = torch.stack(torch._foreach_norm(diffs)).double().square().sum()
-            if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
-                squares = squares.to(self._comm_device())  # FSDP2 shards on a 1-D mesh: sum over ranks
-                torch.distributed.all_reduce(squares)
-                squares = squares.to(self.device)
-            update_norm = squares.sqrt()
+            update_norm = self._sum_over_shards(torch.stack(torch._foreach_norm(diffs)).double().square().sum()).sqrt()
             del diffs, before
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
@@ -252,6 +228,25 @@ class Trainer:
         if update_norm is not None:
             out["update_norm"] = update_norm
         return out
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The grads' global 2-norm before clipping, clipped to max_grad_norm when set (mechgpu.clip)."""
+        from .. import clip
+
+        grads = [p for p in self.params if p.grad is not None]
+        if self.max_grad_norm is not None:
+            return clip.clip_grad_norm_(grads, self.max_grad_norm)
+        if grads:
+            return clip.get_total_norm([p.grad for p in grads])
+        return torch.zeros((), device=self.device)
+
+    def _sum_over_shards(self, squares: torch.Tensor) -> torch.Tensor:
+        """A sum of squares over local shards, summed over ranks where params are FSDP2 shards."""
+        if any(hasattr(p, "to_local") for p in self.params) and _is_distributed():
+            squares = squares.to(self._comm_device())  # FSDP2 shards on a 1-D mesh
+            torch.distributed.all_reduce(squares)
+            squares = squares.to(self.device)
+        return squares
 
     # ------------------------------------------------------------------ data
     def _windows(self, data: Iterable):

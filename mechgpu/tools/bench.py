@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
 README = ROOT / "README.md"
@@ -293,7 +293,7 @@ def plot_train(merged: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train.checkpointing import format_bytes
+    from ..train.checkpointing import format_bytes
 
     rows = train_rows(merged)
     peak = all(r.get("peak_bytes") for r in rows)
@@ -364,7 +364,7 @@ def session_findings(record: dict) -> str:
 
 def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
     """The README's results section, from the files in ``results_dir`` alone."""
-    from . import traffic
+    from .. import traffic
 
     rel = lambda p: Path(p).resolve().relative_to(ROOT).as_posix() if Path(p).resolve().is_relative_to(ROOT) \
         else Path(p).name

@@ -280,11 +280,15 @@ OPTIMIZER_CONFIGS = [
     ("Adam-amsgrad", "Adam", {"amsgrad": True, "weight_decay": 0.1}),
     ("Adam-decoupled-maximize", "Adam", {"decoupled_weight_decay": True, "weight_decay": 0.3, "maximize": True,
                                           "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("Adam-maximize-betas", "Adam", {"maximize": True, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ("Adam-decoupled-amsgrad", "Adam", {"decoupled_weight_decay": True, "weight_decay": 0.3, "amsgrad": True}),
     ("AdamW", "AdamW", {}),
     ("AdamW-amsgrad-maximize", "AdamW", {"amsgrad": True, "maximize": True, "weight_decay": 0.5}),
     ("RMSprop", "RMSprop", {}),
+    ("RMSprop-centered", "RMSprop", {"centered": True, "weight_decay": 0.1}),
+    ("RMSprop-momentum-maximize", "RMSprop", {"momentum": 0.9, "maximize": True, "alpha": 0.9}),
     ("RMSprop-centered-momentum", "RMSprop", {"centered": True, "momentum": 0.5, "weight_decay": 0.1,
-                                              "alpha": 0.9}),
+                                              "alpha": 0.9, "eps": 1e-4}),
     ("SGD", "SGD", {}),
     ("SGD-momentum", "SGD", {"momentum": 0.9, "weight_decay": 0.1}),
     ("SGD-nesterov", "SGD", {"momentum": 0.9, "nesterov": True, "maximize": True}),
@@ -313,7 +317,7 @@ def _optimizers(name: str, ours_params, ref_params, opts: dict, *, groups: bool 
         if not groups:
             return params
         half = len(params) // 2
-        return [{"params": params[:half]}, {"params": params[half:], "lr": LR[name] * 0.5}]
+        return [{"params": params[:half]}, {"params": params[half:], "lr": LR[name] * 0.5, "weight_decay": 0.05}]
 
     ours = getattr(mo, name)(param_groups(ours_params), lr=LR[name], **opts, **ours_options)
     ref = getattr(torch.optim, name)(param_groups(ref_params), lr=LR[name], foreach=False, **opts)
@@ -324,7 +328,7 @@ def _leaves(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> li
     return [t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
 
-def _state_errors(ours_opt, ours_params, ref_opt, ref_params, *, rtol: float = STATE_RTOL,
+def state_errors(ours_opt, ours_params, ref_opt, ref_params, *, rtol: float = STATE_RTOL,
                   state_dtype: torch.dtype = torch.float32) -> Errors:
     """Every optimizer state against torch's (torch's in fp32), with an atol of 1e-6 of the
     state's largest entry over all params (an entry that is a small difference of large terms,
@@ -394,7 +398,7 @@ def _optimizer_case(name: str, opts: dict) -> CaseFn:
             ref.step()
         params = _fp32_param_errors(ours_p, ref_p)
         yield ctx.row(f"params, {ctx.steps} steps", torch.float32, params, FP32_PARAM_TOL)
-        yield ctx.row("states", torch.float32, _state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
+        yield ctx.row("states", torch.float32, state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
 
         # bf16/fp16 params: each step is torch's fp32 step from the same point, rounded once
         for dtype in LOW_PRECISION:
@@ -417,7 +421,7 @@ def _optimizer_case(name: str, opts: dict) -> CaseFn:
                     params.add(measure(a, b.detach().to(dtype), rtol=rtol, atol=atol, dtype=dtype, extra=operands,
                                        what=f"param {i}"))
             yield ctx.row("params vs torch fp32 step", dtype, params, f"rtol {rtol:.2g} + 2^-23 |p|")
-            yield ctx.row("fp32 states", dtype, _state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
+            yield ctx.row("fp32 states", dtype, state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
 
     return check
 
@@ -497,7 +501,7 @@ def _state_mutations(ctx: Context) -> Iterator[Row]:
             ref.step()
         params = _fp32_param_errors(ours_p, ref_p)
         yield ctx.row(f"{label} params, mutated", torch.float32, params, FP32_PARAM_TOL)
-        yield ctx.row(f"{label} states", torch.float32, _state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
+        yield ctx.row(f"{label} states", torch.float32, state_errors(ours, ours_p, ref, ref_p), STATE_TOL)
 
 
 @case("optim.skip_nonfinite")
@@ -577,7 +581,7 @@ def _bf16_states(ctx: Context) -> Iterator[Row]:
             for i, (a, b) in enumerate(zip(ours_p, ref_p)):
                 params.add(measure(a, b, rtol=FP32_PARAM_RTOL, atol=FP32_PARAM_ATOL, dtype=torch.float32,
                                    what=f"param {i}"))
-            states.add(_state_errors(ours, ours_p, ref, ref_p, rtol=rtol, state_dtype=torch.bfloat16))
+            states.add(state_errors(ours, ours_p, ref, ref_p, rtol=rtol, state_dtype=torch.bfloat16))
         yield ctx.row(f"{label} params", torch.float32, params, FP32_PARAM_TOL)
         yield ctx.row(f"{label} bf16 states", torch.bfloat16, states, f"rtol {rtol:.2g}, atol 1e-06 max|s|")
 
@@ -727,17 +731,17 @@ GELU_TANH_K1 = 0.044715
 LEAKY_SLOPE = 0.01
 
 
-def _normal_cdf64(x):
+def normal_cdf64(x):
     return 0.5 * torch.special.erfc(-x * SQRT_HALF)
 
 
-def _gelu_tanh_2a(x):
+def gelu_tanh_2a(x):
     return GELU_TANH_K0 * (x + GELU_TANH_K1 * x**3)
 
 
-def _gelu_tanh_grad64(g, x, y):
-    s = torch.sigmoid(_gelu_tanh_2a(x))
-    return g * (s + x * s * torch.sigmoid(-_gelu_tanh_2a(x)) * GELU_TANH_K0 * (1 + 3 * GELU_TANH_K1 * x * x))
+def gelu_tanh_grad64(g, x, y):
+    s = torch.sigmoid(gelu_tanh_2a(x))
+    return g * (s + x * s * torch.sigmoid(-gelu_tanh_2a(x)) * GELU_TANH_K0 * (1 + 3 * GELU_TANH_K1 * x * x))
 
 
 @dataclass(frozen=True)
@@ -760,11 +764,11 @@ ACTIVATIONS = [
     Activation("leaky_relu", lambda mf, x: mf.leaky_relu(x, LEAKY_SLOPE),
                lambda x: torch.nn.functional.leaky_relu(x, LEAKY_SLOPE),
                lambda g, x, y: ATEN.leaky_relu_backward(g, x, LEAKY_SLOPE, False)),
-    Activation("gelu", lambda mf, x: mf.gelu(x), lambda x: x * _normal_cdf64(x),
-               lambda g, x, y: g * (_normal_cdf64(x) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)),
+    Activation("gelu", lambda mf, x: mf.gelu(x), lambda x: x * normal_cdf64(x),
+               lambda g, x, y: g * (normal_cdf64(x) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)),
                fp32_backward_ulps=8, ill_conditioned_backward=True),
     Activation("gelu_tanh", lambda mf, x: mf.gelu(x, approximate="tanh"),
-               lambda x: x * torch.sigmoid(_gelu_tanh_2a(x)), _gelu_tanh_grad64,
+               lambda x: x * torch.sigmoid(gelu_tanh_2a(x)), gelu_tanh_grad64,
                fp32_backward_ulps=8, ill_conditioned_forward=True, ill_conditioned_backward=True),
     Activation("silu", lambda mf, x: mf.silu(x), torch.nn.functional.silu,
                lambda g, x, y: ATEN.silu_backward(g, x), fp32_backward_ulps=8, ill_conditioned_backward=True),
@@ -785,11 +789,31 @@ def _backward_at(act: Activation, g64: torch.Tensor, x64: torch.Tensor) -> torch
     return act.backward64(g64, x64, None)
 
 
-def _special_inputs(dtype: torch.dtype) -> torch.Tensor:
-    tiny = torch.finfo(dtype).tiny
-    special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e4, -1e4, 1.0, -1.0, tiny, -tiny],
-                           dtype=torch.float64)
-    return torch.cat([special, torch.linspace(-20, 20, 321, dtype=torch.float64)])
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """NaN, ±inf, ±0 (the breakpoint), ±max, ±tiny and large and small magnitudes, in float64."""
+    info = torch.finfo(dtype)
+    values = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e4, -1e4, 1.0, -1.0, info.tiny, -info.tiny,
+              1e-3, -1e-3, 20.0, -20.0, info.max, -info.max]
+    if dtype != torch.float16:
+        values += [1e20, -1e20, 1e-30, -1e-30, 100.0, -100.0]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _special_inputs(dtype: torch.dtype, dense: bool) -> torch.Tensor:
+    """The special values, a sweep of [-20, 20] (dense in full runs) and, in full runs, tiny magnitudes."""
+    parts = [special_values(dtype), torch.linspace(-20, 20, 8001 if dense else 321, dtype=torch.float64)]
+    if dense:
+        tiny = torch.logspace(-30, 1.3, 600, dtype=torch.float64)
+        parts += [tiny, -tiny]
+    return torch.cat(parts)
+
+
+def activation_ulps(act: Activation, dtype: torch.dtype, direction: str) -> int:
+    """The relative tolerance of an activation, in ulps of ``dtype``: 4 in fp32 (``fp32_backward_ulps``
+    for the backward), 1 in bf16/fp16 (the kernel rounds its fp32 result once)."""
+    if dtype != torch.float32:
+        return 1
+    return act.fp32_backward_ulps if direction == "backward" else 4
 
 
 def _activation_case(act: Activation) -> CaseFn:
@@ -799,11 +823,11 @@ def _activation_case(act: Activation) -> CaseFn:
         gen = ctx.generator()
         for dtype in ctx.dtypes:
             inputs = [ctx.randn(n, gen, scale=3.0, dtype=dtype) for n in ctx.sizes]
-            inputs.append(_special_inputs(dtype).to(ctx.device, dtype))
+            inputs.append(_special_inputs(dtype, dense=not ctx.quick).to(ctx.device, dtype))
             if not ctx.quick:
                 inputs.append(ctx.randn((65, 33), gen, scale=3.0, dtype=dtype).t())  # not contiguous
-            forward_ulps = 4 if dtype == torch.float32 else 1
-            backward_ulps = act.fp32_backward_ulps if dtype == torch.float32 else 1
+            forward_ulps = activation_ulps(act, dtype, "forward")
+            backward_ulps = activation_ulps(act, dtype, "backward")
             atol = max(ACTIVATION_ABS_FLOOR, subnormal_step(dtype))
             forward, backward = Errors(), Errors()
             for x in inputs:
@@ -1040,10 +1064,12 @@ def families() -> list[str]:
     return list(dict.fromkeys(name.split(".")[0] for name in CASES))
 
 
-def select_cases(only: Iterable[str] | None = None) -> list[str]:
-    """The case names containing any of ``only`` (all when empty); ValueError when none does."""
+def select_cases(only: Iterable[str] | None = None, *, exact: bool = False) -> list[str]:
+    """The case names containing any of ``only`` (equal to one, with ``exact``; all when empty);
+    ValueError when none does."""
     only = list(only or [])
-    names = [name for name in CASES if not only or any(part in name for part in only)]
+    names = [name for name in CASES
+             if not only or any(part == name if exact else part in name for part in only)]
     if not names:
         raise ValueError(f"no check name contains {' or '.join(map(repr, only))}; "
                          "`mechgpu check --list` prints the names")
@@ -1063,19 +1089,21 @@ def _describe(exc: BaseException) -> str:
 
 
 def run_checks(device: str | torch.device, quick: bool = False, only: Iterable[str] | None = None,
-               seed: int | None = None, report: Callable[[Row], None] | None = None) -> list[Row]:
-    """Run the selected cases on ``device`` and return their rows (``report`` sees each as it comes).
+               seed: int | None = None, report: Callable[[Row], None] | None = None, *,
+               exact: bool = False) -> list[Row]:
+    """Run the selected cases (``select_cases``) on ``device`` and return their rows (``report``
+    sees each as it comes).
 
     On a CPU the kernels need TRITON_INTERPRET=1 set before triton was imported; without it
     mechgpu would quietly run torch's own code, so that raises instead.
     """
-    from ._backend import kernels_run_on
+    from .._backend import kernels_run_on
 
     device = torch.device(device)
     if not kernels_run_on(device):
         raise RuntimeError(f"mechgpu's kernels cannot run on {device}: on a CPU they need TRITON_INTERPRET=1 "
                            "set before triton is imported (`mechgpu check --device cpu` does that)")
-    names = select_cases(only)
+    names = select_cases(only, exact=exact)
     seed = fresh_seed() if seed is None else seed
     rows = []
     with warnings.catch_warnings():

@@ -8,30 +8,14 @@ the largest parameter difference after the last step, and the time per step.
 
 from __future__ import annotations
 
-import os
-import sysconfig
 import time
 
 import torch
 from torch import nn
 
+from ..train.gpt import stdlib_text
+
 CONTEXT = 8
-STDLIB_FILES = ("argparse.py", "inspect.py", "typing.py", "dataclasses.py", "functools.py")
-
-
-def stdlib_text(max_chars: int = 400_000) -> str:
-    """Source text of a few standard-library modules, as found on this machine."""
-    root = sysconfig.get_paths()["stdlib"]
-    parts = []
-    for name in STDLIB_FILES:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                parts.append(f.read())
-    text = "\n".join(parts)
-    if not text:
-        raise RuntimeError(f"no standard-library source found under {root}")
-    return text[:max_chars]
 
 
 class CharMLP(nn.Module):

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .checkpointing import format_bytes
-from .gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
-from .trainer import Trainer
+from ..train.checkpointing import format_bytes
+from ..train.gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
+from ..train.trainer import Trainer
 
 #: the defaults, by device: a CPU run goes through triton's interpreter (~10 us per element of
 #: an activation, ~2.5 us per parameter of an Adam step), so it is kept small.
@@ -122,7 +122,8 @@ def build(cfg: TrainConfig, corpus: CharCorpus | None = None, rank: int = 0, wor
     else:
         from ..optim import AdamW
 
-        optimizer = AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm)
+        optimizer = AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm,
+                          track_update_norm=True)  # the update norm the trainer logs, summed in the kernel
         clip = None  # fused into the step
     data = CharBatches(corpus.train, cfg.micro_batch, cfg.context, batches=10**9 if cfg.accum_steps != "all" else 8,
                        seed=cfg.seed, device=device, rank=rank, world=world)
