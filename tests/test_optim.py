@@ -266,24 +266,40 @@ def _bad_inputs():
         p.data = torch.randn(10, 8, device=p.device)[:, ::2]
         p.grad = torch.zeros_like(p)
 
-    def float64(p):
-        p.data = p.data.double()
-        p.grad = torch.zeros_like(p)
-
-    def complex_param(p):
-        p.data = torch.randn(3, dtype=torch.complex64, device=p.device)
-        p.grad = torch.zeros_like(p)
-
     return [
         (sparse, RuntimeError, "does not support sparse gradients"),
         (grad_dtype, RuntimeError, r"grad of param 1 of group 1 has dtype torch.float64, its param torch.float32"),
         (grad_shape, RuntimeError, r"grad of param 1 of group 1 has shape \(25,\), its param \(24,\)"),
         (grad_strides, RuntimeError, r"grad of param 1 of group 1 has stride \(1, 6\), its param \(4, 1\)"),
         (non_contiguous, RuntimeError, r"param 1 of group 1 is not contiguous"),
-        (float64, RuntimeError,
-         r"supports float32, bfloat16 and float16 parameters; param 1 of group 1 is torch.float64"),
-        (complex_param, RuntimeError, "complex parameters are not supported"),
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
+def test_dtypes_the_kernel_does_not_take_step_with_torch(name, dtype, monkeypatch):
+    """A float64 or complex group is stepped by torch.optim's own code (one warning), beside a
+    float32 group on the kernel; both follow torch."""
+    from mechgpu import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+    ours_p = [make_params((100,), KERNEL_DEVICE, seed=3), make_params((5, 24), KERNEL_DEVICE, dtype, seed=4)]
+    ref_p = [clone_params(group) for group in ours_p]
+    ours = getattr(mo, name)([{"params": g} for g in ours_p], lr=0.1, **kwargs)
+    ref = getattr(torch.optim, name)([{"params": g} for g in ref_p], lr=0.1, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    with pytest.warns(UserWarning, match="a dtype the kernels do not take") as caught:
+        for _ in range(3):
+            for mine, theirs in zip(ours_p, ref_p):
+                set_random_grads([mine, theirs], gen)
+            ours.step()
+            ref.step()
+    assert sum("mechgpu" in str(w.message) for w in caught) == 1
+    for a, b in zip(ours_p[0], ref_p[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_p[1], ref_p[1]):
+        assert a.dtype == dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])

@@ -40,15 +40,25 @@ _OPTION_DEFAULTS = {"max_grad_norm": None, "skip_nonfinite": False, "master_weig
                     "track_update_norm": False}
 
 
-def _warn_cpu_fallback(name: str) -> None:
-    warn_fallback_once(
-        "optim",
-        f"mechgpu.optim.{name}: parameters are on the CPU and TRITON_INTERPRET=1 is not set, so "
-        f"this step runs torch.optim.{name}'s own implementation instead of mechgpu's Triton "
-        "kernel. Move the model to CUDA, or set TRITON_INTERPRET=1 before importing triton to "
-        "run the kernels on the CPU (slowly).",
-        stacklevel=4,
-    )
+def _warn_fallback(name: str, cpu: bool) -> None:
+    """Once per process and reason: torch.optim's own step ran for some params."""
+    if cpu:
+        warn_fallback_once(
+            "optim",
+            f"mechgpu.optim.{name}: parameters are on the CPU and TRITON_INTERPRET=1 is not set, so "
+            f"this step runs torch.optim.{name}'s own implementation instead of mechgpu's Triton "
+            "kernel. Move the model to CUDA, or set TRITON_INTERPRET=1 before importing triton to "
+            "run the kernels on the CPU (slowly).",
+            stacklevel=4,
+        )
+    else:
+        warn_fallback_once(
+            "optim-dtype",
+            f"mechgpu.optim.{name}: a param group holds params in a dtype the kernels do not take "
+            f"(they take float32, bfloat16 and float16), so torch.optim.{name}'s own implementation "
+            "steps that group.",
+            stacklevel=4,
+        )
 
 
 class StateKeyError(KeyError):
@@ -315,10 +325,6 @@ class FusedOptimizer:
             where = f"param {i} of group {group_index}"
             if g.is_sparse:
                 raise RuntimeError(self._sparse_message())
-            if p.is_complex():
-                raise self._error(f"complex parameters are not supported ({where} is {p.dtype})")
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise self._error(f"supports float32, bfloat16 and float16 parameters; {where} is {p.dtype}")
             if p.device != device:
                 raise self._error(f"all params of a group must be on one device; {where} is on "
                                   f"{p.device}, the group's first param on {device}")
@@ -478,7 +484,7 @@ class FusedOptimizer:
                 continue
             self._check_group(group_index, group, params)
             self._check_state(group_index, group, params)
-            if kernels_run_on(_local(params[0]).device):
+            if kernels_run_on(_local(params[0]).device) and all(_local(p).dtype in SUPPORTED_DTYPES for p in params):
                 work.append((group_index, group, params, None))
             else:
                 fallback_groups.append(group)
@@ -493,7 +499,8 @@ class FusedOptimizer:
                                                      if p.grad is not None)
             update_sq = self._update_norm_buffer(_local(first).device)
         if fallback_groups:
-            _warn_cpu_fallback(self._torch_name)
+            for cpu in {not kernels_run_on(_local(g["params"][0]).device) for g in fallback_groups}:
+                _warn_fallback(self._torch_name, cpu)
             self._torch_step(fallback_groups, update_sq)
         if not work:
             return loss
@@ -577,7 +584,8 @@ class FusedOptimizer:
                            buckets)
 
     def _torch_step(self, groups: list[dict], update_sq: torch.Tensor | None) -> None:
-        """torch.optim's own step, for CPU params when the kernels cannot run there."""
+        """torch.optim's own step, for groups the kernels cannot step: CPU params without the
+        interpreter, or params in a dtype the kernels do not take (float64, complex)."""
         torch_cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
         fn = torch_cls.step
         if getattr(fn, "hooked", False):  # torch's profiling/hook wrapper: our own step already ran the hooks
@@ -651,8 +659,9 @@ def _state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
         elif key in ELEMENT_KEYS and value is not None:  # None: absent, as torch's SGD reads it
             if not torch.is_tensor(value):
                 return f"{key!r} is a {type(value).__name__}, not a tensor"
-            if not value.is_floating_point():
-                return f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor"
+            if not (value.is_floating_point() or (value.is_complex() and p.is_complex())):
+                return (f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor "
+                        "(complex for a complex param)")
             t = _local(value)
             if local and (t.layout is not torch.strided or t.is_nested or t.device.type == "meta"):
                 kind = "nested" if t.is_nested else str(t.layout)
