@@ -646,7 +646,8 @@ def _grad_scaler(ctx: Context) -> Iterator[Row]:
 # ----------------------------------------------------------------------------------
 # clipping
 # ----------------------------------------------------------------------------------
-CLIP_NORM_TYPES = {"norm2": 2.0, "norm1": 1.0, "norm_inf": math.inf, "norm3": 3.0}
+CLIP_NORM_TYPES = {"norm2": 2.0, "norm1": 1.0, "norm_inf": math.inf, "norm_-inf": -math.inf, "norm3": 3.0,
+                   "norm3.5": 3.5, "norm0.5": 0.5, "norm-1": -1.0, "norm-2.5": -2.5}
 
 
 def _norm_tolerance(dtype: torch.dtype) -> tuple[float, float, str]:
@@ -671,7 +672,8 @@ def _clip_case(norm_type: float) -> CaseFn:
         import mechgpu
 
         gen = ctx.generator()
-        sizes = [n for n in ctx.sizes if n or math.isfinite(norm_type)]  # torch rejects the inf norm of empties
+        # torch rejects the norm of an empty tensor where the reduction has no identity (p = ±inf, p < 0)
+        sizes = [n for n in ctx.sizes if n or (math.isfinite(norm_type) and norm_type > 0)]
         for dtype in ctx.dtypes:
             rtol, atol, tol = _norm_tolerance(dtype)
             grads = [ctx.randn(n, gen, scale=3.0, dtype=dtype) for n in sizes]
@@ -714,8 +716,8 @@ def _large_grads(ctx: Context) -> Iterator[Row]:
     import mechgpu
 
     gen = ctx.generator()
-    grads = [ctx.randn(n, gen, scale=1e30) for n in ctx.sizes]
-    for norm_type in (2.0, 3.0):
+    grads = [ctx.randn(n, gen, scale=1e30) for n in ctx.sizes if n]  # the inf norm of an empty tensor is an error
+    for norm_type in (2.0, 1.0, math.inf, 3.0):
         expected = torch.nn.utils.get_total_norm([g.double() for g in grads], norm_type, foreach=False)
         got = mechgpu.get_total_norm(grads, norm_type)
         yield ctx.row(f"get_total_norm p={norm_type:g}", torch.float32,
