@@ -50,3 +50,9 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def mixed_seed(seed: int, stream: int) -> int:
+    """A generator seed for ``stream`` (an epoch, a case) of a run seeded with ``seed``: distinct
+    for distinct pairs (a prime stride), within torch's seed range."""
+    return (seed * 1_000_003 + stream) % 2**63

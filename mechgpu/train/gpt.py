@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._backend import mixed_seed
+
 
 def _gelu(torch_baseline: bool) -> nn.Module:
     if not torch_baseline:
@@ -139,7 +141,7 @@ class CharBatches:
         return self.batches
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
         offsets = torch.arange(self.context + 1)
         for _ in range(self.batches):
             starts = torch.randint(0, len(self.ids) - self.context - 1, (self.batch * self.world,), generator=gen)
