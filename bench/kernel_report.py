@@ -25,7 +25,8 @@ import torch
 import triton
 from mechgpu.kernels import aot
 
-ROW_KEYS = ("kernel", "arch", "registers", "spills", "ldg128", "stg128")
+ROW_KEYS = ("kernel", "arch", "registers", "spills", "ldg128", "stg128", "num_warps", "shared", "ctas_per_sm",
+            "warps_per_sm")
 
 
 def report(only: str = "") -> dict:
@@ -43,6 +44,9 @@ def report(only: str = "") -> dict:
         "kernels": sorted({v.fn.__name__ for v in variants}),
         "summary": {"max_registers": max((r["registers"] for r in rows), default=0),
                     "spills": sum(r["spills"] for r in rows),
+                    "min_ctas_per_sm": min((r["ctas_per_sm"] for r in rows), default=0),
+                    "below_occupancy_floor": sum(not aot.meets_occupancy_floor(r["ctas_per_sm"], r["warps_per_sm"])
+                                                 for r in rows),
                     "aligned_variants": len(aligned),
                     "aligned_with_128bit_access": sum(name in wide for name in aligned)},
         "rows": rows,
@@ -56,10 +60,14 @@ def to_markdown(result: dict) -> str:
              f"{result['date'][:10]}. {result['variants']} variants of {len(result['kernels'])} kernels for "
              f"{', '.join(result['archs'])}: at most {s['max_registers']} registers, {s['spills']} spilled bytes, "
              f"{s['aligned_with_128bit_access']} of {s['aligned_variants']} aligned variants with 128-bit access.",
-             "Registers per thread, spilled bytes, and 128-bit global loads/stores in the SASS.", "",
-             "| kernel | arch | registers | spills | LDG.E.128 | STG.E.128 |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spills']} | {r['ldg128']} | {r['stg128']} |"
+             f"{s['below_occupancy_floor']} rows below {aot.CTAS_FLOOR} CTAs or {aot.WARPS_FLOOR} warps per SM.",
+             "Registers per thread, spilled bytes, 128-bit global loads/stores in the SASS, warps and shared "
+             "memory per CTA, and the resident CTAs and warps per SM they allow (`mechgpu.kernels.aot.ctas_per_sm`).",
+             "",
+             "| kernel | arch | registers | spills | LDG.E.128 | STG.E.128 | warps | shared B | CTAs/SM | warps/SM |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spills']} | {r['ldg128']} | {r['stg128']} | "
+              f"{r['num_warps']} | {r['shared']} | {r['ctas_per_sm']} | {r['warps_per_sm']} |"
               for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -82,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernel-report.json").write_text(text)
         (args.out / "kernel-report.md").write_text(to_markdown(result))
-    print(f"{'kernel':<40} {'arch':<7} {'regs':>5} {'spills':>7} {'LDG.128':>8} {'STG.128':>8}")
+    print(f"{'kernel':<40} {'arch':<7} {'regs':>5} {'spills':>7} {'LDG.128':>8} {'STG.128':>8} {'warps':>6} "
+          f"{'shared':>7} {'CTAs/SM':>8} {'warps/SM':>9}")
     for r in result["rows"]:
         print(f"{r['kernel']:<40} {r['arch']:<7} {r['registers']:>5} {r['spills']:>7} "
-              f"{r['ldg128']:>8} {r['stg128']:>8}")
+              f"{r['ldg128']:>8} {r['stg128']:>8} {r['num_warps']:>6} {r['shared']:>7} {r['ctas_per_sm']:>8} "
+              f"{r['warps_per_sm']:>9}")
     return 0
 
 

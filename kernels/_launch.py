@@ -30,7 +30,9 @@ def compiled_variants(jit_fn) -> int:
 # Larger blocks amortise the per-program table reads; smaller blocks waste fewer
 # lanes on small tensors. We take the largest block whose padding costs at most
 # MAX_PADDING of the useful work.
-MULTI_TENSOR_BLOCKS = (4096, 2048, 1024, 512)
+# 2048 at most: 8 warps of 8 elements per thread, so that the heaviest variants (up to 128
+# registers) still keep two CTAs resident in a 64K register file (kernels/aot.py, ctas_per_sm).
+MULTI_TENSOR_BLOCKS = (2048, 1024, 512)
 MAX_PADDING = 0.125
 
 
@@ -46,7 +48,7 @@ def multi_tensor_block(numels: list[int]) -> int:
 
 def multi_tensor_warps(block: int) -> int:
     """8 elements per thread: two 128-bit accesses per fp32 stream, moderate registers."""
-    return max(2, min(16, block // 256))
+    return max(2, min(8, block // 256))
 
 
 # Random fills (kernels/init.py): a fill only stores, and one Philox4x32 call feeds four

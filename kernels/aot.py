@@ -44,6 +44,34 @@ class CompileResult:
     spills: int
     ldg128: int
     stg128: int
+    num_warps: int
+    shared: int  # bytes of shared memory per CTA
+    ctas_per_sm: int
+    warps_per_sm: int
+
+
+# What limits resident CTAs on an SM, for sm_80 and sm_90 (CUDA occupancy rules): a 64K-register
+# file allocated per warp in units of 256 registers, at most 64 warps and 32 CTAs, and shared
+# memory (164 KiB on sm_80, 228 KiB on sm_90) with 1 KiB reserved per CTA.
+SM_LIMITS = {80: {"shared": 164 * 1024}, 90: {"shared": 228 * 1024}}
+REGISTERS_PER_SM, REGISTER_UNIT, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM, SHARED_RESERVED = 65536, 256, 64, 32, 1024
+#: the occupancy every launched variant must reach: this many CTAs per SM, or WARPS_FLOOR warps
+CTAS_FLOOR, WARPS_FLOOR = 2, 32
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared: int, arch: int) -> int:
+    """Resident CTAs per SM of a kernel with ``registers`` per thread, ``num_warps`` per CTA and
+    ``shared`` bytes of shared memory, by the register, warp, CTA and shared-memory limits."""
+    registers_per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = (REGISTERS_PER_SM // registers_per_warp) // num_warps
+    by_warps = MAX_WARPS_PER_SM // num_warps
+    by_shared = SM_LIMITS[arch]["shared"] // (shared + SHARED_RESERVED) if shared else MAX_CTAS_PER_SM
+    return min(by_registers, by_warps, by_shared, MAX_CTAS_PER_SM)
+
+
+def meets_occupancy_floor(ctas: int, warps: int) -> bool:
+    """At least CTAS_FLOOR resident CTAs per SM, or WARPS_FLOOR resident warps."""
+    return ctas >= CTAS_FLOOR or warps >= WARPS_FLOOR
 
 
 def variant(name: str, fn, signature: dict[str, str], constexprs: dict, aligned: bool,
@@ -121,7 +149,10 @@ def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spill_stores = int(re.search(r"(\d+) bytes spill stores", info).group(1))
     spill_loads = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+    shared = int(compiled.metadata.shared)
+    ctas = ctas_per_sm(registers, variant.num_warps, shared, arch)
     return CompileResult(
         kernel=variant.name, arch=gpu_name, registers=registers, spills=spill_stores + spill_loads,
         ldg128=len(re.findall(r"LDG\.E\.128", sass)), stg128=len(re.findall(r"STG\.E\.128", sass)),
+        num_warps=variant.num_warps, shared=shared, ctas_per_sm=ctas, warps_per_sm=ctas * variant.num_warps,
     )

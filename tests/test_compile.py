@@ -1,5 +1,6 @@
 """Every kernel compiles ahead of time for sm_80 and sm_90a (no GPU needed), without
-register spills, and the aligned variants use 128-bit global loads and stores.
+register spills, with at least 2 resident CTAs (or 32 warps) per SM, and the aligned
+variants use 128-bit global loads and stores.
 
 The compilation runs `bench/kernel_report.py --json` in a subprocess without
 TRITON_INTERPRET, since the test process itself runs kernels in the interpreter.
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="compiles for sm_80/sm_90a with
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = aot.all_variants()
-REPORT_KEYS = {"kernel", "arch", "registers", "spills", "ldg128", "stg128"}
+REPORT_KEYS = {"kernel", "arch", "registers", "spills", "ldg128", "stg128", "num_warps", "shared", "ctas_per_sm",
+               "warps_per_sm"}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,8 @@ def test_kernel_compiles_without_spills(report, variant, arch):
     result = report[(variant.name, arch)]
     assert result["spills"] == 0, result
     assert 0 < result["registers"] <= 255, result
+    assert aot.meets_occupancy_floor(result["ctas_per_sm"], result["warps_per_sm"]), \
+        f"under {aot.CTAS_FLOOR} CTAs and {aot.WARPS_FLOOR} warps per SM: {result}"
     if variant.expect_ldg128:
         assert result["ldg128"] > 0, f"no 128-bit global load: {result}"
     if variant.expect_stg128:
@@ -122,3 +126,15 @@ def test_new_lr_never_recompiles_counted_in_triton_cache(name):
     # variant, IS_PTR), and a new tensor or new value keeps that one.
     assert counts == {"first step": 1, "float lrs": 1, "tensor lr": 2, "tensor lrs": 2,
                       "all CompiledKernel": True, "cubins": 2}, counts
+
+
+@pytest.mark.parametrize("registers, warps, shared, arch, ctas", [
+    (63, 16, 0, 90, 2),      # 64 registers x 512 threads = 32K: two CTAs fill the 64K file
+    (73, 16, 0, 90, 1),      # rounded to 80 per thread: 40K, one CTA
+    (128, 8, 0, 80, 2),      # 32K per CTA
+    (32, 4, 0, 90, 16),      # the 64-warp limit
+    (32, 1, 0, 80, 32),      # the 32-CTA limit
+    (40, 4, 100_000, 80, 1),  # shared memory: 164 KiB / (100,000 + 1 KiB)
+])
+def test_occupancy_rules(registers, warps, shared, arch, ctas):
+    assert aot.ctas_per_sm(registers, warps, shared, arch) == ctas
