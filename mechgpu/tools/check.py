@@ -319,7 +319,7 @@ def _optimizers(name: str, ours_params, ref_params, opts: dict, *, groups: bool 
         if not groups:
             return params
         half = len(params) // 2
-        return [{"params": params[:half]}, {"params": params[half:], "lr": LR[name] * 0.5, "weight_decay": 0.05}]
+        return [{"params": params[:half]}, {"params": params[half:], "lr": LR[name] * 0.5}]
 
     ours = getattr(mo, name)(param_groups(ours_params), lr=LR[name], **opts, **ours_options)
     ref = getattr(torch.optim, name)(param_groups(ref_params), lr=LR[name], foreach=False, **opts)
