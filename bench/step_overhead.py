@@ -18,7 +18,7 @@ synchronisation inside it), as for mechgpu.
 
 Cases, on fp32 params of 64 elements, 150 and 10,000 tensors in one param group:
 
-* ``Adam``: torch's defaults;
+* ``Adam``, ``AdamW``: torch's defaults;
 * ``AdamW + clip``: ``max_grad_norm=1.0`` for mechgpu (a norm launch and a step launch);
   ``torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)`` then the step for torch,
   both inside the timed region;
@@ -76,6 +76,7 @@ SMOKE = {"tensors": (3,), "steps": 3, "warmup": 1}
 # name: (optimizer class, its keyword arguments, max_grad_norm)
 CASES: dict[str, tuple[str, dict, float | None]] = {
     "Adam": ("Adam", {}, None),
+    "AdamW": ("AdamW", {}, None),
     "AdamW + clip": ("AdamW", {}, 1.0),
     "SGD momentum": ("SGD", {"momentum": 0.9}, None),
 }

@@ -53,6 +53,16 @@ def test_step_overhead_smoke(tmp_path):
     assert ours and all(r["launches_per_step"] == [2 if "clip" in r["case"] else 1] for r in ours), ours
 
 
+def test_host_overhead_smoke():
+    """bench/host_overhead.py, which runs outside the suite, in its --smoke form: its JSON rows."""
+    out = subprocess.run([sys.executable, str(bench.BENCH_DIR / "host_overhead.py"), "--smoke", "--json", "-"],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads(out.stdout)
+    assert {"list", "tensors", "mechgpu_us", "torch_us"} <= set(row) and row["tensors"] == 148
+    assert row["mechgpu_us"] > 0 and row["torch_us"] > 0
+
+
 def test_readme_results_section_is_generated_from_committed_results():
     text = bench.README.read_text()
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
