@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -209,8 +210,6 @@ def preflight(s: Session, deadline: float) -> dict:
 def gpu_tests(s: Session, deadline: float) -> dict:
     xml = s.steps_dir / "gpu-tests.xml"
     argv = ["-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    import importlib.util
-
     if not s.smoke and importlib.util.find_spec("xdist") is not None:
         argv += ["-n", str(XDIST_WORKERS)]
     rc = s.python("gpu-tests", argv, deadline=deadline)
@@ -272,11 +271,11 @@ def bench_step(name: str, script: str, size_args: tuple[str, ...], select_args: 
 
     def run(s: Session, deadline: float) -> dict:
         folder = s.steps_dir / name
-        args = ["--smoke" if s.smoke else "", *([] if s.smoke else size_args), *select_args]
+        args = ["--smoke"] if s.smoke else list(size_args)
+        args += select_args
         if timed:
             args += ["--warmup-ms", str(s.warmup_ms), "--rep-ms", str(s.rep_ms)]
-        rc = s.python(name, [str(BENCH / f"{script}.py"), *filter(None, args), "--out", str(folder)],
-                      deadline=deadline)
+        rc = s.python(name, [str(BENCH / f"{script}.py"), *args, "--out", str(folder)], deadline=deadline)
         files = sorted(p.name for p in folder.glob(f"*-{script}.json")) if folder.exists() else []
         return {"status": "ok" if rc == 0 and files else "failed", "exit_code": rc, "script": script, "files": files}
 
