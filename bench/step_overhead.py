@@ -7,8 +7,9 @@ uploads and argument assembly. Triton's launch is replaced by a no-op that count
 calls (``InterpretedFunction.run`` under ``TRITON_INTERPRET=1``, ``JITFunction.run`` on
 CUDA: the call behind ``kernel[grid](...)`` in both), so no kernel runs, no kernel is
 compiled, and the optimizer states never change; triton's own per-launch work (binding
-and specialising the arguments) is left out too. Each step's launch count is reported: 1
-for Adam and SGD, 2 for AdamW with ``max_grad_norm`` (the norm, then the step).
+and specialising the arguments) is left out too. Each step's launch count is reported: 2
+for Adam and SGD (the step prologue, then the update), 3 for AdamW with ``max_grad_norm``
+(the norm first).
 
 torch.optim's own ``step()`` (``foreach=True``, and ``fused=True`` where torch has it on
 the device) runs in full as a reference: its time includes its math, so its tensors are
@@ -19,7 +20,7 @@ synchronisation inside it), as for mechgpu.
 Cases, on fp32 params of 64 elements, 150 and 10,000 tensors in one param group:
 
 * ``Adam``, ``AdamW``: torch's defaults;
-* ``AdamW + clip``: ``max_grad_norm=1.0`` for mechgpu (a norm launch and a step launch);
+* ``AdamW + clip``: ``max_grad_norm=1.0`` for mechgpu (a norm launch, then the step's two);
   ``torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)`` then the step for torch,
   both inside the timed region;
 * ``SGD momentum``: momentum 0.9.

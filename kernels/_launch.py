@@ -51,6 +51,26 @@ def multi_tensor_warps(block: int) -> int:
     return max(2, min(8, block // 256))
 
 
+# Grid-stride multi-tensor launches (optimizer steps, norms, scaling): each program walks
+# blocks pid, pid + P, pid + 2P, ... of the block table, so its prologue (grad control,
+# hyperparameters) and its share of a reduction are paid once per program, not per block.
+# P is sized from the SM count: 12 programs per SM divide evenly into waves of 2, 3, 4 or 6
+# resident CTAs (every launched variant keeps at least 2, tests/test_compile.py), so no SM
+# idles through a short last wave. The interpreter has no SMs: CPU_PROGRAMS programs, few
+# enough that the tests' tensors give each program several blocks.
+PROGRAMS_PER_SM = 12
+CPU_PROGRAMS = 3
+
+
+def grid_programs(num_blocks: int, device: torch.device) -> int:
+    """Programs of a grid-stride launch over ``num_blocks`` blocks on ``device`` (at least 1)."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+    else:
+        cap = CPU_PROGRAMS
+    return max(1, min(num_blocks, cap))
+
+
 # Random fills (kernels/init.py): a fill only stores, and one Philox4x32 call feeds four
 # neighbouring elements, so a program of BLOCK elements makes BLOCK / 4 Philox calls. A
 # single-tensor fill takes the block a multi-tensor launch of that one tensor would take.

@@ -133,7 +133,8 @@ def compile_variant(variant: KernelVariant, arch: int):
                           options={"num_warps": variant.num_warps})
 
 
-def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
+def _assemble(variant: KernelVariant, arch: int):
+    """(compiled kernel, ptxas -v output, SASS text) of a variant."""
     compiled = compile_variant(variant, arch)
     gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,9 +144,28 @@ def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
             f.write(compiled.asm["ptx"])
         out = subprocess.run([_nvidia_tool("ptxas", arch), "-v", f"--gpu-name={gpu_name}", ptx, "-o", cubin],
                              capture_output=True, text=True, check=True)
-        info = out.stdout + out.stderr
         sass = subprocess.run([_nvidia_tool("cuobjdump", arch), "-sass", cubin],
                               capture_output=True, text=True, check=True).stdout
+    return compiled, out.stdout + out.stderr, sass
+
+
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+_FP64_OPCODES = ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "DMMA")
+
+
+def sass_opcodes(variant: KernelVariant, arch: int) -> list[str]:
+    """The opcodes of a variant's SASS, in program order (``LDG.E.128``, ``DADD``, ...)."""
+    return _SASS_LINE.findall(_assemble(variant, arch)[2])
+
+
+def is_fp64(opcode: str) -> bool:
+    """Whether a SASS opcode computes or converts in fp64 (a 64-bit load is not)."""
+    return opcode.startswith(_FP64_OPCODES) or ".F64" in opcode
+
+
+def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
+    compiled, info, sass = _assemble(variant, arch)
+    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spill_stores = int(re.search(r"(\d+) bytes spill stores", info).group(1))
     spill_loads = int(re.search(r"(\d+) bytes spill loads", info).group(1))

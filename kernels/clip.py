@@ -1,12 +1,14 @@
 """Multi-tensor gradient norms and scaling: the kernels behind clip_grad_norm_.
 
-``grad_norm_kernel`` reduces every tensor of a table in one launch: each program
-reduces one block to a partial, added atomically into an fp64 workspace, and the last
-program to finish (counted with an atomic) turns the workspace into the total norm and
-the clip coefficient ``min(max_norm / (norm + 1e-6), 1)``, writes both to ``out`` and
-resets the workspace. Nothing returns to the host. Under torch.distributed the launch
-stops at the partials (``FINALIZE=False``); the caller all-reduces the workspace and runs
-``grad_norm_finalize_kernel``.
+``grad_norm_kernel`` reduces every tensor of a table in one launch, in two stages. Its
+programs stride over the plan's blocks (``MultiTensorPlan.grid`` of them, sized from the
+SM count), each keeping its own fp64 partial in registers and storing it once into the
+plan's partials workspace. The last program to finish (counted with one atomic per
+program: the atomics of a launch do not grow with the element count) combines the
+partials into the total norm and the clip coefficient ``min(max_norm / (norm + 1e-6), 1)``
+and writes both to ``out``. Nothing returns to the host. Under torch.distributed the last
+program stops at the combined partial (``FINALIZE=False``), written to a 3-value
+workspace that the caller all-reduces before ``grad_norm_finalize_kernel``.
 
 No overflow for large gradients: each block's partial is computed in fp32 on values
 divided by the block's largest magnitude, then scaled back in fp64. NaN anywhere makes
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard
-from .multi_tensor import MultiTensorPlan, TableLayout
+from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
 from .rounding import round_like
 
 #: One row per tensor: its address, element count and dtype code (DTYPE_CODES).
@@ -47,7 +49,8 @@ _KIND_L2 = tl.constexpr(KIND_L2)
 _KIND_L1 = tl.constexpr(KIND_L1)
 _KIND_MAX = tl.constexpr(KIND_MAX)
 _KIND_MIN = tl.constexpr(KIND_MIN)
-WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, running max or min of |g|
+WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, max or min of |g|; per program, and combined
+_WORKSPACE_SIZE = tl.constexpr(WORKSPACE_SIZE)
 
 
 def norm_kind(norm_type: float) -> int:
@@ -65,7 +68,7 @@ def norm_kind(norm_type: float) -> int:
 
 
 def new_workspace(kind: int, device: torch.device) -> torch.Tensor:
-    """The fp64 workspace in its reset state (the kernels leave it that way)."""
+    """A 3-value fp64 workspace holding the combine's identity (no |g|^p, no NaN, no extreme)."""
     extreme = math.inf if kind == KIND_MIN else 0.0
     return torch.tensor([0.0, 0.0, extreme], dtype=torch.float64, device=device)
 
@@ -131,30 +134,38 @@ def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_block(row, offs, mask, acc_ptr, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-    """Add one block's partial, NaN count and extreme into the fp64 workspace."""
+def _block_values(row, offs, mask, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """One block's (fp64 partial of |g|^p, NaN count, max or min of |g|), by KIND."""
     a = tl.abs(_load_any(row, offs, mask, ALIGNED))
     is_nan = a != a
     nan_count = tl.sum(is_nan.to(tl.float32), axis=0)
     a = tl.where(is_nan, 0.0, a)
+    partial = tl.zeros((), tl.float64)
     if KIND == _KIND_MAX:
-        tl.atomic_max(acc_ptr + 2, tl.max(a, axis=0).to(tl.float64))
+        extreme = tl.max(a, axis=0)
     elif KIND == _KIND_MIN:
         if mask is not None:
             a = tl.where(mask, a, float("inf"))
-        tl.atomic_min(acc_ptr + 2, tl.min(a, axis=0).to(tl.float64))
+        extreme = tl.min(a, axis=0)
     else:
-        tl.atomic_add(acc_ptr, _block_partial(a, mask, norm_type, KIND))
-    tl.atomic_add(acc_ptr + 1, nan_count.to(tl.float64))
+        extreme = tl.zeros((), tl.float32)
+        partial = _block_partial(a, mask, norm_type, KIND)
+    return partial, nan_count, extreme
 
 
 @triton.jit
-def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
+def _combine_extreme(a, b, KIND: tl.constexpr):
+    """The running max (or, for p = -inf, min) of |g|."""
+    if KIND == _KIND_MIN:
+        return tl.minimum(a, b)
+    else:
+        return tl.maximum(a, b)
+
+
+@triton.jit
+def _finalize(total_pow, nan_count, extreme, out_ptr, grad_scale_ptr, norm_type, max_norm,
               KIND: tl.constexpr, UNSCALE: tl.constexpr):
-    """Workspace -> (total norm, clip coefficient) in out; then reset the workspace."""
-    total_pow = tl.atomic_add(acc_ptr, 0.0)  # coherent reads of what other programs added
-    nan_count = tl.atomic_add(acc_ptr + 1, 0.0)
-    extreme = tl.atomic_add(acc_ptr + 2, 0.0)
+    """Combined (sum |g|^p, NaN count, max or min |g|) -> (total norm, clip coefficient) in out."""
     if KIND == _KIND_L2:
         total = tl.sqrt(total_pow).to(tl.float32)
     elif KIND == _KIND_L1:
@@ -179,50 +190,74 @@ def _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
     coef = tl.where(total != total, total, coef)  # torch: NaN norm -> NaN coefficient
     tl.store(out_ptr, total)
     tl.store(out_ptr + 1, coef)
-    tl.store(acc_ptr, 0.0)
-    tl.store(acc_ptr + 1, 0.0)
-    if KIND == _KIND_MIN:
-        tl.store(acc_ptr + 2, float("inf"))
-    else:
-        tl.store(acc_ptr + 2, 0.0)
 
 
 @triton.jit
-def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, acc_ptr, out_ptr, grad_scale_ptr,
-                     norm_type, max_norm, num_programs,
+def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out_ptr, grad_scale_ptr,
+                     norm_type, max_norm, num_blocks,
                      KIND: tl.constexpr, FINALIZE: tl.constexpr, UNSCALE: tl.constexpr,
                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """The p-norm of all tensors of a table together, and the clip coefficient.
 
     out[0] = (sum_i |g_i|^p)^(1/p) (max/min |g| for p = +-inf),
     divided by grad_scale when UNSCALE; out[1] = min(max_norm / (out[0] + 1e-6), 1).
-    Reads each element once (``mechgpu.traffic.grad_norm_bytes``).
+    Without FINALIZE, acc[0:3] = (sum |g|^p, NaN count, max or min |g|) instead.
+    Reads each element once (``mechgpu.traffic.grad_norm_bytes``), plus 24 bytes of partials
+    written and read per program.
     """
     pid = tl.program_id(0)
-    tensor_idx = tl.load(blocks_ptr + 2 * pid)
-    block_idx = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
-    numel = tl.load(row + _COL_NUMEL)
-    start = block_idx.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= numel:
-        _accumulate_block(row, offs, None, acc_ptr, norm_type, KIND, ALIGNED)
-    else:
-        _accumulate_block(row, offs, offs < numel, acc_ptr, norm_type, KIND, ALIGNED)
-    if FINALIZE:
-        finished = tl.atomic_add(done_ptr, 1)
-        if finished == num_programs - 1:
-            _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
-            tl.store(done_ptr, 0)
+    programs = tl.num_programs(0)
+    total = tl.zeros((), tl.float64)
+    nan_count = tl.zeros((), tl.float32)
+    extreme = tl.zeros((), tl.float32)
+    if KIND == _KIND_MIN:
+        extreme = extreme + float("inf")
+    for item in range(pid, num_blocks, programs):
+        _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
+        if start + BLOCK <= numel:
+            block_total, block_nans, block_extreme = _block_values(row, offs, None, norm_type, KIND, ALIGNED)
+        else:
+            block_total, block_nans, block_extreme = _block_values(row, offs, offs < numel, norm_type, KIND, ALIGNED)
+        total += block_total
+        nan_count += block_nans
+        extreme = _combine_extreme(extreme, block_extreme, KIND)
+    mine = partials_ptr + pid * _WORKSPACE_SIZE
+    tl.store(mine, total)
+    tl.store(mine + 1, nan_count.to(tl.float64))
+    tl.store(mine + 2, extreme.to(tl.float64))
+    finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
+    if finished == programs - 1:
+        all_total = tl.zeros((), tl.float64)
+        all_nans = tl.zeros((), tl.float64)
+        all_extreme = tl.zeros((), tl.float64)
+        if KIND == _KIND_MIN:
+            all_extreme = all_extreme + float("inf")
+        for first in range(0, programs, PARTIALS_WIDTH):
+            index = first + tl.arange(0, PARTIALS_WIDTH)
+            valid = index < programs
+            partial = partials_ptr + index * _WORKSPACE_SIZE
+            all_total += tl.sum(tl.load(partial, mask=valid, other=0.0), axis=0)
+            all_nans += tl.sum(tl.load(partial + 1, mask=valid, other=0.0), axis=0)
+            if KIND == _KIND_MIN:
+                all_extreme = tl.minimum(all_extreme, tl.min(tl.load(partial + 2, mask=valid, other=float("inf")),
+                                                             axis=0))
+            else:
+                all_extreme = tl.maximum(all_extreme, tl.max(tl.load(partial + 2, mask=valid, other=0.0), axis=0))
+        if FINALIZE:
+            _finalize(all_total, all_nans, all_extreme, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
+        else:
+            tl.store(acc_ptr, all_total)
+            tl.store(acc_ptr + 1, all_nans)
+            tl.store(acc_ptr + 2, all_extreme)
+        tl.store(done_ptr, 0)
 
 
 @triton.jit
 def grad_norm_finalize_kernel(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm,
                               KIND: tl.constexpr, UNSCALE: tl.constexpr):
     """One program: finish a norm whose workspace was all-reduced across ranks."""
-    _finalize(acc_ptr, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
+    _finalize(tl.load(acc_ptr), tl.load(acc_ptr + 1), tl.load(acc_ptr + 2), out_ptr, grad_scale_ptr,
+              norm_type, max_norm, KIND, UNSCALE)
 
 
 @triton.jit
@@ -244,25 +279,19 @@ def _scale_typed(ptr, offs, mask, coef):
 
 
 @triton.jit
-def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """g <- g * coef for every tensor of a table, coef read from device memory.
+def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """g <- g * coef for every tensor of a table, coef read from device memory; grid-stride
+    over the plan's blocks.
 
     Reads and writes each element (``mechgpu.traffic.grad_scale_bytes``).
     """
-    pid = tl.program_id(0)
-    tensor_idx = tl.load(blocks_ptr + 2 * pid)
-    block_idx = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
-    numel = tl.load(row + _COL_NUMEL)
     coef = tl.load(coef_ptr).to(tl.float32)
-    start = block_idx.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if start + BLOCK <= numel:
-        _scale_any(row, offs, None, coef, ALIGNED)
-    else:
-        _scale_any(row, offs, offs < numel, coef, ALIGNED)
+    for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
+        if start + BLOCK <= numel:
+            _scale_any(row, offs, None, coef, ALIGNED)
+        else:
+            _scale_any(row, offs, offs < numel, coef, ALIGNED)
 
 
 # ----------------------------------------------------------------------------------
@@ -274,7 +303,7 @@ def norm_rows(tensors: list[torch.Tensor]) -> list[list[int]]:
 
 def plan_workspace(plan: MultiTensorPlan, kind: int) -> torch.Tensor:
     """The plan's own fp64 workspace for norms of ``kind``, made on first use (so a captured
-    step allocates and copies nothing) and reset by the kernels after each use."""
+    step allocates and copies nothing)."""
     workspace = plan.workspaces.get(kind)
     if workspace is None:
         workspace = plan.workspaces[kind] = new_workspace(kind, plan.device)
@@ -286,11 +315,12 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
               grad_scale: torch.Tensor | None = None) -> None:
     """Launch the norm over every tensor in ``plan`` (table rows from ``norm_rows``)."""
     kind = norm_kind(norm_type)
+    partials = plan.workspace("norm_partials", (plan.grid, WORKSPACE_SIZE), torch.float64)
     with device_guard(plan.device):
-        grad_norm_kernel[(plan.num_programs,)](
-            plan.table, plan.blocks, plan.done, workspace, out,
+        grad_norm_kernel[(plan.grid,)](
+            plan.table, plan.blocks, plan.done, partials, workspace, out,
             grad_scale if grad_scale is not None else out,
-            float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm), plan.num_programs,
+            float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm), plan.num_blocks,
             KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None, ALIGNED=aligned,
             BLOCK=plan.block, num_warps=plan.num_warps,
         )
@@ -309,7 +339,7 @@ def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type:
 def scale_(plan: MultiTensorPlan, coef: torch.Tensor, *, aligned: bool) -> None:
     """Multiply every tensor in ``plan`` by the 0-d device tensor ``coef`` (one launch)."""
     with device_guard(plan.device):
-        grad_scale_kernel[(plan.num_programs,)](plan.table, plan.blocks, coef, ALIGNED=aligned,
+        grad_scale_kernel[(plan.grid,)](plan.table, plan.blocks, coef, plan.num_blocks, ALIGNED=aligned,
                                                 BLOCK=plan.block, num_warps=plan.num_warps)
 
 
@@ -320,9 +350,9 @@ def aot_variants() -> list:
 
     block = MULTI_TENSOR_BLOCKS[0]
     warps = multi_tensor_warps(block)
-    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "acc_ptr": "*fp64",
-           "out_ptr": "*fp32", "grad_scale_ptr": "*fp32", "norm_type": "fp32", "max_norm": "fp32",
-           "num_programs": "i32"}
+    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "partials_ptr": "*fp64",
+           "acc_ptr": "*fp64", "out_ptr": "*fp32", "grad_scale_ptr": "*fp32", "norm_type": "fp32",
+           "max_norm": "fp32", "num_blocks": "i32"}
     variants = []
     for kind, label in ((KIND_L2, "l2"), (KIND_L1, "l1"), (KIND_MAX, "inf"), (KIND_MIN, "-inf"),
                         (KIND_LP, "lp")):
@@ -333,6 +363,6 @@ def aot_variants() -> list:
                "max_norm": "fp32"}
     fin = variant("grad_norm_finalize[l2]", grad_norm_finalize_kernel, fin_sig,
                   {"KIND": KIND_L2, "UNSCALE": True}, False, 1)
-    scale_sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "coef_ptr": "*fp32"}
+    scale_sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "coef_ptr": "*fp32", "num_blocks": "i32"}
     scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True, warps)
     return variants + [fin, scale]

@@ -425,7 +425,7 @@ class FillPlan:
                                "build a new plan")
         for plan, dtype, aligned in self._buckets:
             with device_guard(plan.device):
-                fill_multi_kernel[(plan.num_programs,)](
+                fill_multi_kernel[(plan.num_blocks,)](
                     plan.table, plan.blocks, seed,
                     DTYPE=dtype, ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
                 )

@@ -6,9 +6,11 @@ A multi-tensor launch reads two tables:
   module that reads it declares once as a ``TableLayout`` (the optimizers' param, grad,
   states, step, element count and master copy in ``optim.TABLE``; the norms' address,
   element count and dtype code in ``clip.TABLE``), and builds with ``layout.row(...)``;
-* the *block table*, int32 ``[P, 2]``: program ``pid`` works on block
-  ``blocks[pid, 1]`` of tensor ``blocks[pid, 0]``. Every tensor gets at least one
-  program, so a tensor with no elements still has its step counted.
+* the *block table*, int32 ``[B, 2]``: entry ``i`` is block ``blocks[i, 1]`` of tensor
+  ``blocks[i, 0]``. Every tensor has at least one block, so a tensor with no elements
+  is still visited. Grid-stride kernels launch ``grid`` programs (sized from the SM
+  count, ``_launch.grid_programs``) and program ``pid`` works on entries ``pid``,
+  ``pid + grid``, ...; the fills launch one program per block.
 
 The block table depends only on the element counts and is built once per parameter
 set. The tensor table is rebuilt on the host each step (addresses change when grads
@@ -17,17 +19,37 @@ always into the same device buffer, so its address never changes. Neither needs 
 host synchronisation.
 
 A plan belongs to one owner (an optimizer, or one call of a clip function) and is never
-shared: its table, its done-counters and its ``workspaces`` (scratch buffers a kernel
-family keeps with the plan, such as the norm's fp64 accumulator) are written by the
+shared: its table, its done-counter and its ``workspaces`` (scratch buffers a kernel
+family keeps with the plan, such as the norm's per-program partials) are written by the
 launches of that owner only. The owner confirms every address before it is uploaded.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
-from ._launch import multi_tensor_block, multi_tensor_warps
+from ._launch import grid_programs, multi_tensor_block, multi_tensor_warps
+
+#: Per-program partials of a two-stage reduction that its last program reads at a time
+PARTIALS_WIDTH = tl.constexpr(1024)
+
+
+@triton.jit
+def block_slice(table_ptr, blocks_ptr, item, NCOL: tl.constexpr, COL_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """(tensor index, table row, element count, offsets, start) of block-table entry ``item``, for a
+    table of NCOL columns whose element count is column COL_NUMEL."""
+    tensor_idx = tl.load(blocks_ptr + 2 * item)
+    block_idx = tl.load(blocks_ptr + 2 * item + 1)
+    row = table_ptr + tensor_idx.to(tl.int64) * NCOL
+    numel = tl.load(row + COL_NUMEL)
+    start = block_idx.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    return tensor_idx, row, numel, offs, start
 
 
 class TableLayout:
@@ -70,15 +92,23 @@ class MultiTensorPlan:
         block_index = torch.arange(len(tensor_index)) - torch.repeat_interleave(first_program, counts)
         blocks = torch.stack([tensor_index, block_index], dim=1).to(torch.int32)
         self.blocks = blocks.to(device, non_blocking=True)  # pageable memory: staged, no device sync
-        self.num_programs = int(blocks.shape[0])
-        # Per-tensor (or, for reductions, global) count of finished programs; the last one
-        # to finish does the tensor's epilogue and resets its slot, so it is all zeros
-        # between launches.
-        self.done = torch.zeros(max(1, len(self.numels)), dtype=torch.int32, device=device)
+        self.num_blocks = int(blocks.shape[0])
+        self.grid = grid_programs(self.num_blocks, device)  # programs of a grid-stride launch
+        # Count of finished programs of a reduction's launch; the last one to finish combines
+        # the partials and resets it, so it is 0 between launches.
+        self.done = torch.zeros(1, dtype=torch.int32, device=device)
         self.table = torch.zeros((len(self.numels), layout.width), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None
         self.workspaces: dict = {}  # scratch buffers of the owner's kernels, made once
         self.uploads = 0  # host-to-device copies of the table so far (a steady state makes none)
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The plan's scratch buffer ``name``, made (uninitialised) on first use and then reused, so
+        that a step captured in a CUDA graph after a warm-up step allocates nothing."""
+        buffer = self.workspaces.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self.workspaces[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buffer
 
     def set_rows(self, rows: list[list[int]]) -> None:
         """Upload the tensor table if it changed since the last upload (no host sync)."""

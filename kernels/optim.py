@@ -1,15 +1,17 @@
-"""Fused multi-tensor optimizer steps: Adam/AdamW, RMSprop and SGD in one launch each.
+"""Fused multi-tensor optimizer steps: Adam/AdamW, RMSprop and SGD, two launches a step each.
 
-Every kernel walks a ``MultiTensorPlan`` (see ``multi_tensor.py``): program ``pid``
-updates one BLOCK-sized slice of one tensor, reading the tensor's addresses from the
-device-resident table. The math runs in fp32 and matches ``torch.optim`` to fp32
+A step is two launches over a ``MultiTensorPlan`` (see ``multi_tensor.py``), whatever the
+number of tensors: ``step_prologue_kernel`` counts each tensor's step and computes its
+scalars (Adam's fp64 bias corrections) once per tensor, then ``optimizer_kernel``'s
+programs stride over the plan's BLOCK-sized slices, reading each tensor's addresses from
+the device-resident table. The math runs in fp32 and matches ``torch.optim`` to fp32
 rounding. Params and grads are fp32, bf16 or fp16; states are fp32 or bf16. Hyper-
 parameters are runtime arguments (or 0-d device tensors, read in the kernel), so a new
 learning rate never recompiles. Constexprs select features that change the code.
 
-Step counters live on the device. Each program computes with ``step + 1``; the last
-program of a tensor to finish (counted with an atomic) writes ``step + 1`` back, so the
-step never round-trips through the host.
+Step counters live on the device: the prologue reads and increments them, so the step
+never round-trips through the host, and the update kernel takes no atomics (but one per
+program for the update norm).
 
 Grad control, all read from device memory with no host sync (``StepControl``):
 ``grad_scale`` (GradScaler's scale: grads are unscaled in registers), ``found_inf``
@@ -36,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard
-from .multi_tensor import MultiTensorPlan, TableLayout
+from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
 from .rounding import round_like
 
 #: One row per tensor: its param, grad, up to three states (adam: exp_avg, exp_avg_sq,
@@ -84,9 +86,10 @@ def _scalar(arg, IS_PTR: tl.constexpr):
 
 @triton.jit
 def _pow_int(base, n):
-    """base ** n for fp64 base and integer n >= 0, by repeated squaring (no libdevice)."""
-    result = base * 0.0 + 1.0
-    while n > 0:
+    """base ** n, elementwise, for an fp64 base and int32 n >= 0, by repeated squaring (no libdevice)."""
+    result = tl.full(n.shape, 1.0, tl.float64)
+    base = tl.full(n.shape, 0.0, tl.float64) + base
+    while tl.max(n, axis=0) > 0:
         result = tl.where((n % 2) == 1, result * base, result)
         base = base * base
         n = n // 2
@@ -120,41 +123,24 @@ def _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr, CLIP: tl.constexpr
 
 
 @triton.jit
-def _program_slice(table_ptr, blocks_ptr, skip, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """(tensor index, table row, element count, offsets, is-full-block) of this program.
+def _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor index, table row, element count, offsets, is-full-block) of block-table entry ``item``.
 
     A skipped step sees an element count of 0, so every access is masked off.
     """
-    pid = tl.program_id(0)
-    tensor_idx = tl.load(blocks_ptr + 2 * pid)
-    block_idx = tl.load(blocks_ptr + 2 * pid + 1)
-    row = table_ptr + tensor_idx.to(tl.int64) * _NCOL
-    numel = tl.load(row + _COL_NUMEL)
+    tensor_idx, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
     numel = tl.where(skip, 0, numel)
-    start = block_idx.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     return tensor_idx, row, numel, offs, start + BLOCK <= numel
 
 
 @triton.jit
-def _read_step(row, skip):
-    """(step before, step after this update): the step does not count when skipped."""
-    step = tl.load(tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32)))
-    return step, tl.where(skip, step, step + 1.0)
-
-
-@triton.jit
-def _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK: tl.constexpr):
-    """The last program of a tensor to finish stores its step counter."""
-    numel = tl.load(row + _COL_NUMEL)
-    nblocks = tl.maximum(tl.cdiv(numel, BLOCK), 1)
-    finished = tl.atomic_add(done_ptr + tensor_idx, 1)
-    if finished == nblocks - 1:
-        step_ptr = tl.load(row + _COL_STEP).to(tl.pointer_type(tl.float32))
-        tl.store(step_ptr, new_step)
-        tl.store(done_ptr + tensor_idx, 0)
+def _sum_partials(partials_ptr, count, WIDTH: tl.constexpr):
+    """The fp64 sum of ``count`` per-program partials, read WIDTH at a time."""
+    total = tl.zeros((), tl.float64)
+    for first in range(0, count, WIDTH):
+        offs = first + tl.arange(0, WIDTH)
+        total += tl.sum(tl.load(partials_ptr + offs, mask=offs < count, other=0.0), axis=0)
+    return total
 
 
 @triton.jit
@@ -203,12 +189,12 @@ def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
 
 
 @triton.jit
-def _add_update_norm(update_sq_ptr, p_new, p_old, mask):
-    """Add this block's sum of (p_new - p_old)^2 to the step's fp64 update-norm workspace."""
+def _update_square_sum(p_new, p_old, mask):
+    """This block's sum of (p_new - p_old)^2, fp32."""
     delta = p_new - p_old
     if mask is not None:
         delta = tl.where(mask, delta, 0.0)
-    tl.atomic_add(update_sq_ptr, tl.sum(delta * delta, axis=0).to(tl.float64))
+    return tl.sum(delta * delta, axis=0)
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -318,14 +304,15 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
 # the one multi-tensor optimizer kernel
 # ----------------------------------------------------------------------------------
 @triton.jit
-def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs, mask,
+def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, mask,
                 multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
                 one_minus_dampening, step_size, bias_correction2_sqrt, first,
                 RULE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, UPDATE_NORM: tl.constexpr):
     """One block: load p and g, the rule's states, update, store. States are read only where the
-    rule and its options use them (``TABLE``'s comment gives each rule's state columns)."""
+    rule and its options use them (``TABLE``'s comment gives each rule's state columns).
+    Returns the block's sum of squared updates with UPDATE_NORM, else 0."""
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
     if RULE == _ADAM:
@@ -364,9 +351,11 @@ def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_
                             HAS_MOMENTUM, NESTEROV, MAXIMIZE)
         if HAS_MOMENTUM:
             tl.store(state0_ptr + offs, round_like(buf, state0_ptr), mask=mask)
-    if UPDATE_NORM:
-        _add_update_norm(update_sq_ptr, p, p_old, mask)
     _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
+    square_sum = 0.0
+    if UPDATE_NORM:
+        square_sum = _update_square_sum(p, p_old, mask)
+    return square_sum
 
 
 @triton.jit
@@ -378,10 +367,65 @@ def _state_ptr(row, COL: tl.constexpr, USED: tl.constexpr, fallback, DTYPE: tl.c
         return fallback.to(tl.pointer_type(DTYPE))
 
 
+#: Per tensor, the fp32 scalars the step prologue writes for the update kernel: the step
+#: before and after this one, and Adam's step size lr / (1 - beta1^t) and sqrt(1 - beta2^t).
+STEP_SCALARS = TableLayout("step", "new_step", "step_size", "bias_correction2_sqrt")
+_SCALAR_STEP = STEP_SCALARS.constexpr("step")
+_SCALAR_NEW_STEP = STEP_SCALARS.constexpr("new_step")
+_SCALAR_STEP_SIZE = STEP_SCALARS.constexpr("step_size")
+_SCALAR_BC2_SQRT = STEP_SCALARS.constexpr("bias_correction2_sqrt")
+_NSCALARS = tl.constexpr(STEP_SCALARS.width)
+PROLOGUE_TENSORS, PROLOGUE_WARPS = 128, 4  # tensors per program of the prologue, one per thread
+
+
 @triton.jit
-def optimizer_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_ptr, found_inf_ptr, update_sq_ptr,
-                     seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, momentum,
-                     one_minus_dampening,
+def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr, beta1, beta2, one_minus_beta1,
+                         one_minus_beta2, num_tensors,
+                         RULE: tl.constexpr, LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
+                         SKIP_NONFINITE: tl.constexpr, FOUND_INF: tl.constexpr, TENSORS: tl.constexpr):
+    """Once per tensor and step, before the update: count the step, and write its scalars.
+
+    step <- step + 1 unless the step is skipped (found_inf, or a non-finite clip norm); then
+    scalars[t] = (step before, step after, lr / (1 - beta1^t), sqrt(1 - beta2^t)) with
+    t the step after, the bias corrections computed in fp64 as torch.optim does in Python.
+    The update kernel reads these and runs no fp64. SGD's step column holds a private
+    count of steps (torch's SGD keeps none); at 0 its momentum buffer is set to the grad.
+    Bytes: ``mechgpu.traffic.STEP_PROLOGUE_BYTES_PER_TENSOR`` per tensor, none per element.
+    """
+    _, skip = _grad_control(control_ptr, control_ptr, found_inf_ptr, False, SKIP_NONFINITE, False, FOUND_INF)
+    tensor_idx = tl.program_id(0) * TENSORS + tl.arange(0, TENSORS)
+    mask = tensor_idx < num_tensors
+    rows = table_ptr + tensor_idx.to(tl.int64) * _NCOL
+    step_ptrs = tl.load(rows + _COL_STEP, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptrs, mask=mask, other=0.0)
+    new_step = tl.where(skip, step, step + 1.0)
+    tl.store(step_ptrs, new_step, mask=mask)  # unchanged when skipped
+    lr = _scalar(lr, LR_IS_PTR)
+    step_size = tl.zeros_like(step) + lr
+    bias_correction2_sqrt = tl.full(step.shape, 1.0, tl.float32)
+    if RULE == _ADAM:
+        if BETAS_ARE_PTRS:
+            beta1_64 = tl.load(beta1).to(tl.float32).to(tl.float64)
+            beta2_64 = tl.load(beta2).to(tl.float32).to(tl.float64)
+        else:
+            # 1 - beta arrives rounded to fp32 with full relative precision, so rebuilding
+            # beta from it in fp64 keeps 1 - beta^t accurate even for beta2 = 0.9999.
+            beta1_64 = 1.0 - tl.cast(one_minus_beta1, tl.float64)
+            beta2_64 = 1.0 - tl.cast(one_minus_beta2, tl.float64)
+        t = new_step.to(tl.int32)
+        step_size = (lr.to(tl.float64) / (1.0 - _pow_int(beta1_64, t))).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(1.0 - _pow_int(beta2_64, t)).to(tl.float32)
+    out = scalars_ptr + tensor_idx * _NSCALARS
+    tl.store(out + _SCALAR_STEP, step, mask=mask)
+    tl.store(out + _SCALAR_NEW_STEP, new_step, mask=mask)
+    tl.store(out + _SCALAR_STEP_SIZE, step_size, mask=mask)
+    tl.store(out + _SCALAR_BC2_SQRT, bias_correction2_sqrt, mask=mask)
+
+
+@triton.jit
+def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr, control_ptr, grad_scale_ptr,
+                     found_inf_ptr, update_sq_ptr, seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                     weight_decay, momentum, one_minus_dampening, num_blocks,
                      RULE: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                      LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr, WD_IS_PTR: tl.constexpr,
                      AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
@@ -391,12 +435,18 @@ def optimizer_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_pt
                      UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One optimizer step over every tensor of a table; ``RULE`` picks Adam/AdamW, RMSprop or SGD.
 
+    Runs after ``step_prologue_kernel``, whose per-tensor scalars it reads. Grid-stride:
+    program pid updates block-table entries pid, pid + P, ... (P programs), so its prologue
+    (grad control, hyperparameters) is paid once per program, and each block's first
+    instructions are table reads and then the data loads.
+
     Hyperparameters: ``beta2``/``one_minus_beta2`` are the decay of the squared-grad average,
     Adam's beta2 and RMSprop's alpha; ``beta1``/``one_minus_beta1`` Adam's first-moment decay;
-    ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's. Adam's bias corrections
-    1 - beta^t are computed per tensor in fp64 from its own step. SGD's step column holds a
-    private count of steps (torch's SGD keeps none); at 0 the momentum buffer is set to the
-    grad, as torch does on its first step.
+    ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's.
+
+    Update norm (UPDATE_NORM): each program sums its blocks' squared updates in fp64 and stores
+    one partial; the last program to finish (one atomic per program, none per block) adds
+    their sum to ``update_sq`` and resets the done-counter.
 
     Bytes per element: ``mechgpu.traffic.optimizer_step_bytes`` (p and g read, p written, each
     state the rule and options use read and written; an fp32 master read and written instead
@@ -404,57 +454,53 @@ def optimizer_kernel(table_ptr, blocks_ptr, done_ptr, control_ptr, grad_scale_pt
     """
     multiplier, skip = _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr,
                                      CLIP, SKIP_NONFINITE, UNSCALE, FOUND_INF)
-    tensor_idx, row, numel, offs, full = _program_slice(table_ptr, blocks_ptr, skip, BLOCK, ALIGNED)
-    param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
-    grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-    state0_ptr = _state_ptr(row, _COL_STATE0, RULE != _SGD or HAS_MOMENTUM, grad_ptr, STATE_DTYPE, ALIGNED)
-    state1_ptr = _state_ptr(row, _COL_STATE1, RULE == _ADAM or (RULE == _RMSPROP and HAS_MOMENTUM), state0_ptr,
-                            STATE_DTYPE, ALIGNED)
-    state2_ptr = _state_ptr(row, _COL_STATE2, (RULE == _ADAM and AMSGRAD) or (RULE == _RMSPROP and CENTERED),
-                            state0_ptr, STATE_DTYPE, ALIGNED)
-    master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
-    step, new_step = _read_step(row, skip)
-    first = step == 0.0  # SGD's first step sets the momentum buffer to the grad
     lr = _scalar(lr, LR_IS_PTR)
     weight_decay = _scalar(weight_decay, WD_IS_PTR)
-    beta2_32 = _scalar(beta2, BETAS_ARE_PTRS)
+    beta2 = _scalar(beta2, BETAS_ARE_PTRS)
     beta1_weight = one_minus_beta1
-    step_size = lr
-    bias_correction2_sqrt = lr
     if BETAS_ARE_PTRS:
-        beta1_32 = tl.load(beta1).to(tl.float32)
-        beta1_weight = 1.0 - beta1_32
-        one_minus_beta2 = 1.0 - beta2_32
-        beta1_64 = beta1_32.to(tl.float64)
-        beta2_64 = beta2_32.to(tl.float64)
-    else:
-        # 1 - beta arrives rounded to fp32 with full relative precision, so rebuilding
-        # beta from it in fp64 keeps 1 - beta^t accurate even for beta2 = 0.9999.
-        beta1_64 = 1.0 - tl.cast(one_minus_beta1, tl.float64)
-        beta2_64 = 1.0 - tl.cast(one_minus_beta2, tl.float64)
-    if RULE == _ADAM:
-        n = new_step.to(tl.int32)
-        bias_correction1 = 1.0 - _pow_int(beta1_64, n)
-        bias_correction2 = 1.0 - _pow_int(beta2_64, n)
-        step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
-        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-    seed = _rounding_seed(seed, tensor_idx, new_step)
+        beta1_weight = 1.0 - tl.load(beta1).to(tl.float32)
+        one_minus_beta2 = 1.0 - beta2
+    square_sum = tl.zeros((), tl.float64)
+    for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
+        param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
+        grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
+        state0_ptr = _state_ptr(row, _COL_STATE0, RULE != _SGD or HAS_MOMENTUM, grad_ptr, STATE_DTYPE, ALIGNED)
+        state1_ptr = _state_ptr(row, _COL_STATE1, RULE == _ADAM or (RULE == _RMSPROP and HAS_MOMENTUM),
+                                state0_ptr, STATE_DTYPE, ALIGNED)
+        state2_ptr = _state_ptr(row, _COL_STATE2, (RULE == _ADAM and AMSGRAD) or (RULE == _RMSPROP and CENTERED),
+                                state0_ptr, STATE_DTYPE, ALIGNED)
+        master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
+        scalars = scalars_ptr + tensor_idx * _NSCALARS
+        first = tl.load(scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the momentum buffer to the grad
+        step_size = tl.load(scalars + _SCALAR_STEP_SIZE)
+        bias_correction2_sqrt = tl.load(scalars + _SCALAR_BC2_SQRT)
+        block_seed = _rounding_seed(seed, tensor_idx, tl.load(scalars + _SCALAR_NEW_STEP))
+        if full:
+            block_square_sum = _rule_block(
+                param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, None, multiplier,
+                block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
+                one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
+                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+        else:
+            block_square_sum = _rule_block(
+                param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, offs < numel,
+                multiplier, block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
+                one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
+                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+        if UPDATE_NORM:
+            square_sum += block_square_sum.to(tl.float64)
+    if UPDATE_NORM:
+        tl.store(partials_ptr + tl.program_id(0), square_sum)
+        finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
+        if finished == tl.num_programs(0) - 1:
+            total = _sum_partials(partials_ptr, tl.num_programs(0), PARTIALS_WIDTH)
+            tl.store(update_sq_ptr, tl.load(update_sq_ptr) + total)
+            tl.store(done_ptr, 0)
 
-    if full:
-        _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs, None,
-                    multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay, momentum,
-                    one_minus_dampening, step_size, bias_correction2_sqrt, first,
-                    RULE, AMSGRAD, DECOUPLED_WD, CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    else:
-        _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, update_sq_ptr, offs,
-                    offs < numel, multiplier, seed, lr, beta1_weight, beta2_32, one_minus_beta2, eps, weight_decay,
-                    momentum, one_minus_dampening, step_size, bias_correction2_sqrt, first,
-                    RULE, AMSGRAD, DECOUPLED_WD, CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-                    CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-    _finish_step(row, done_ptr, tensor_idx, new_step, BLOCK)
 
-
+# ----------------------------------------------------------------------------------
 # launchers: plain Python, torch tensors in
 # ----------------------------------------------------------------------------------
 
@@ -504,7 +550,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
            beta1=0.0, beta2=0.0, eps: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
            options: dict[str, bool], control: StepControl | None = None,
            precision: Precision | None = None) -> None:
-    """One step of ``rule`` over every tensor in ``plan``: one launch, every argument by name.
+    """One step of ``rule`` over every tensor in ``plan``: the prologue and the update, every argument by name.
 
     ``lr``, ``weight_decay`` and the betas may be 0-d device tensors (read in the kernel);
     ``options`` sets RULE_OPTIONS' flags for the rule.
@@ -523,19 +569,32 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
         # 1 - beta in double on the host, as torch.optim computes it
         beta1, beta2 = float(beta1), float(beta2)
         one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
+    num_tensors = len(plan.numels)
+    scalars = plan.workspace("step_scalars", (num_tensors, STEP_SCALARS.width), torch.float32)
+    partials = plan.workspace("update_partials", (plan.grid,), torch.float64)
+    clip = control.clip if control.clip is not None else spare
+    found_inf = control.found_inf if control.found_inf is not None else spare
+    skip_nonfinite = control.skip_nonfinite and control.clip is not None
     with device_guard(plan.device):
-        optimizer_kernel[(plan.num_programs,)](
-            table_ptr=plan.table, blocks_ptr=plan.blocks, done_ptr=plan.done,
-            control_ptr=control.clip if control.clip is not None else spare,
+        step_prologue_kernel[(triton.cdiv(num_tensors, PROLOGUE_TENSORS),)](
+            table_ptr=plan.table, scalars_ptr=scalars, control_ptr=clip, found_inf_ptr=found_inf,
+            lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2,
+            num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs,
+            SKIP_NONFINITE=skip_nonfinite, FOUND_INF=control.found_inf is not None, TENSORS=PROLOGUE_TENSORS,
+            num_warps=PROLOGUE_WARPS,
+        )
+        optimizer_kernel[(plan.grid,)](
+            table_ptr=plan.table, blocks_ptr=plan.blocks, scalars_ptr=scalars, done_ptr=plan.done,
+            partials_ptr=partials, control_ptr=clip,
             grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare,
-            found_inf_ptr=control.found_inf if control.found_inf is not None else spare,
+            found_inf_ptr=found_inf,
             update_sq_ptr=control.update_sq if control.update_sq is not None else spare,
             seed=precision.seed, lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1,
             one_minus_beta2=one_minus_beta2, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
-            one_minus_dampening=1.0 - float(dampening),
+            one_minus_dampening=1.0 - float(dampening), num_blocks=plan.num_blocks,
             RULE=rule, PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
             LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr, **{**RULE_OPTIONS, **options},
-            CLIP=control.clip is not None, SKIP_NONFINITE=control.skip_nonfinite and control.clip is not None,
+            CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
             UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
             MASTER=precision.master, STOCHASTIC=precision.stochastic, UPDATE_NORM=control.update_sq is not None,
             ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
@@ -549,10 +608,11 @@ def aot_variants() -> list:
 
     block = MULTI_TENSOR_BLOCKS[0]
     warps = multi_tensor_warps(block)
-    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "done_ptr": "*i32", "control_ptr": "*fp32",
-           "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "update_sq_ptr": "*fp64", "seed": "i32",
-           "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
-           "eps": "fp32", "weight_decay": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32"}
+    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "scalars_ptr": "*fp32", "done_ptr": "*i32",
+           "partials_ptr": "*fp64", "control_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+           "update_sq_ptr": "*fp64", "seed": "i32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
+           "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+           "momentum": "fp32", "one_minus_dampening": "fp32", "num_blocks": "i32"}
     plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
              "MASTER": False, "STOCHASTIC": False, "UPDATE_NORM": False,
              "LR_IS_PTR": False, "BETAS_ARE_PTRS": False, "WD_IS_PTR": False, **RULE_OPTIONS}
@@ -590,4 +650,15 @@ def aot_variants() -> list:
         )
         for mode, flags in modes:
             variants.append(variant(f"{name}[{mode}]", optimizer_kernel, sig, dict(base, **flags), True, warps))
+    # the per-tensor prologue: scalar gathers, no 128-bit accesses
+    prologue_sig = {"table_ptr": "*i64", "scalars_ptr": "*fp32", "control_ptr": "*fp32", "found_inf_ptr": "*fp32",
+                    "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32",
+                    "one_minus_beta2": "fp32", "num_tensors": "i32"}
+    for label, rule, on_device in (("adam", ADAM, False), ("adam,tensor-lr-betas,skip", ADAM, True),
+                                   ("sgd", SGD, False)):
+        cx = {"RULE": rule, "LR_IS_PTR": on_device, "BETAS_ARE_PTRS": on_device, "SKIP_NONFINITE": on_device,
+              "FOUND_INF": on_device, "TENSORS": PROLOGUE_TENSORS}
+        sig_here = dict(prologue_sig, lr="*fp32", beta1="*fp32", beta2="*fp32") if on_device else prologue_sig
+        variants.append(variant(f"step_prologue[{label}]", step_prologue_kernel, sig_here, cx, False,
+                                PROLOGUE_WARPS))
     return variants

@@ -42,6 +42,12 @@ def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int
     return params + 2 * state_size * _STATES[optimizer](options)
 
 
+#: Per tensor and step, beside the per-element stream: the step prologue (kernels/optim.py) reads
+#: the step counter's address (8) and the step (4), and writes the step (4) and the tensor's four
+#: fp32 scalars (16), which the update kernel reads once per block.
+STEP_PROLOGUE_BYTES_PER_TENSOR = 32
+
+
 def optimizer_state_bytes(optimizer: str, state_size: int = FP32, *, master: bool = False, **options) -> int:
     """Optimizer state kept between steps per parameter element: each state buffer, plus the
     fp32 master copy when there is one."""

@@ -48,6 +48,27 @@ def count_launches(monkeypatch):
     return lambda: len(calls)
 
 
+def count_atomics(monkeypatch):
+    """A function giving the number of atomic operations (active lanes of every atomic rmw or cas)
+    that interpreted kernels have issued since this call. Interpreter only."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    lanes = []
+    rmw, cas = InterpreterBuilder.create_atomic_rmw, InterpreterBuilder.create_atomic_cas
+
+    def counting_rmw(builder, op, ptr, val, mask, *args, **kwargs):
+        lanes.append(int(mask.data.sum()))
+        return rmw(builder, op, ptr, val, mask, *args, **kwargs)
+
+    def counting_cas(builder, ptr, *args, **kwargs):
+        lanes.append(int(ptr.data.size))
+        return cas(builder, ptr, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", counting_rmw)
+    monkeypatch.setattr(InterpreterBuilder, "create_atomic_cas", counting_cas)
+    return lambda: sum(lanes)
+
+
 def run_without_interpreter(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -c script`` in a fresh process without TRITON_INTERPRET (CPU tensors there take
     torch's fallback, and triton compiles instead of interpreting); its output captured as text."""

@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, HAS_CUDA, count_atomics
 
 import mechgpu
 import mechgpu.optim as mo
+from mechgpu.tools import check
 
 
 def make_params(sizes, device, dtype=torch.float32, seed=0, scale=1.0):
@@ -235,3 +236,41 @@ def test_dtypes_the_kernels_do_not_take_go_to_torch():
     expected = torch.nn.utils.clip_grad_norm_(twins, max_norm=1.0)
     assert total.dtype == torch.float64 and torch.equal(total, expected)
     assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="counts atomics in triton's interpreter, which a GPU host does not use")
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 3.5])
+def test_norm_atomics_do_not_grow_with_elements(norm_type, monkeypatch):
+    """Two-stage norm: per-program partials, combined by the last program; one atomic (the
+    done-count) per program, for 3 blocks or 60, and torch's norm either way."""
+    from mechgpu.kernels import _launch
+
+    atomics = count_atomics(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    counts = {}
+    for sizes in ((700, 3), (5000, 20_000, 1, 4097, 70_001)):
+        grads = [torch.randn(n, generator=gen) * 3 for n in sizes]
+        start = atomics()
+        ours = mechgpu.get_total_norm(grads, norm_type)
+        counts[len(sizes)] = atomics() - start
+        rtol, atol, _ = check.norm_tolerance(torch.float32)
+        torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
+    assert counts == {2: _launch.CPU_PROGRAMS, 5: _launch.CPU_PROGRAMS}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="sets the interpreter's program count, which a GPU host does not use")
+@pytest.mark.parametrize("norm_type", [2.0, -math.inf])
+def test_norm_over_more_programs_than_one_partials_read(norm_type, monkeypatch):
+    """1,100 programs, over one PARTIALS_WIDTH read of the partials, with a NaN-free inf in the
+    last tensor: torch's norm, and the grads clipped as torch clips them."""
+    from mechgpu.kernels import _launch
+
+    monkeypatch.setattr(_launch, "CPU_PROGRAMS", 1100)
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(1 + i % 5, generator=gen) for i in range(1100)]
+    rtol, atol, _ = check.norm_tolerance(torch.float32)
+    torch.testing.assert_close(mechgpu.get_total_norm(grads, norm_type),
+                               torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
+    grads[-1][0] = -math.inf
+    torch.testing.assert_close(mechgpu.get_total_norm(grads, norm_type),
+                               torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)

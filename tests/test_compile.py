@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, run_without_interpreter
 from mechgpu.kernels import aot
 
 # Ahead-of-time compilation needs no GPU: CI does it on CPU, so a GPU host does not spend
@@ -88,7 +88,7 @@ from mechgpu.kernels import optim as kernels
 from mechgpu.kernels._launch import compiled_variants
 
 name = {name!r}
-kernel = kernels.optimizer_kernel
+kernel, prologue = kernels.optimizer_kernel, kernels.step_prologue_kernel
 params = [torch.randn(n, requires_grad=True) for n in (1000, 4097)]
 for p in params:
     p.grad = torch.randn_like(p)
@@ -96,6 +96,7 @@ opt = getattr(mo, name)(params, lr=1e-3, max_grad_norm=1.0, **({{}} if name == "
 counts = {{}}
 opt.step()
 counts["first step"] = compiled_variants(kernel)
+counts["prologue"] = compiled_variants(prologue)
 for lr in (2e-3, 5e-4, 1.0, 0.0):
     opt.param_groups[0]["lr"] = lr
     opt.step()
@@ -108,7 +109,8 @@ opt.step()
 opt.param_groups[0]["lr"] = torch.tensor(5e-4)
 opt.step()
 counts["tensor lrs"] = compiled_variants(kernel)
-cached = [k for entry in kernel.device_caches.values() for k in entry[0].values()]
+counts["prologue, tensor lrs"] = compiled_variants(prologue)
+cached = [k for fn in (kernel, prologue) for entry in fn.device_caches.values() for k in entry[0].values()]
 counts["all CompiledKernel"] = all(isinstance(k, CompiledKernel) for k in cached)
 counts["cubins"] = sum(bool(k.asm.get("cubin")) for k in cached)
 print(json.dumps(counts))
@@ -123,9 +125,39 @@ def test_new_lr_never_recompiles_counted_in_triton_cache(name):
     assert out.returncode == 0, out.stderr[-4000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     # A float lr is one variant and any float keeps it; a tensor lr is read through a pointer (one more
-    # variant, IS_PTR), and a new tensor or new value keeps that one.
-    assert counts == {"first step": 1, "float lrs": 1, "tensor lr": 2, "tensor lrs": 2,
-                      "all CompiledKernel": True, "cubins": 2}, counts
+    # variant, IS_PTR), and a new tensor or new value keeps that one; the same for the prologue.
+    assert counts == {"first step": 1, "prologue": 1, "float lrs": 1, "tensor lr": 2, "tensor lrs": 2,
+                      "prologue, tensor lrs": 2, "all CompiledKernel": True, "cubins": 4}, counts
+
+
+SASS_ORDER = """
+import json
+from mechgpu.kernels import aot
+by_name = {v.name: v for v in aot.all_variants()}
+out = {}
+for arch in aot.ARCHS:
+    for name in ("adam[fp32]", "step_prologue[adam]"):
+        opcodes = aot.sass_opcodes(by_name[name], arch)
+        out[f"{name} {arch}"] = {
+            "first_ldg128": next((i for i, op in enumerate(opcodes) if op == "LDG.E.128"), None),
+            "fp64": [i for i, op in enumerate(opcodes) if aot.is_fp64(op)]}
+print(json.dumps(out))
+"""
+
+
+def test_adam_issues_its_data_loads_before_any_fp64():
+    """Loads first: in plain fp32 Adam's SASS the first 128-bit data load comes before the first
+    fp64 instruction. Adam's fp64 bias corrections run once per tensor in the step prologue, whose
+    SASS shows them (so the detector sees fp64 where there is some); the update kernel has none."""
+    out = run_without_interpreter(SASS_ORDER)
+    assert out.returncode == 0, out.stderr[-4000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    for arch in aot.ARCHS:
+        adam, prologue = found[f"adam[fp32] {arch}"], found[f"step_prologue[adam] {arch}"]
+        assert adam["first_ldg128"] is not None, adam
+        assert not adam["fp64"] or adam["fp64"][0] > adam["first_ldg128"], adam
+        assert adam["fp64"] == [], adam
+        assert prologue["fp64"] and prologue["first_ldg128"] is None, prologue
 
 
 @pytest.mark.parametrize("registers, warps, shared, arch, ctas", [

@@ -10,7 +10,16 @@ import io
 
 import pytest
 import torch
-from conftest import DEVICES, KERNEL_DEVICE, count_launches, gpu, requires_cuda, run_without_interpreter
+from conftest import (
+    DEVICES,
+    HAS_CUDA,
+    KERNEL_DEVICE,
+    count_atomics,
+    count_launches,
+    gpu,
+    requires_cuda,
+    run_without_interpreter,
+)
 
 import mechgpu.optim as mo
 from mechgpu.tools import check
@@ -341,7 +350,7 @@ def test_params_on_different_devices_in_one_group():
 
 
 # ----------------------------------------------------------------------------------
-# one launch per (group, dtype), whatever the number of tensors
+# two launches per (group, dtype), whatever the number of tensors
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
 def test_launches_per_step_do_not_grow_with_tensors(name, monkeypatch):
@@ -359,8 +368,9 @@ def test_launches_per_step_do_not_grow_with_tensors(name, monkeypatch):
             before = launches()
             opt.step()
         counts[n_tensors] = launches() - before
-    # group 0 holds fp32 and bf16 params: two launches; group 1: one
-    assert counts == {3: 3, 40: 3}
+    # two launches (the per-tensor prologue, the update) per bucket; group 0 holds fp32 and bf16
+    # params: two buckets; group 1: one
+    assert counts == {3: 6, 40: 6}
 
 
 # ----------------------------------------------------------------------------------
@@ -462,6 +472,64 @@ def test_update_norm_from_the_kernel(name, device):
         assert expected > 0
         torch.testing.assert_close(opt.last_update_norm.double().cpu(), expected.cpu(), rtol=1e-5, atol=0)
     assert getattr(mo, name)(params, lr=0.1, **kwargs).last_update_norm is None
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="counts atomics in triton's interpreter, which a GPU host does not use")
+@pytest.mark.parametrize("options", [{}, {"track_update_norm": True}, {"max_grad_norm": 1.0},
+                                     {"track_update_norm": True, "max_grad_norm": 1.0}], ids=str)
+def test_atomics_per_step_do_not_grow_with_elements(options, monkeypatch):
+    """Two-stage reductions: the update kernel takes no atomics, but one per program for the update
+    norm (its last program combines the partials), and the clip norm one per program; programs are
+    _launch.CPU_PROGRAMS here, for 3 blocks or 60."""
+    from mechgpu.kernels import _launch
+
+    atomics = count_atomics(monkeypatch)
+    counts = {}
+    for sizes in ((1, 700), (5000, 20_000, 1, 4097, 70_001, 3)):
+        params = make_params(sizes, KERNEL_DEVICE)
+        opt = mo.AdamW(params, lr=1e-2, **options)
+        gen = torch.Generator().manual_seed(2)
+        set_random_grads([params], gen)
+        opt.step()
+        set_random_grads([params], gen)
+        before = [p.detach().clone() for p in params]
+        start = atomics()
+        opt.step()
+        counts[len(sizes)] = atomics() - start
+        if "track_update_norm" in options:
+            expected = torch.linalg.vector_norm(torch.cat([(p.detach() - b).double().flatten()
+                                                           for p, b in zip(params, before)]))
+            torch.testing.assert_close(opt.last_update_norm.double(), expected, rtol=1e-5, atol=0)
+    per_step = _launch.CPU_PROGRAMS * (("track_update_norm" in options) + ("max_grad_norm" in options))
+    assert counts == {2: per_step, 6: per_step}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="sets the interpreter's program count, which a GPU host does not use")
+def test_more_programs_than_one_partials_read(monkeypatch):
+    """1,100 programs, over one PARTIALS_WIDTH read of the update-norm and clip partials: the same
+    params, norms and update norm as torch."""
+    from mechgpu.kernels import _launch
+
+    monkeypatch.setattr(_launch, "CPU_PROGRAMS", 1100)
+    sizes = [1 + i % 7 for i in range(1100)]
+    ours = make_params(sizes, KERNEL_DEVICE, seed=4)
+    ref = clone_params(ours)
+    opt = mo.AdamW(ours, lr=1e-2, max_grad_norm=0.5, track_update_norm=True)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        set_random_grads([ours, ref], gen)
+        before = [p.detach().clone() for p in ours]
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        ref_opt.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-6, atol=0)
+        expected = torch.linalg.vector_norm(torch.cat([(p.detach() - b).double().flatten()
+                                                       for p, b in zip(ours, before)]))
+        torch.testing.assert_close(opt.last_update_norm.double(), expected, rtol=1e-5, atol=0)
+    assert opt._group_caches[0].buckets[0].plan.grid == 1100
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_table_rows_are_built_by_column_name():

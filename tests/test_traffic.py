@@ -3,11 +3,14 @@
 Under triton's interpreter every load and store of a kernel goes through its builder, so
 counting the active lanes of each block access, times the element size, gives the bytes a
 kernel moves. Scalar accesses (table rows, step counters, hyperparameters) are per program,
-not per element, and are left out. Interpreter only: on a GPU the kernels are compiled.
+not per element, and are left out; so are the accesses of the per-tensor step prologue and
+of a reduction's partials, when the test names the tensors whose bytes it counts (the
+params, grads and states). Interpreter only: on a GPU the kernels are compiled.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import HAS_CUDA
@@ -29,23 +32,29 @@ DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 class Bytes:
     """Bytes moved by block loads and stores of interpreted kernels, while active."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, within: list[torch.Tensor] | None = None) -> None:
         from triton.runtime.interpreter import InterpreterBuilder
 
         self.read = self.written = 0
         load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in within or ()]
 
-        def element_bytes(ptrs) -> int:
-            return ptrs.get_element_ty().primitive_bitwidth // 8
+        def counted_bytes(ptrs, mask) -> int:
+            """Active lanes (inside ``within``'s tensors, when given) times the element size."""
+            if ptrs.data.size <= 1:
+                return 0
+            active = mask.data.astype(bool)
+            if spans:
+                addresses = ptrs.data.astype(np.int64)
+                active = active & np.any([(addresses >= lo) & (addresses < hi) for lo, hi in spans], axis=0)
+            return int(active.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
 
         def counting_load(builder, ptrs, mask, *args, **kwargs):
-            if ptrs.data.size > 1:
-                self.read += int(mask.data.sum()) * element_bytes(ptrs)
+            self.read += counted_bytes(ptrs, mask)
             return load(builder, ptrs, mask, *args, **kwargs)
 
         def counting_store(builder, ptrs, value, mask, *args, **kwargs):
-            if ptrs.data.size > 1:
-                self.written += int(mask.data.sum()) * element_bytes(ptrs)
+            self.written += counted_bytes(ptrs, mask)
             return store(builder, ptrs, value, mask, *args, **kwargs)
 
         monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
@@ -65,6 +74,13 @@ def _params(dtype: torch.dtype) -> list[torch.Tensor]:
     return params
 
 
+def _streams(opt) -> list[torch.Tensor]:
+    """An optimizer's per-element tensors: params, grads and every state but the step counter."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return params + [p.grad for p in params] + [
+        v for p in params for k, v in opt.state[p].items() if k != "step" and v.numel() == p.numel()]
+
+
 OPTIMIZER_CASES = [
     ("Adam", {}), ("Adam", {"amsgrad": True}), ("AdamW", {"weight_decay": 0.1}),
     ("RMSprop", {}), ("RMSprop", {"momentum": 0.9}), ("RMSprop", {"centered": True, "momentum": 0.5}),
@@ -82,7 +98,7 @@ def test_optimizer_step_moves_what_the_model_says(monkeypatch, name, options, dt
     params = _params(dtype)
     opt = getattr(mo, name)(params, lr=1e-3, **options, **precision)
     opt.step()  # states made; SGD's first step sets the buffer without reading it
-    counted = Bytes(monkeypatch)
+    counted = Bytes(monkeypatch, within=_streams(opt))
     opt.step()
     state_size = DTYPE_SIZE[precision.get("state_dtype", torch.float32)]
     expected = traffic.optimizer_step_bytes(name, DTYPE_SIZE[dtype], state_size,
@@ -93,11 +109,23 @@ def test_optimizer_step_moves_what_the_model_says(monkeypatch, name, options, dt
         v.numel() * v.element_size() for p in params for k, v in opt.state[p].items() if k != "step")
 
 
+def test_step_prologue_moves_its_bytes_per_tensor(monkeypatch):
+    """Beside the per-element stream, a step moves the prologue's bytes for each tensor."""
+    params = _params(torch.float32)
+    opt = mo.Adam(params)
+    opt.step()
+    everything = Bytes(monkeypatch)
+    streams = Bytes(monkeypatch, within=_streams(opt))
+    opt.step()
+    beside = everything.read + everything.written - streams.read - streams.written
+    assert beside == traffic.STEP_PROLOGUE_BYTES_PER_TENSOR * len(SIZES)
+
+
 def test_clip_in_step_adds_one_read_of_the_grads(monkeypatch):
     params = _params(torch.float32)
     opt = mo.AdamW(params, max_grad_norm=1.0)
     opt.step()
-    counted = Bytes(monkeypatch)
+    counted = Bytes(monkeypatch, within=_streams(opt))
     opt.step()
     assert counted.per_element(NUMEL) == traffic.optimizer_step_bytes("AdamW") + traffic.grad_norm_bytes()
 
@@ -105,7 +133,7 @@ def test_clip_in_step_adds_one_read_of_the_grads(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clip_grad_norm_reads_then_scales(monkeypatch, dtype):
     params = _params(dtype)
-    counted = Bytes(monkeypatch)
+    counted = Bytes(monkeypatch, within=[p.grad for p in params])
     mechgpu.clip_grad_norm_(params, max_norm=1e-3)
     size = DTYPE_SIZE[dtype]
     assert counted.per_element(NUMEL) == traffic.grad_norm_bytes(size) + traffic.grad_scale_bytes(size)

@@ -652,7 +652,7 @@ CLIP_NORM_TYPES = {"norm2": 2.0, "norm1": 1.0, "norm_inf": math.inf, "norm_-inf"
                    "norm3.5": 3.5, "norm0.5": 0.5, "norm-1": -1.0, "norm-2.5": -2.5}
 
 
-def _norm_tolerance(dtype: torch.dtype) -> tuple[float, float, str]:
+def norm_tolerance(dtype: torch.dtype) -> tuple[float, float, str]:
     """A norm or clipped grad: fp32 to accumulation error, bf16/fp16 to one rounding."""
     if dtype == torch.float32:
         return 1e-5, subnormal_step(dtype), "rtol 1e-05"
@@ -677,7 +677,7 @@ def _clip_case(norm_type: float) -> CaseFn:
         # torch rejects the norm of an empty tensor where the reduction has no identity (p = ±inf, p < 0)
         sizes = [n for n in ctx.sizes if n or (math.isfinite(norm_type) and norm_type > 0)]
         for dtype in ctx.dtypes:
-            rtol, atol, tol = _norm_tolerance(dtype)
+            rtol, atol, tol = norm_tolerance(dtype)
             grads = [ctx.randn(n, gen, scale=3.0, dtype=dtype) for n in sizes]
 
             ref_p = _params_with_grads(grads, torch.float64)
