@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up a local environment and run mechgpu's main job or its tests. Needs only python3.
 
-    python3 run.py            # the main job (`mechgpu train`)
+    python3 run.py            # the main job (`mechgpu tour`)
     python3 run.py test       # the full test suite (extra args go to pytest)
     python3 run.py mechgpu …  # any mechgpu CLI command inside the environment
 
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     elif argv[:1] == ["mechgpu"]:
         cmd = [python, "-m", "mechgpu", *argv[1:]]
     elif not argv:
-        cmd = [python, "-m", "mechgpu", "train"]
+        cmd = [python, "-m", "mechgpu", "tour"]
     else:
         print(__doc__)
         return 2

@@ -1,9 +1,22 @@
-"""The main job runs end to end: `mechgpu demo` trains with every optimizer beside torch's."""
+"""The ``mechgpu`` command line and the package around it: the demo runs end to end, the package
+loads lazily, every option is documented, bad values are usage errors, ``mechgpu profile`` says
+what its rows ran on."""
 
+import argparse
+import importlib.metadata
+import io
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from mechgpu.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["demo", "flow", "tour", "train", "profile", "check", "bench"]
 
 
 def test_demo_runs_and_matches_torch():
@@ -17,3 +30,273 @@ def test_demo_runs_and_matches_torch():
     for row in rows:
         ours_loss, torch_loss, diff = (float(x) for x in row.split()[-5:-2])
         assert abs(ours_loss - torch_loss) < 1e-4 and diff < 1e-5, row
+
+
+# ---------------------------------------------------------------------- the package
+def test_submodules_load_lazily_without_triton():
+    """Every public submodule and function is reachable from `import mechgpu` and listed by dir(),
+    and neither the import nor dir() nor __version__ imports triton (the CLI sets
+    TRITON_INTERPRET=1 first)."""
+    script = (
+        "import importlib, sys, types, mechgpu\n"
+        "names = dir(mechgpu)\n"
+        "version = mechgpu.__version__\n"
+        "assert 'triton' not in sys.modules, 'import mechgpu imported triton'\n"
+        "public = ['optim', 'clip', 'nn', 'init', 'diagnostics', 'train', 'traffic', 'tools', 'kernels']\n"
+        "functions = ['clip_grad_norm_', 'clip_grads_with_norm_', 'get_total_norm']\n"
+        "missing = [n for n in public + functions + ['__version__'] if n not in names]\n"
+        "assert not missing, missing\n"
+        "for n in public:\n"
+        "    assert getattr(mechgpu, n) is importlib.import_module('mechgpu.' + n), n\n"
+        "for n in functions:\n"
+        "    assert getattr(mechgpu, n) is getattr(mechgpu.clip, n), n\n"
+        "try:\n"
+        "    mechgpu.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_thing' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+        "print(version)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # for the kernels submodule, imported last
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == importlib.metadata.version("mechgpu")
+
+
+def test_py_typed_is_shipped():
+    import tomllib  # Python >= 3.11
+
+    import mechgpu
+
+    assert (Path(mechgpu.__file__).parent / "py.typed").is_file()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["mechgpu"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"mechgpu {importlib.metadata.version('mechgpu')}\n"
+
+
+# ---------------------------------------------------------------------- help
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _options(text: str) -> dict[str, str]:
+    """{option invocation: its help text} from an argparse --help page."""
+    options, current = {}, None
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if re.match(r"^  -", line):
+            invocation, help_ = (re.split(r"\s{2,}", line.strip(), maxsplit=1) + [""])[:2]
+            current = invocation
+            options[current] = help_
+        elif current and line.startswith(" " * 8):
+            options[current] = (options[current] + " " + line.strip()).strip()
+    return options
+
+
+def test_top_level_help_lists_each_command_once(capsys):
+    text = _help([], capsys)
+    assert "`" not in text
+    for name in COMMANDS:
+        assert len(re.findall(rf"^\s+(?:mechgpu )?{name}\s", text, re.M)) == 1, (name, text)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_every_command_a_description(command, capsys):
+    text = _help([command], capsys)
+    assert "`" not in text
+    description = text.split("\n\n")[1]
+    assert not description.startswith("options:") and len(description.split()) >= 8, text
+    options = _options(text)
+    assert len(options) > 2, text
+    undocumented = [option for option, help_ in options.items() if not help_]
+    assert not undocumented, text
+    # a fixed default is shown (a device-dependent one is spelt out in the help)
+    _, parsers = build_parser()
+    for action in parsers[command]._actions:
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in action.help, (command, action.option_strings, action.help)
+
+
+def test_device_dependent_defaults_in_help_match_the_config():
+    from mechgpu.tools.jobs import DEFAULTS
+
+    _, parsers = build_parser()
+    flags = {"dim": "--dim", "depth": "--depth", "heads": "--heads", "context": "--context", "lr": "--lr",
+             "micro_batch": "--micro-batch", "steps": "--steps", "accum_steps": "--accum-steps"}
+    helps = {option: action.help for action in parsers["train"]._actions for option in action.option_strings}
+    for key, flag in flags.items():
+        cpu, cuda = DEFAULTS["cpu"][key], DEFAULTS["cuda"][key]
+        expected = f"{cpu:g} on CPU, {cuda:g} on CUDA" if cpu != cuda else f"default {cpu:g}"
+        assert expected in helps[flag], (flag, helps[flag])
+
+
+# ---------------------------------------------------------------------- check --only
+def test_check_only_ignores_case():
+    from mechgpu.tools.check import CASES, select_cases
+
+    assert select_cases(["adam"]) == [name for name in CASES if "adam" in name.lower()]
+    assert "optim.Adam" in select_cases(["adam"]) and "optim.AdamW" in select_cases(["ADAMW"])
+    assert select_cases(["CLIP.NORM2"]) == ["clip.norm2"]
+    assert select_cases(["optim.Adam"], exact=True) == ["optim.Adam"]
+    with pytest.raises(ValueError, match="no check name contains"):
+        select_cases(["no-such-kernel"])
+
+
+# ---------------------------------------------------------------------- bad values
+BAD_VALUES = [
+    (["tour", "--steps", "0"], "--steps"),
+    (["tour", "--accum-steps", "0"], "--accum-steps"),
+    (["tour", "--micro-batch", "0"], "--micro-batch"),
+    (["train", "--accum-steps", "0"], "--accum-steps"),
+    (["train", "--accum-steps", "most"], "--accum-steps"),
+    (["train", "--checkpoint", "banana"], "--checkpoint"),
+    (["train", "--checkpoint", "0"], "--checkpoint"),
+    (["train", "--checkpoint", "0GiB"], "--checkpoint"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--micro-batch", "0"], "--micro-batch"),
+    (["train", "--micro-batch", "-2"], "--micro-batch"),
+    (["train", "--eval-every", "-1"], "--eval-every"),
+    (["train", "--lr", "0"], "--lr"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--dropout", "1"], "--dropout"),
+    (["train", "--dim", "30", "--heads", "4"], "--heads"),
+    (["profile", "--accum", "0"], "--accum"),
+    (["profile", "--micro", "0"], "--micro"),
+    (["profile", "--steps", "0"], "--steps"),
+    (["profile", "--policies", "none", "banana"], "--policies"),
+    (["profile", "--depth", "0"], "--depth"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--batch", "eight"], "--batch"),
+    (["flow", "--depth", "0"], "--depth"),
+    (["flow", "--width", "-1"], "--width"),
+    (["flow", "--batch", "0"], "--batch"),
+]
+
+
+def _forbid_runs(monkeypatch):
+    from mechgpu.tools import demo, flow, jobs, tour
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a bad value reached the job")
+
+    for module, name in ((jobs, "run_train"), (jobs, "run_profile"), (demo, "run_demo"), (flow, "run_flow"),
+                         (tour, "run_tour")):
+        monkeypatch.setattr(module, name, ran)
+
+
+@pytest.mark.parametrize("argv,flag", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_are_usage_errors(argv, flag, monkeypatch, capsys):
+    _forbid_runs(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: mechgpu {argv[0]} "), err
+    assert f"argument {flag}" in err.splitlines()[-1], err
+    assert "Traceback" not in err
+
+
+def test_good_values_reach_the_job(monkeypatch):
+    from mechgpu.tools import jobs
+
+    seen = []
+    monkeypatch.setattr(jobs, "run_train", seen.append)
+    for checkpoint, accum, expected in (("2GiB", "all", "all"), ("512MiB", "3", 3), ("sqrt", "1", 1), ("2", "2", 2)):
+        assert main(["train", "--checkpoint", checkpoint, "--accum-steps", accum, "--dim", "12", "--heads", "3",
+                     "--steps", "5", "--micro-batch", "1", "--lr", "3e-4", "--dropout", "0"]) == 0
+        cfg = seen[-1]
+        assert (cfg.checkpoint, cfg.accum_steps, cfg.steps, cfg.micro_batch) == (checkpoint, expected, 5, 1)
+        assert (cfg.dim, cfg.heads, cfg.lr, cfg.dropout) == (12, 3, 3e-4, 0.0)
+
+
+# ---------------------------------------------------------------------- bench --readme
+def test_bench_readme_outside_a_checkout_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from mechgpu.tools import bench
+
+    monkeypatch.setattr(bench, "README", tmp_path / "README.md")
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "bench" / "results")
+    assert main(["bench", "--readme"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "source checkout" in err, err
+    assert str(tmp_path / "README.md") in err and str(tmp_path / "bench" / "results") in err
+
+
+# ---------------------------------------------------------------------- profile
+TINY_PROFILE = ["profile", "--dim", "16", "--depth", "1", "--heads", "2", "--context", "8", "--micro", "2",
+                "--accum", "1", "--policies", "none", "--steps", "1", "--plot", "none"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_profile_table_names_backends_and_explains_labels(monkeypatch, capsys):
+    import torch
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(TINY_PROFILE) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "profile:" in terminal.getvalue() and "run" in terminal.getvalue()  # the sweep's progress bar
+    legend = next(line for line in out if line.startswith("legend:"))
+    assert "a = accum" in legend and "m = micro" in legend
+    header = next(i for i, line in enumerate(out) if line.startswith("impl "))
+    assert out[header].split()[-1] == "backend"
+    rows = {line.split()[0]: line for line in out[header + 2:header + 4]}
+    assert set(rows) == {"mechgpu", "torch"}
+    if torch.cuda.is_available():
+        name = f"CUDA {torch.cuda.get_device_name()}"
+        assert rows["mechgpu"].endswith(name) and rows["torch"].endswith(name)
+        assert not any(line.startswith("note:") for line in out)
+    else:
+        assert rows["mechgpu"].endswith("  triton interpreter (CPU)") and rows["torch"].endswith("  torch CPU")
+        caveat = out[header + 4]  # right under the table
+        assert caveat.startswith("note:") and "tokens/s" in caveat and "same backend" in caveat
+
+
+def test_profile_no_progress(monkeypatch, capsys):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*TINY_PROFILE, "--no-baseline", "--no-progress"]) == 0
+    assert terminal.getvalue() == ""
+    assert "mechgpu  none" in capsys.readouterr().out
+
+
+def test_profile_plot_has_no_point_labels(tmp_path, monkeypatch):
+    """Many runs: the points are told apart by colour and marker in legends, not by text on them."""
+    from matplotlib.axes import Axes
+
+    from mechgpu.tools.jobs import _plot
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("text drawn on the axes")
+
+    monkeypatch.setattr(Axes, "annotate", forbidden)
+    monkeypatch.setattr(Axes, "text", forbidden)
+    runs = [{"implementation": impl, "checkpoint": policy, "accum": accum, "micro_batch": micro,
+             "backend": "triton interpreter (CPU)" if impl == "mechgpu" else "torch CPU",
+             "saved_bytes": 2**20 * micro, "peak_bytes": None, "tokens_per_s": 100.0 * accum}
+            for impl, policy in (("mechgpu", "none"), ("mechgpu", "sqrt"), ("mechgpu", "all"), ("torch", "none"))
+            for accum in (1, 2) for micro in (2, 4)]
+    _plot(runs, tmp_path / "profile.png", "cpu")
+    assert (tmp_path / "profile.png").stat().st_size > 10_000
+
+
+def test_a_budget_below_what_the_model_can_save_is_a_usage_error(capsys):
+    """Known only once the blocks are measured, but still argparse's one line and exit code 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--checkpoint", "1KiB", "--dim", "16", "--depth", "2", "--heads", "2", "--context", "8",
+              "--micro-batch", "2", "--steps", "1", "--no-progress", "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mechgpu train ") and "argument --checkpoint: budget 1.00 KiB" in err, err

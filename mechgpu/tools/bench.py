@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.readme:
+        missing = [str(path) for path in (README, RESULTS_DIR) if not path.exists()]
+        if missing:
+            print(f"mechgpu bench --readme: needs a source checkout, but found no {' and no '.join(missing)}; run it "
+                  "in a clone of the repository installed with pip install -e .", file=sys.stderr)
+            return 2
         changed = update_readme(README, RESULTS_DIR)
         print(f"{README}: results section {'regenerated' if changed else 'already up to date'}")
         return 0

@@ -1069,11 +1069,11 @@ def families() -> list[str]:
 
 
 def select_cases(only: Iterable[str] | None = None, *, exact: bool = False) -> list[str]:
-    """The case names containing any of ``only`` (equal to one, with ``exact``; all when empty);
-    ValueError when none does."""
+    """The case names containing any of ``only``, ignoring case (equal to one, with ``exact``; all
+    when empty); ValueError when none does."""
     only = list(only or [])
     names = [name for name in CASES
-             if not only or any(part == name if exact else part in name for part in only)]
+             if not only or any(part == name if exact else part.lower() in name.lower() for part in only)]
     if not names:
         raise ValueError(f"no check name contains {' or '.join(map(repr, only))}; "
                          "`mechgpu check --list` prints the names")
@@ -1269,7 +1269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu (kernels in triton's interpreter)")
     parser.add_argument("--only", action="append", default=None, metavar="SUBSTR",
-                        help="run the cases whose name contains SUBSTR (may be given several times)")
+                        help="run the cases whose name contains SUBSTR, ignoring case (may be given several times; "
+                             "--list prints the names)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the environment and every row as JSON to PATH")

@@ -195,28 +195,41 @@ def print_summary(s: dict[str, Any], trainer: Trainer) -> None:
 # -------------------------------------------------------------------------------- profile
 def run_profile(base: TrainConfig, policies: list[str], accums: list[int], micros: list[int],
                 out: Path | None, baseline: bool = True) -> list[dict[str, Any]]:
+    """Train ``base`` for ``base.steps`` steps in every combination of checkpoint policy,
+    accumulation steps and micro-batch size (and the torch baseline for each of the last two),
+    printing a row per run; with ``out``, write the rows to ``out``'s .json and plot them to ``out``.
+    A tqdm bar shows the sweep when ``base.progress`` and stderr is a terminal."""
+    from tqdm import tqdm
+
     base.resolve()
     corpus = CharCorpus()
+    configs = [(p, False) for p in policies] + ([("none", True)] if baseline else [])
+    sweep = [(micro, accum, policy, torch_baseline)
+             for micro in micros for accum in accums for policy, torch_baseline in configs]
+    bar = tqdm(sweep, desc="profile", unit="run", dynamic_ncols=True, leave=False,
+               disable=None if base.progress else True)
     runs = []
-    for micro in micros:
-        for accum in accums:
-            configs = [(p, False) for p in policies] + ([("none", True)] if baseline else [])
-            for policy, torch_baseline in configs:
-                cfg = TrainConfig(**{**base.__dict__, "checkpoint": policy, "accum_steps": accum,
-                                     "micro_batch": micro, "torch_baseline": torch_baseline,
-                                     "progress": False, "log_dir": None})
-                if cfg.device == "cuda":
-                    torch.cuda.empty_cache()
-                trainer, data, _ = build(cfg, corpus)
-                s = trainer.fit(data, cfg.steps)
-                row = {"implementation": "torch" if torch_baseline else "mechgpu", "checkpoint": policy, "accum": accum,
-                       "micro_batch": micro, "peak_bytes": s.get("peak_bytes"),
-                       "saved_bytes": s["saved_activation_bytes"],
-                       "predicted_saved_bytes": s["predicted_saved_activation_bytes"],
-                       "tokens_per_s": s["items_per_s"], "step_s": s["step_s"], "final_loss": s["final_loss"]}
-                runs.append(row)
-                print(_row(row), flush=True) if len(runs) > 1 else print(_header() + "\n" + _row(row), flush=True)
-                del trainer, data
+    for micro, accum, policy, torch_baseline in bar:
+        cfg = TrainConfig(**{**base.__dict__, "checkpoint": policy, "accum_steps": accum, "micro_batch": micro,
+                             "torch_baseline": torch_baseline, "progress": False, "log_dir": None})
+        row = {"implementation": "torch" if torch_baseline else "mechgpu", "checkpoint": policy, "accum": accum,
+               "micro_batch": micro, "backend": _backend(cfg.device, torch_baseline)}
+        bar.set_postfix_str(f"{_series(row)} {_shape(row)}")
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
+        trainer, data, _ = build(cfg, corpus)
+        s = trainer.fit(data, cfg.steps)
+        row.update(peak_bytes=s.get("peak_bytes"), saved_bytes=s["saved_activation_bytes"],
+                   predicted_saved_bytes=s["predicted_saved_activation_bytes"], tokens_per_s=s["items_per_s"],
+                   step_s=s["step_s"], final_loss=s["final_loss"])
+        if not runs:
+            bar.write(_legend(trainer.warmup_steps) + "\n" + _header())
+        runs.append(row)
+        bar.write(_row(row))
+        del trainer, data
+    bar.close()
+    if caveat := _backend_caveat(runs):
+        print(caveat)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"device": _device_name(base.device), "runs": runs}, indent=2))
@@ -225,39 +238,92 @@ def run_profile(base: TrainConfig, policies: list[str], accums: list[int], micro
     return runs
 
 
+def _series(r: dict) -> str:
+    """The implementation and checkpoint policy of a run (a colour in the plot): ``mechgpu sqrt``."""
+    return f"{r['implementation']} {r['checkpoint']}"
+
+
+def _shape(r: dict) -> str:
+    """Its accumulation steps and micro-batch size (a marker in the plot): ``a2 m4``."""
+    return f"a{r['accum']} m{r['micro_batch']}"
+
+
+def _legend(warmup_steps: int) -> str:
+    first = "first step" if warmup_steps == 1 else f"first {warmup_steps} steps"
+    return ("legend: a = accum = micro-batches per optimizer step, m = micro = sequences per micro-batch (a2 m4: "
+            "2 x 4 sequences a step); saved act = what one micro-batch's forward keeps for backward, measured, and "
+            f"predicted = the checkpoint planner's estimate of it; peak mem is measured on CUDA only; tokens/s and "
+            f"ms/step leave out the {first}")
+
+
 def _header() -> str:
     return (f"{'impl':<8} {'checkpoint':<10} {'accum':>5} {'micro':>5} {'peak mem':>11} {'saved act':>11} "
-            f"{'predicted':>11} {'tokens/s':>10} {'ms/step':>9} {'loss':>7}\n" + "-" * 99)
+            f"{'predicted':>11} {'tokens/s':>10} {'ms/step':>9} {'loss':>7}  backend\n" + "-" * 124)
 
 
 def _row(r: dict) -> str:
-    fmt = lambda b: format_bytes(b) if b is not None else "n/a"
+    size = lambda b: format_bytes(b) if b is not None else "n/a"
+    tokens = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else "n/a"
+    ms = f"{1e3 * r['step_s']:.1f}" if r["step_s"] is not None else "n/a"
     return (f"{r['implementation']:<8} {r['checkpoint']:<10} {r['accum']:>5} {r['micro_batch']:>5} "
-            f"{fmt(r['peak_bytes']):>11} {fmt(r['saved_bytes']):>11} {fmt(r['predicted_saved_bytes']):>11} "
-            f"{r['tokens_per_s'] or 0:>10,.0f} {1e3 * (r['step_s'] or 0):>9.1f} {r['final_loss']:>7.4f}")
+            f"{size(r['peak_bytes']):>11} {size(r['saved_bytes']):>11} {size(r['predicted_saved_bytes']):>11} "
+            f"{tokens:>10} {ms:>9} {r['final_loss']:>7.4f}  {r['backend']}")
+
+
+def _backend(device: str, torch_baseline: bool) -> str:
+    """Where a run's optimizer and activation kernels ran."""
+    from .._backend import INTERPRETED
+
+    if device.startswith("cuda"):
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    return "triton interpreter (CPU)" if INTERPRETED and not torch_baseline else "torch CPU"
+
+
+def _backend_caveat(runs: list[dict]) -> str | None:
+    """The warning under the table when the runs' backends differ, so their speeds do not compare."""
+    backends = list(dict.fromkeys(r["backend"] for r in runs))
+    if len(backends) < 2:
+        return None
+    return (f"note: the runs used different backends ({', '.join(backends)}). Triton's interpreter runs "
+            "mechgpu's kernels as Python, far slower than compiled code, so tokens/s and ms/step compare only "
+            "rows on the same backend; the memory columns compare across all.")
 
 
 def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "CPU (triton interpreter)"
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
 
 def _plot(runs: list[dict], out: Path, device: str) -> None:
+    """Memory against tokens/s, one point per run: its colour is the implementation and checkpoint
+    policy, its marker the accumulation steps and micro-batch size, both read from legends beside
+    the axes (no text on the points, which would overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     key = "peak_bytes" if device == "cuda" else "saved_bytes"
+    series = list(dict.fromkeys(map(_series, runs)))
+    shapes = list(dict.fromkeys(map(_shape, runs)))
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
+    markers = {s: "osD^vP*Xph"[i % 10] for i, s in enumerate(shapes)}
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, r in enumerate(runs):
-        marker = "x" if r["implementation"] == "torch" else "o"
-        ax.scatter(r["tokens_per_s"] or 0, (r[key] or 0) / 2**20, marker=marker)
-        ax.annotate(f"{r['implementation']} {r['checkpoint']} a{r['accum']} m{r['micro_batch']}",
-                    (r["tokens_per_s"] or 0, (r[key] or 0) / 2**20), fontsize=7,
-                    xytext=(4, -10 + 9 * (i % 3)), textcoords="offset points")  # staggered: labels overlap less
+    for r in runs:
+        ax.scatter(r["tokens_per_s"] or 0, (r[key] or 0) / 2**20, s=48, alpha=0.8, edgecolors="none",
+                   color=colors[_series(r)], marker=markers[_shape(r)])
+    point = lambda label, **style: Line2D([], [], linestyle="", label=label, **style)
+    by_series = ax.legend(handles=[point(s, marker="o", color=c) for s, c in colors.items()],
+                          title="implementation, checkpoint", loc="upper left", bbox_to_anchor=(1.02, 1),
+                          fontsize=8, title_fontsize=8)
+    ax.add_artist(by_series)
+    by_shape = ax.legend(handles=[point(s, marker=m, color="0.3") for s, m in markers.items()],
+                         title="a = accumulation steps\nm = micro-batch size", loc="lower left",
+                         bbox_to_anchor=(1.02, 0), fontsize=8, title_fontsize=8)
     ax.set_xlabel("tokens/s")
     ax.set_ylabel(("peak memory" if device == "cuda" else "saved activations per micro-batch") + " (MiB)")
-    ax.set_title(f"memory vs throughput, {_device_name(device)}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    backends = list(dict.fromkeys(r["backend"] for r in runs))
+    caveat = "\n(tokens/s compares only runs on the same backend)" if len(backends) > 1 else ""
+    ax.set_title(f"memory vs throughput, {' / '.join(backends)}{caveat}", fontsize=10)
+    fig.savefig(out, dpi=120, bbox_inches="tight", bbox_extra_artists=[by_series, by_shape])
     plt.close(fig)

@@ -296,6 +296,10 @@ def predict(profile: BlockProfile, segments: list[Segment]) -> tuple[int, int, f
     return saved, saved + biggest, recompute
 
 
+class BudgetTooSmall(ValueError):
+    """A memory budget below the least any checkpoint plan of the model can save."""
+
+
 def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> list[Segment]:
     """The segments whose saved bytes after forward fit ``budget`` with the least recompute time.
 
@@ -307,7 +311,7 @@ def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> li
     n = len(profile.a)
     room = budget - profile.other
     if room < 0:
-        raise ValueError(f"budget {format_bytes(budget)} is below what the model outside its blocks saves "
+        raise BudgetTooSmall(f"budget {format_bytes(budget)} is below what the model outside its blocks saves "
                          f"({format_bytes(profile.other)})")
     unit = max(1, math.ceil(room / resolution)) if room > 0 else 1
     cap = room // unit
@@ -341,7 +345,7 @@ def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> li
         best[i + 1] = kept
     if not best[n]:
         least = profile.other + min(profile.x[0], profile.total - profile.other)
-        raise ValueError(f"budget {format_bytes(budget)} cannot be met: the least this model can save is about "
+        raise BudgetTooSmall(f"budget {format_bytes(budget)} cannot be met: the least this model can save is about "
                          f"{format_bytes(least)} (every block in one checkpointed segment)")
     return list(min(best[n].values(), key=lambda v: v[:2])[2])
 
