@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, KERNEL_DEVICE, gpu, requires_cuda, run_without_interpreter
+from conftest import DEVICES, KERNEL_DEVICE, count_launches, gpu, requires_cuda, run_without_interpreter
 from mechgpu.kernels import _launch
 from mechgpu.kernels import activation as kernels
 
@@ -561,3 +564,183 @@ def test_int64_offsets_past_2_pow_31():
     assert torch.equal(mask[-words:].cpu(), _pack_bits(x[first:] > 0))
     dx = kernels.backward(torch.ones_like(x), mask, "relu")
     assert torch.equal(dx[tail], (x[tail] > 0).to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------------
+# torch.func, higher derivatives, TorchScript and torch.export: as with torch's own ops
+# ----------------------------------------------------------------------------------
+# every activation, and the in-place ones on a copy (a transform's input is a leaf)
+TOOL_CASES = {a.name: (a.ours, a.torch_fn) for a in ACTS} | {
+    f"{name}_": (lambda t, f=ours: f(t * 1.0), lambda t, f=theirs: f(t * 1.0))
+    for name, (ours, theirs) in IN_PLACE.items()}
+
+
+def _squares(f):
+    return lambda t: f(t).square().sum()
+
+
+def _tangent(x):
+    return make_input(tuple(x.shape), x.dtype, x.device, seed=7, scale=1.0)
+
+
+TRANSFORMS = {
+    "grad": lambda f, x: torch.func.grad(_squares(f))(x),
+    "jacrev": lambda f, x: torch.func.jacrev(f)(x),
+    "per-sample-grad": lambda f, x: torch.func.vmap(torch.func.grad(_squares(f)))(x),
+    "grad-of-vmap": lambda f, x: torch.func.grad(_squares(torch.func.vmap(f, in_dims=1)))(x),
+    "jvp": lambda f, x: torch.func.jvp(f, (x,), (_tangent(x),))[1],
+    "hessian": lambda f, x: torch.func.hessian(_squares(f))(x[0]),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("name", list(TOOL_CASES))
+def test_torch_func_transforms_match_torch(name, transform):
+    """fp32 results of torch.func's transforms (and a nesting of each kind) against torch's
+    ops under the same transform in float64. Second derivatives (hessian) come from torch ops
+    in fp32 on the saved tensors, so they get a wider tolerance."""
+    ours, theirs = TOOL_CASES[name]
+    x = make_input((3, 5), torch.float32, KERNEL_DEVICE)
+    got = TRANSFORMS[transform](ours, x)
+    expected = TRANSFORMS[transform](theirs, x.double())
+    tol = 2e-6 if transform == "hessian" else 1e-6
+    torch.testing.assert_close(got, expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", list(TOOL_CASES))
+def test_vmap_is_one_launch_for_the_batch(name, monkeypatch):
+    """vmap over the forward, and over its backward (as jacrev does, with an unbatched saved
+    mask or tensor), each run one kernel launch for the whole batch; per-sample sizes are not
+    whole mask words. Values against torch in float64."""
+    ours, theirs = TOOL_CASES[name]
+    x = make_input((5, 7), torch.float32, KERNEL_DEVICE)
+    cotangents = make_input((4, 5, 7), torch.float32, KERNEL_DEVICE, seed=3, scale=1.0)
+    launches = count_launches(monkeypatch)
+    y = torch.func.vmap(ours, in_dims=1, out_dims=1)(x)
+    assert launches() == 1
+    (batched,) = torch.func.vmap(torch.func.vjp(ours, x)[1])(cotangents)
+    assert launches() == 3  # the vjp's forward, and its backward over all the cotangents
+    x64 = x.double()
+    (expected,) = torch.func.vmap(torch.func.vjp(theirs, x64)[1])(cotangents.double())
+    torch.testing.assert_close(y, theirs(x64).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched, expected.float(), rtol=1e-6, atol=1e-6)
+
+
+# |error| <= tol (1 + |expected|) for four chained derivatives, each result rounded to the
+# dtype: a few units of its epsilon (torch's own bf16 and fp16 errors are as large)
+DOUBLE_BACKWARD_TOL = {torch.float32: 4e-6, torch.bfloat16: 6e-2, torch.float16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(TOOL_CASES))
+def test_double_backward_matches_torch(name, dtype):
+    """create_graph=True: a gradient penalty's gradient (second derivatives, in x and in a
+    weight in front of the activation) and one more derivative, against torch in float64 on
+    the same (rounded) inputs."""
+    ours, theirs = TOOL_CASES[name]
+    inputs = make_input((4, 9), dtype, KERNEL_DEVICE), make_input((9,), dtype, KERNEL_DEVICE, seed=1, scale=1.0)
+    results = []
+    for fn, to in ((ours, dtype), (theirs, torch.float64)):
+        x, w = (t.detach().to(to).requires_grad_() for t in inputs)
+        (dx,) = torch.autograd.grad(fn(x * w).square().sum(), x, create_graph=True)
+        penalty_grads = torch.autograd.grad(dx.square().sum(), (x, w), create_graph=True)
+        third = torch.autograd.grad(penalty_grads[1].sum(), w)
+        results.append((dx, *penalty_grads, *third))
+    tol = DOUBLE_BACKWARD_TOL[dtype]
+    for what, got, expected in zip(("dx", "d penalty/dx", "d penalty/dw", "third"), *results):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}")
+
+
+TRACED = {"ReLU": {}, "ReLU(inplace)": {"inplace": True}, "LeakyReLU": {"negative_slope": 0.2},
+          "LeakyReLU(inplace)": {"negative_slope": 0.2, "inplace": True}, "GELU": {},
+          "GELU(tanh)": {"approximate": "tanh"}, "SiLU": {}, "SiLU(inplace)": {"inplace": True}, "Tanh": {},
+          "Sigmoid": {}}
+
+
+def _model(nn, cases=TRACED, seed=0):
+    """Linear layers, each followed by one activation module of ``cases`` from ``nn`` (mechgpu.nn
+    or torch.nn); the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    layers = []
+    for case, kwargs in cases.items():
+        layers += [torch.nn.Linear(8, 8), getattr(nn, case.split("(")[0])(**kwargs)]
+    return torch.nn.Sequential(*layers).to(KERNEL_DEVICE)
+
+
+def _assert_same_as_torch(model, torch_model):
+    """Outputs and weight gradients bit for bit equal to those of the torch twin."""
+    x = torch.randn(3, 8, device=KERNEL_DEVICE)
+    results = []
+    for m in (model, torch_model):
+        out = m(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), list(m.parameters()))))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("case", list(TRACED))
+def test_jit_trace_passes_its_check_and_records_torch_ops(case):
+    """torch.jit.trace with its default check (which re-traces under no_grad), of a Linear (whose
+    weight makes the traced input require grad) and the module; the trace records torch's op, so
+    it computes exactly what torch's module does, forward and backward."""
+    model = _model(mnn, {case: TRACED[case]})
+    traced = torch.jit.trace(model, torch.randn(3, 8, device=KERNEL_DEVICE))
+    _assert_same_as_torch(traced, _model(torch.nn, {case: TRACED[case]}))
+
+
+def test_jit_script_compiles_torch_ops():
+    """A model of every module, and a scripted function calling mechgpu.nn.functional, script to
+    torch's own activations: results equal to torch's."""
+    _assert_same_as_torch(torch.jit.script(_model(mnn)), _model(torch.nn))
+
+    @torch.jit.script
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return MF.gelu(MF.leaky_relu(MF.silu(t), 0.2), approximate="tanh") + MF.relu(MF.tanh(t)) * MF.sigmoid(t)
+
+    x = torch.randn(40, device=KERNEL_DEVICE)
+    expected = F.gelu(F.leaky_relu(F.silu(x), 0.2), approximate="tanh") + F.relu(torch.tanh(x)) * torch.sigmoid(x)
+    assert torch.equal(block(x), expected)
+
+
+def test_torch_export_records_torch_ops_whatever_triton_interpret():
+    """The exported graph is the same with and without TRITON_INTERPRET=1 at export time (torch's
+    ops, where the kernel choice used to leak into the graph); the exported program equals
+    torch's model."""
+    script = r"""
+import torch, mechgpu.nn as mnn
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), mnn.ReLU(), mnn.LeakyReLU(0.2, inplace=True), mnn.GELU("tanh"),
+                            mnn.SiLU(), mnn.Tanh(), mnn.Sigmoid(), mnn.SiLU(inplace=True), mnn.GELU())
+print(torch.export.export(model, (torch.randn(3, 8),)).graph_module.code)
+"""
+    graphs = [run_without_interpreter(script)]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    graphs.append(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300))
+    for out in graphs:
+        assert out.returncode == 0, out.stderr
+    assert graphs[0].stdout == graphs[1].stdout, \
+        f"without:\n{graphs[0].stdout}\nwith TRITON_INTERPRET=1:\n{graphs[1].stdout}"
+    exported = torch.export.export(_model(mnn), (torch.randn(3, 8, device=KERNEL_DEVICE),)).module()
+    _assert_same_as_torch(exported, _model(torch.nn))
+
+
+def test_traced_scripted_and_exported_models_load_without_mechgpu(tmp_path):
+    """What jit.trace, jit.script and torch.export produce holds no mechgpu op: a process that
+    never imports mechgpu loads and runs it, and gets torch's results."""
+    model, x = _model(mnn), torch.randn(3, 8, device=KERNEL_DEVICE)
+    torch.jit.trace(model, x).save(tmp_path / "traced.pt")
+    torch.jit.script(model).save(tmp_path / "scripted.pt")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "exported.pt2")
+    torch.save((x, _model(torch.nn)(x)), tmp_path / "expected.pt")
+    script = rf"""
+import sys, torch
+x, expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=False)
+for path in ("traced.pt", "scripted.pt"):
+    assert torch.equal(torch.jit.load({str(tmp_path)!r} + "/" + path)(x), expected), path
+assert torch.equal(torch.export.load({str(tmp_path / "exported.pt2")!r}).module()(x), expected)
+assert not any(name.startswith("mechgpu") for name in sys.modules)
+print("ok")
+"""
+    out = run_without_interpreter(script)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
