@@ -282,6 +282,29 @@ def bench_step(name: str, script: str, size_args: tuple[str, ...], select_args: 
     return run
 
 
+def fit_step(s: Session, deadline: float) -> dict:
+    """``mechgpu fit`` twice: with no real cap (its measured peak is the unconstrained one), then
+    with a quarter of that peak as the budget; both fit.json files are kept. (The CPU smoke run's
+    tiny model has little beside its static memory: its second budget is the whole peak.)"""
+    found = {}
+    budget, share = "1TiB", (1 if s.smoke else 4)
+    for label in ("unconstrained", "quarter"):
+        folder = s.steps_dir / f"fit-{label}"
+        args = ["-m", "mechgpu", "fit", "--memory", budget, "--out", str(folder)]
+        if s.smoke:
+            args += ["--dim", "16", "--depth", "2", "--heads", "2", "--context", "8", "--global-batch", "4",
+                     "--steps", "2"]
+        rc = s.python("fit", args, deadline=deadline)
+        path = folder / "fit.json"
+        if rc != 0 or not path.exists():
+            return {"status": "failed", "exit_code": rc, "at": label, **found}
+        doc = json.loads(path.read_text())
+        found[label] = {k: doc[k] for k in ("budget_bytes", "chosen", "predicted_peak_bytes", "measured_peak_bytes",
+                                            "tokens_per_s")}
+        budget = str(max(1, doc["measured_peak_bytes"] // share))
+    return {"status": "ok", **found}
+
+
 # Estimates on an H100/H200, in seconds. First figures from the work each step does; the
 # first real session records every step's wall time in <device>-session.json: replace these with them.
 ESTIMATES_BASIS = {
@@ -296,6 +319,8 @@ ESTIMATES_BASIS = {
     "bench-train": "building the 24 x 1024 model twice and 12 bf16 steps of 16 x 512 tokens, none and sqrt",
     "bench-optim-many": "10,000 tensors: 10 implementations, each eager, host-timed and a graph capture; "
                         "mechgpu's first step builds a 10,000-row table on the host",
+    "fit": "two mechgpu fit runs of the 12 x 384 model: probes at each micro-batch size dividing 64 and "
+           "3 confirming steps each",
 }
 
 STEPS = (
@@ -316,6 +341,7 @@ STEPS = (
                     timed=False)),
     Step("bench-optim-many", 40, "10,000 x 1,000: CUDA-graph replay and host time per step",
          bench_step("bench-optim-many", "optim", ("--lists", "10k-x-1k"), ("--no-compile",))),
+    Step("fit", 25, "mechgpu fit unconstrained, then with a quarter of that peak as the budget", fit_step),
 )
 BENCH_SCRIPTS = ("optim", "clip", "activations", "train")
 

@@ -134,12 +134,12 @@ def _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK: tl.constexpr, ALIGNED
 
 
 @triton.jit
-def _sum_partials(partials_ptr, count, WIDTH: tl.constexpr):
-    """The fp64 sum of ``count`` per-program partials, read WIDTH at a time."""
+def _sum_partials(partials_ptr, count, STRIDE: tl.constexpr, WIDTH: tl.constexpr):
+    """The fp64 sum of ``count`` per-program partials ``STRIDE`` apart, read WIDTH at a time."""
     total = tl.zeros((), tl.float64)
     for first in range(0, count, WIDTH):
-        offs = first + tl.arange(0, WIDTH)
-        total += tl.sum(tl.load(partials_ptr + offs, mask=offs < count, other=0.0), axis=0)
+        index = first + tl.arange(0, WIDTH)
+        total += tl.sum(tl.load(partials_ptr + index * STRIDE, mask=index < count, other=0.0), axis=0)
     return total
 
 
@@ -180,21 +180,57 @@ def _stochastic_round_bf16(x, seed, offs):
 @triton.jit
 def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
                  MASTER: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store the updated p; returns, in fp32, the value that carries it to the next step (the
+    master, or the param as rounded to its dtype)."""
     if MASTER:
         tl.store(master_ptr + offs, p, mask=mask)
     if STOCHASTIC:
-        tl.store(param_ptr + offs, _stochastic_round_bf16(p, seed, offs), mask=mask)
+        rounded = _stochastic_round_bf16(p, seed, offs)
     else:
-        tl.store(param_ptr + offs, round_like(p, param_ptr), mask=mask)
+        rounded = round_like(p, param_ptr)
+    tl.store(param_ptr + offs, rounded, mask=mask)
+    if MASTER:
+        return p
+    else:
+        return rounded.to(tl.float32)
+
+
+#: Per param group and step, the fp64 sums the kernel's telemetry adds (TELEMETRY): ||p||^2 before
+#: the update, ||p_after - p||^2 (as stored: the master, or the param in its dtype), non-finite
+#: grads, elements whose update the stored dtype lost (it kept p though the fp32 result p_new != p),
+#: and elements with p_new != p.
+TELEMETRY_FIELDS = TableLayout("param_sq", "update_sq", "nonfinite_grads", "lost_updates", "changed")
+_T_PARAM_SQ = TELEMETRY_FIELDS.constexpr("param_sq")
+_T_UPDATE_SQ = TELEMETRY_FIELDS.constexpr("update_sq")
+_T_NONFINITE = TELEMETRY_FIELDS.constexpr("nonfinite_grads")
+_T_LOST = TELEMETRY_FIELDS.constexpr("lost_updates")
+_T_CHANGED = TELEMETRY_FIELDS.constexpr("changed")
+_NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 
 @triton.jit
-def _update_square_sum(p_new, p_old, mask):
-    """This block's sum of (p_new - p_old)^2, fp32."""
-    delta = p_new - p_old
+def _nonfinite(g, mask):
+    bad = (g != g) | (tl.abs(g) == float("inf"))
     if mask is not None:
+        bad = bad & mask
+    return tl.sum(bad.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _block_telemetry(p_old, p_new, stored, g, mask):
+    """One block's fp32 (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed):
+    the update norm is of what the step stored, the lost updates those whose p_new != p_old
+    rounded back to p_old."""
+    delta = stored - p_old
+    changed = p_new != p_old
+    lost = changed & (stored == p_old)
+    if mask is not None:
+        p_old = tl.where(mask, p_old, 0.0)
         delta = tl.where(mask, delta, 0.0)
-    return tl.sum(delta * delta, axis=0)
+        changed = changed & mask
+        lost = lost & mask
+    return (tl.sum(p_old * p_old, axis=0), tl.sum(delta * delta, axis=0), _nonfinite(g, mask),
+            tl.sum(lost.to(tl.float32), axis=0), tl.sum(changed.to(tl.float32), axis=0))
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -309,10 +345,10 @@ def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_
                 one_minus_dampening, step_size, bias_correction2_sqrt, first,
                 RULE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, UPDATE_NORM: tl.constexpr):
+                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, TELEMETRY: tl.constexpr):
     """One block: load p and g, the rule's states, update, store. States are read only where the
     rule and its options use them (``TABLE``'s comment gives each rule's state columns).
-    Returns the block's sum of squared updates with UPDATE_NORM, else 0."""
+    Returns the block's ``_block_telemetry`` with TELEMETRY, else zeros."""
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
     if RULE == _ADAM:
@@ -351,11 +387,11 @@ def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_
                             HAS_MOMENTUM, NESTEROV, MAXIMIZE)
         if HAS_MOMENTUM:
             tl.store(state0_ptr + offs, round_like(buf, state0_ptr), mask=mask)
-    _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    square_sum = 0.0
-    if UPDATE_NORM:
-        square_sum = _update_square_sum(p, p_old, mask)
-    return square_sum
+    stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
+    stats = (0.0, 0.0, 0.0, 0.0, 0.0)
+    if TELEMETRY:
+        stats = _block_telemetry(p_old, p, stored, g, mask)
+    return stats
 
 
 @triton.jit
@@ -424,7 +460,7 @@ def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr,
 
 @triton.jit
 def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr, control_ptr, grad_scale_ptr,
-                     found_inf_ptr, update_sq_ptr, seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                     found_inf_ptr, telemetry_ptr, seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
                      weight_decay, momentum, one_minus_dampening, num_blocks,
                      RULE: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                      LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr, WD_IS_PTR: tl.constexpr,
@@ -432,7 +468,7 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
                      HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                      CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                      FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                     UPDATE_NORM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                     TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One optimizer step over every tensor of a table; ``RULE`` picks Adam/AdamW, RMSprop or SGD.
 
     Runs after ``step_prologue_kernel``, whose per-tensor scalars it reads. Grid-stride:
@@ -444,9 +480,11 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     Adam's beta2 and RMSprop's alpha; ``beta1``/``one_minus_beta1`` Adam's first-moment decay;
     ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's.
 
-    Update norm (UPDATE_NORM): each program sums its blocks' squared updates in fp64 and stores
-    one partial; the last program to finish (one atomic per program, none per block) adds
-    their sum to ``update_sq`` and resets the done-counter.
+    Telemetry (TELEMETRY), from the values the update has in registers, no extra pass: each
+    program sums its blocks' ``_block_telemetry`` in fp64 and stores one row of partials; the
+    last program to finish (one atomic per program, none per block) adds their sums to the
+    group's ``telemetry`` row (``TELEMETRY_FIELDS``) and resets the done-counter. A skipped
+    step updates nothing, but its programs still read the grads to count the non-finite ones.
 
     Bytes per element: ``mechgpu.traffic.optimizer_step_bytes`` (p and g read, p written, each
     state the rule and options use read and written; an fp32 master read and written instead
@@ -461,7 +499,18 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     if BETAS_ARE_PTRS:
         beta1_weight = 1.0 - tl.load(beta1).to(tl.float32)
         one_minus_beta2 = 1.0 - beta2
-    square_sum = tl.zeros((), tl.float64)
+    param_sq = tl.zeros((), tl.float64)
+    update_sq = tl.zeros((), tl.float64)
+    nonfinite = tl.zeros((), tl.float64)
+    lost = tl.zeros((), tl.float64)
+    changed = tl.zeros((), tl.float64)
+    if TELEMETRY:
+        if skip:  # nothing to update; count the grads that made the step skip
+            for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+                _, row, numel, offs, _ = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
+                valid = offs < numel
+                g = tl.load(_table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED) + offs, mask=valid, other=0.0)
+                nonfinite += _nonfinite(g.to(tl.float32), valid).to(tl.float64)
     for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
@@ -478,25 +527,35 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         bias_correction2_sqrt = tl.load(scalars + _SCALAR_BC2_SQRT)
         block_seed = _rounding_seed(seed, tensor_idx, tl.load(scalars + _SCALAR_NEW_STEP))
         if full:
-            block_square_sum = _rule_block(
+            stats = _rule_block(
                 param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, None, multiplier,
                 block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
                 one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
-                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
+                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, TELEMETRY)
         else:
-            block_square_sum = _rule_block(
+            stats = _rule_block(
                 param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, offs < numel,
                 multiplier, block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
                 one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
-                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, UPDATE_NORM)
-        if UPDATE_NORM:
-            square_sum += block_square_sum.to(tl.float64)
-    if UPDATE_NORM:
-        tl.store(partials_ptr + tl.program_id(0), square_sum)
+                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, TELEMETRY)
+        if TELEMETRY:
+            param_sq += stats[0].to(tl.float64)
+            update_sq += stats[1].to(tl.float64)
+            nonfinite += stats[2].to(tl.float64)
+            lost += stats[3].to(tl.float64)
+            changed += stats[4].to(tl.float64)
+    if TELEMETRY:
+        mine = partials_ptr + tl.program_id(0) * _NTELEMETRY
+        tl.store(mine + _T_PARAM_SQ, param_sq)
+        tl.store(mine + _T_UPDATE_SQ, update_sq)
+        tl.store(mine + _T_NONFINITE, nonfinite)
+        tl.store(mine + _T_LOST, lost)
+        tl.store(mine + _T_CHANGED, changed)
         finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
         if finished == tl.num_programs(0) - 1:
-            total = _sum_partials(partials_ptr, tl.num_programs(0), PARTIALS_WIDTH)
-            tl.store(update_sq_ptr, tl.load(update_sq_ptr) + total)
+            for field in tl.static_range(_NTELEMETRY):
+                total = _sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
+                tl.store(telemetry_ptr + field, tl.load(telemetry_ptr + field) + total)
             tl.store(done_ptr, 0)
 
 
@@ -511,8 +570,8 @@ class StepControl:
 
     clip: fp32 ``[2]`` tensor ``(total_norm, clip_coef)`` written by ``clip.py``'s norm kernel.
     skip_nonfinite: skip the step when ``clip[0]`` is inf or NaN.
-    update_sq: when given, each program adds its block's squared update, so the step's
-    update norm costs one atomic per block and no extra pass.
+    telemetry: when given, an fp64 ``[TELEMETRY_FIELDS.width]`` row the step adds its telemetry to
+    (``TELEMETRY_FIELDS``), summed by the kernel from values it has in registers.
     grad_scale, found_inf: GradScaler's tensors (grads are divided by grad_scale; a
     nonzero found_inf skips the step).
     """
@@ -521,7 +580,7 @@ class StepControl:
     skip_nonfinite: bool = False
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
-    update_sq: torch.Tensor | None = None  # fp64 scalar the kernel adds sum((p_new - p_old)^2) to
+    telemetry: torch.Tensor | None = None
 
 
 @dataclass
@@ -571,7 +630,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
         one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
     num_tensors = len(plan.numels)
     scalars = plan.workspace("step_scalars", (num_tensors, STEP_SCALARS.width), torch.float32)
-    partials = plan.workspace("update_partials", (plan.grid,), torch.float64)
+    partials = plan.workspace("telemetry_partials", (plan.grid, TELEMETRY_FIELDS.width), torch.float64)
     clip = control.clip if control.clip is not None else spare
     found_inf = control.found_inf if control.found_inf is not None else spare
     skip_nonfinite = control.skip_nonfinite and control.clip is not None
@@ -588,7 +647,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
             partials_ptr=partials, control_ptr=clip,
             grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare,
             found_inf_ptr=found_inf,
-            update_sq_ptr=control.update_sq if control.update_sq is not None else spare,
+            telemetry_ptr=control.telemetry if control.telemetry is not None else spare,
             seed=precision.seed, lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1,
             one_minus_beta2=one_minus_beta2, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
             one_minus_dampening=1.0 - float(dampening), num_blocks=plan.num_blocks,
@@ -596,7 +655,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
             LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr, **{**RULE_OPTIONS, **options},
             CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
             UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
-            MASTER=precision.master, STOCHASTIC=precision.stochastic, UPDATE_NORM=control.update_sq is not None,
+            MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,
             ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
         )
 
@@ -610,13 +669,13 @@ def aot_variants() -> list:
     warps = multi_tensor_warps(block)
     sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "scalars_ptr": "*fp32", "done_ptr": "*i32",
            "partials_ptr": "*fp64", "control_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-           "update_sq_ptr": "*fp64", "seed": "i32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
+           "telemetry_ptr": "*fp64", "seed": "i32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
            "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
            "momentum": "fp32", "one_minus_dampening": "fp32", "num_blocks": "i32"}
     plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
-             "MASTER": False, "STOCHASTIC": False, "UPDATE_NORM": False,
+             "MASTER": False, "STOCHASTIC": False, "TELEMETRY": False,
              "LR_IS_PTR": False, "BETAS_ARE_PTRS": False, "WD_IS_PTR": False, **RULE_OPTIONS}
-    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True, "UPDATE_NORM": True}
+    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True, "TELEMETRY": True}
     # (name, rule, its options in the plain and in the "extra" variant)
     rules = (("adam", ADAM, {"AMSGRAD": True, "DECOUPLED_WD": True}, "amsgrad,adamw"),
              ("rmsprop", RMSPROP, {"CENTERED": True, "HAS_MOMENTUM": True}, "centered,momentum"),

@@ -1,10 +1,12 @@
 """The ``mechgpu`` command line; ``mechgpu <command> --help`` describes each command.
 
 Values are checked as they are parsed (argparse ``type=``), so a bad one ends in a one-line
-usage error and exit code 2 before anything runs. Two checks come after parsing, still before
-anything runs: the checkpoint policy, whose parser lives in ``mechgpu.train`` (which imports
-triton, so only once the device is chosen and TRITON_INTERPRET set), and ``--heads`` dividing
-``--dim``, whose defaults depend on the device.
+usage error and exit code 2 before anything runs. A few checks come after parsing, still before
+anything runs: the checkpoint policy and the memory budget, whose parser lives in
+``mechgpu.train`` (which imports triton, so only once the device is chosen and TRITON_INTERPRET
+set), ``--heads`` dividing ``--dim`` and ``--micro`` dividing ``--global-batch``, whose defaults
+depend on the device. A budget that no configuration fits is known only once the model is
+measured, and is a usage error too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ TOUR_DESCRIPTION = (
     "budget halfway between checkpointing nothing and everything; beside a short run without checkpointing "
     "and the same run under torch.optim and torch's GELU. Ends with a table of saved activations (predicted "
     "and measured), step time, tokens/s and backend, and both loss trajectories with their largest difference.")
+FIT_DESCRIPTION = (
+    "Choose the micro-batch size, gradient accumulation steps and checkpoint plan that train the character GPT "
+    "fastest within a memory budget, at a fixed global batch: measure the static memory (params, grads, "
+    "optimizer state) and, for each micro-batch size, each block's saved activations and forward time and one "
+    "forward and backward; predict each candidate's peak memory and tokens/s; train a few steps with the "
+    "fastest that fits. Prints the candidates and the predicted against the measured peak and throughput, and "
+    "writes fit.json.")
 
 
 def _select_device(requested: str | None) -> str:
@@ -86,6 +95,27 @@ def dropout(text: str) -> float:
     return value
 
 
+def steps_to_confirm(text: str) -> int:
+    """An int >= 2: a confirmation leaves its first step out of the throughput."""
+    value = _int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the first step is left out of the throughput), "
+                                         f"not {value}")
+    return value
+
+
+def memory_problem(spec: str) -> str | None:
+    """None when ``spec`` is a memory budget above 0 bytes, as ``mechgpu.train.checkpointing.parse_bytes``
+    reads it (2GiB, 300MB, 65536), else why not. Imports triton: call it after ``_select_device``."""
+    from .train.checkpointing import parse_bytes
+
+    try:
+        budget = parse_bytes(spec)
+    except ValueError as error:
+        return str(error)
+    return None if budget > 0 else f"the memory budget {spec!r} is not above 0 bytes"
+
+
 def checkpoint_problem(spec: str) -> str | None:
     """None when ``mechgpu.train.checkpointing.make_plan`` accepts ``spec`` (none, all, sqrt, a
     number of segments >= 1, a memory budget above 0 read by its ``parse_bytes``), else why not.
@@ -97,11 +127,11 @@ def checkpoint_problem(spec: str) -> str | None:
     if spec.isdigit():
         return None if int(spec) >= 1 else "the number of segments must be at least 1"
     try:
-        budget = parse_bytes(spec)
+        parse_bytes(spec)
     except ValueError:
         return (f"{spec!r} is none of: none, all, sqrt, a number of segments, "
                 "a memory budget such as 2GiB or 512MiB")
-    return None if budget > 0 else f"the memory budget {spec!r} is not above 0 bytes"
+    return memory_problem(spec)
 
 
 # ---------------------------------------------------------------------- the parser
@@ -203,6 +233,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                               "(default %(default)s)")
     profile.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    fit = command("fit", "choose the fastest micro-batch x accumulation x checkpoint plan within a memory budget",
+                  FIT_DESCRIPTION)
+    _model_args(fit, lr=False)
+    fit.add_argument("--memory", required=True, metavar="BUDGET",
+                     help="the peak memory to stay within, such as 2GiB or 300MB: on CUDA as "
+                          "torch.cuda.max_memory_allocated counts it, on CPU params, grads, optimizer state and "
+                          "saved activations (required)")
+    fit.add_argument("--global-batch", type=positive_int, default=None, metavar="N",
+                     help="sequences per optimizer step, micro-batch x accumulation steps (default 8 on CPU, "
+                          "64 on CUDA)")
+    fit.add_argument("--micro", nargs="+", type=positive_int, default=None, metavar="N",
+                     help="micro-batch sizes to consider, each dividing --global-batch (default: all its divisors)")
+    fit.add_argument("--steps", type=steps_to_confirm, default=3,
+                     help="steps of the confirmation run with the chosen configuration, the first left out of "
+                          "its throughput (default %(default)s)")
+    fit.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                     help="write fit.json into this folder (default %(default)s)")
+
     check = command("check", "run every kernel against PyTorch's own implementation on this device",
                     "Run every kernel against PyTorch's own implementation on this device (CUDA, or the CPU "
                     "with the kernels in triton's interpreter) on fresh random inputs, and print a table of "
@@ -213,11 +261,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     "bench/results/<device>.json, .md and plots; with --readme, only regenerate the README's "
                     "results section from the committed results.")
     bench_cli.add_arguments(bench)
-    return parser, {"demo": demo, "flow": flow, "tour": tour, "train": train, "profile": profile, "check": check,
-                    "bench": bench}
+    return parser, {"demo": demo, "flow": flow, "tour": tour, "train": train, "profile": profile, "fit": fit,
+                    "check": check, "bench": bench}
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, lr: bool = True) -> None:
+    """The character GPT's flags; ``lr=False`` leaves out --lr (for a command whose choice it cannot change)."""
     p.add_argument("--dim", type=positive_int, default=None, help="model width (default 32 on CPU, 384 on CUDA)")
     p.add_argument("--depth", type=positive_int, default=None,
                    help="transformer blocks (default 4 on CPU, 12 on CUDA)")
@@ -225,8 +274,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="attention heads; must divide --dim (default 4 on CPU, 6 on CUDA)")
     p.add_argument("--context", type=positive_int, default=None,
                    help="characters per sequence (default 32 on CPU, 256 on CUDA)")
-    p.add_argument("--lr", type=positive_float, default=None,
-                   help="peak learning rate of the warm-up and cosine schedule (default 0.01 on CPU, 0.001 on CUDA)")
+    if lr:
+        p.add_argument("--lr", type=positive_float, default=None,
+                       help="peak learning rate of the warm-up and cosine schedule (default 0.01 on CPU, 0.001 on "
+                            "CUDA)")
     p.add_argument("--dropout", type=dropout, default=0.1, help="dropout probability (default %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
@@ -260,19 +311,21 @@ def main(argv: list[str] | None = None) -> int:
                  device=device, seed=args.seed, plot=plot)
         return 0
 
-    this = commands[args.command]  # tour, train or profile
+    this = commands[args.command]  # tour, train, profile or fit
     policies = {"train": [getattr(args, "checkpoint", None)], "profile": getattr(args, "policies", None)}.get(
         args.command) or []
     flag = "--checkpoint" if args.command == "train" else "--policies"
     for spec in policies:
         if problem := checkpoint_problem(spec):
             this.error(f"argument {flag}: {problem}")
+    if args.command == "fit" and (problem := memory_problem(args.memory)):
+        this.error(f"argument --memory: {problem}")
     from .tools.jobs import TrainConfig, run_profile, run_train
     from .tools.tour import TOUR_STEPS, run_tour
 
     cfg = TrainConfig(device=device, dim=args.dim, depth=args.depth, heads=args.heads, context=args.context,
-                      lr=args.lr, dropout=args.dropout, bf16=args.bf16, seed=args.seed,
-                      progress=not args.no_progress)
+                      lr=getattr(args, "lr", None), dropout=args.dropout, bf16=args.bf16, seed=args.seed,
+                      progress=not getattr(args, "no_progress", False))
     if args.command == "tour":
         cfg.accum_steps, cfg.micro_batch = args.accum_steps, args.micro_batch
         cfg.steps = args.steps or TOUR_STEPS[device]
@@ -280,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.checkpoint, cfg.accum_steps, cfg.micro_batch = args.checkpoint, args.accum_steps, args.micro_batch
         cfg.steps, cfg.eval_every, cfg.log_dir = args.steps, args.eval_every, args.log_dir
         cfg.torch_baseline, cfg.distributed = args.torch_baseline, args.distributed
-    else:
+    elif args.command == "profile":
         cfg.steps = args.steps or (3 if device == "cpu" else 20)
     cfg.resolve()
     if cfg.dim % cfg.heads:
@@ -288,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tour":
         run_tour(cfg)
         return 0
+    if args.command == "fit":
+        return _fit(args, cfg, this)
     if args.command == "train":
         from .train.checkpointing import BudgetTooSmall
 
@@ -299,4 +354,21 @@ def main(argv: list[str] | None = None) -> int:
     micros = args.micro or ([4] if device == "cpu" else [16, 32])
     plot = None if str(args.plot) == "none" else args.plot
     run_profile(cfg, args.policies, args.accum, micros, plot, baseline=not args.no_baseline)
+    return 0
+
+
+def _fit(args: argparse.Namespace, cfg, this: argparse.ArgumentParser) -> int:
+    """``mechgpu fit`` once ``cfg`` is resolved: the global batch defaults to train's micro-batch x
+    accumulation steps; a budget no configuration fits is a usage error."""
+    from .train.checkpointing import BudgetTooSmall
+    from .train.fit import run_fit
+
+    global_batch = args.global_batch or cfg.micro_batch * cfg.accum_steps
+    if wrong := [m for m in args.micro or () if global_batch % m]:
+        this.error(f"argument --micro: the global batch {global_batch} is not a multiple of "
+                   f"{', '.join(map(str, wrong))}")
+    try:
+        run_fit(cfg, args.memory, global_batch, args.micro, args.steps, args.out)
+    except BudgetTooSmall as error:  # known only once the model is measured
+        this.error(f"argument --memory: {error}")
     return 0

@@ -26,6 +26,18 @@ DEVICES = [pytest.param("cpu", marks=on_cpu), pytest.param("cuda", marks=[gpu, r
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+class Recorder(torch.optim.SGD):
+    """lr=0 SGD that keeps a copy of the grads of every step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[list[torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
 def count_launches(monkeypatch):
     """A function giving the number of triton kernel launches since this call: each is a call of
     the interpreter's GridExecutor on CPU, of JITFunction.run (``kernel[grid](...)``, not a

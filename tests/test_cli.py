@@ -3,6 +3,7 @@ loads lazily, every option is documented, bad values are usage errors, ``mechgpu
 what its rows ran on."""
 
 import argparse
+import importlib
 import importlib.metadata
 import io
 import os
@@ -16,7 +17,7 @@ import pytest
 from mechgpu.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["demo", "flow", "tour", "train", "profile", "check", "bench"]
+COMMANDS = ["demo", "flow", "tour", "train", "profile", "fit", "check", "bench"]
 
 
 def test_demo_runs_and_matches_torch():
@@ -137,6 +138,9 @@ def test_device_dependent_defaults_in_help_match_the_config():
         cpu, cuda = DEFAULTS["cpu"][key], DEFAULTS["cuda"][key]
         expected = f"{cpu:g} on CPU, {cuda:g} on CUDA" if cpu != cuda else f"default {cpu:g}"
         assert expected in helps[flag], (flag, helps[flag])
+    fit_help = next(a.help for a in parsers["fit"]._actions if "--global-batch" in a.option_strings)
+    cpu, cuda = (DEFAULTS[d]["micro_batch"] * DEFAULTS[d]["accum_steps"] for d in ("cpu", "cuda"))
+    assert f"default {cpu} on CPU, {cuda} on CUDA" in fit_help, fit_help
 
 
 # ---------------------------------------------------------------------- check --only
@@ -179,17 +183,26 @@ BAD_VALUES = [
     (["flow", "--depth", "0"], "--depth"),
     (["flow", "--width", "-1"], "--width"),
     (["flow", "--batch", "0"], "--batch"),
+    (["fit", "--memory", "banana"], "--memory"),
+    (["fit", "--memory", "0GiB"], "--memory"),
+    (["fit", "--memory", "1GiB", "--global-batch", "0"], "--global-batch"),
+    (["fit", "--memory", "1GiB", "--micro", "0"], "--micro"),
+    (["fit", "--memory", "1GiB", "--global-batch", "6", "--micro", "2", "4"], "--micro"),
+    (["fit", "--memory", "1GiB", "--steps", "1"], "--steps"),
+    (["fit", "--memory", "1GiB", "--dim", "30", "--heads", "4"], "--heads"),
 ]
 
 
 def _forbid_runs(monkeypatch):
     from mechgpu.tools import demo, flow, jobs, tour
 
+    fit = importlib.import_module("mechgpu.train.fit")  # the module: mechgpu.train.fit is also its function
+
     def ran(*args, **kwargs):
         raise AssertionError("a bad value reached the job")
 
     for module, name in ((jobs, "run_train"), (jobs, "run_profile"), (demo, "run_demo"), (flow, "run_flow"),
-                         (tour, "run_tour")):
+                         (tour, "run_tour"), (fit, "run_fit")):
         monkeypatch.setattr(module, name, ran)
 
 

@@ -109,6 +109,18 @@ def test_optimizer_step_moves_what_the_model_says(monkeypatch, name, options, dt
         v.numel() * v.element_size() for p in params for k, v in opt.state[p].items() if k != "step")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_telemetry_adds_no_traffic(monkeypatch, dtype):
+    """Telemetry sums what the update has in registers: the same bytes as a plain step."""
+    params = _params(dtype)
+    opt = mo.AdamW(params, telemetry=True)
+    opt.step()
+    counted = Bytes(monkeypatch, within=_streams(opt))
+    opt.step()
+    assert counted.per_element(NUMEL) == traffic.optimizer_step_bytes("AdamW", DTYPE_SIZE[dtype])
+    assert opt.last_telemetry[0]["update_norm"].item() > 0
+
+
 def test_step_prologue_moves_its_bytes_per_tensor(monkeypatch):
     """Beside the per-element stream, a step moves the prologue's bytes for each tensor."""
     params = _params(torch.float32)

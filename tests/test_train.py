@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import Recorder
 from torch import nn
 
 from mechgpu.train import (
@@ -34,18 +35,6 @@ from mechgpu.train import (
 from mechgpu.train.gpt import TokenLoss
 
 F_IN, VOCAB, T = 5, 7, 6
-
-
-class Recorder(torch.optim.SGD):
-    """lr=0 SGD that keeps a copy of the grads of every step."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.grads: list[list[torch.Tensor]] = []
-
-    def step(self, closure=None):
-        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
 
 
 class Block(nn.Module):
@@ -516,6 +505,11 @@ def test_train_command_smoke(tmp_path):
     assert "loss" in out and "tokens/s" in out and "saved activations" in out, out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["saved_activation_bytes"] > 0
+    # the optimizer's step-size telemetry, logged each step, printed and plotted
+    assert "step size ||dp||/||p||" in out and (tmp_path / "telemetry.png").stat().st_size > 0, out
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["update_ratio"] > 0 and r["param_norm"] > 0 and r["nonfinite_grads"] == 0
+               and r["lost_update_fraction"] == 0 for r in rows), rows
 
 
 def test_profile_command_smoke(tmp_path):

@@ -4,12 +4,13 @@ Change one import: ``from mechgpu.optim import AdamW``. Constructor signatures, 
 validation messages, param groups, state_dict layout and LR schedulers are torch's.
 Differences from torch:
 
-* one Triton launch per step for each (param group, dtype), whatever the number of tensors;
+* two Triton launches per step for each (param group, dtype), whatever the number of tensors;
   the step counter lives on the device and ``step()`` never synchronises with the host;
 * optimizer states are fp32 for bf16/fp16 params (torch keeps them in the param's dtype);
 * extra keyword-only options: ``max_grad_norm`` and ``skip_nonfinite`` (clipping fused
-  into the step), ``master_weights``, ``state_dtype``, ``stochastic_rounding`` and
-  ``track_update_norm`` (see ``FusedOptimizer``); GradScaler's ``grad_scale``/``found_inf`` are applied in the kernel;
+  into the step), ``master_weights``, ``state_dtype``, ``stochastic_rounding``,
+  ``track_update_norm`` and ``telemetry`` (see ``FusedOptimizer``); GradScaler's
+  ``grad_scale``/``found_inf`` are applied in the kernel;
 * ``foreach`` and ``fused`` are accepted and have no effect; ``capturable`` is always true
   in effect; ``differentiable=True`` raises NotImplementedError;
 * params must be dense in memory (contiguous, or a permutation of it) with grads of the
@@ -23,13 +24,13 @@ from __future__ import annotations
 import torch
 
 from ..kernels import optim as optim_kernels
-from ._fused import FusedOptimizer, StateKeyError, check_state_dict, reject_differentiable
+from ._fused import FusedOptimizer, StateKeyError, check_state_dict, reject_differentiable, telemetry_from_sums
 
 #: keyword-only options every mechgpu optimizer adds to its torch twin's signature
 MECHGPU_OPTIONS = ("max_grad_norm", "skip_nonfinite", "master_weights", "state_dtype", "stochastic_rounding",
-                   "track_update_norm")
+                   "track_update_norm", "telemetry")
 
-__all__ = ["Adam", "AdamW", "RMSprop", "SGD", "StateKeyError", "check_state_dict"]
+__all__ = ["Adam", "AdamW", "RMSprop", "SGD", "StateKeyError", "check_state_dict", "telemetry_from_sums"]
 
 
 class _AdamFamily(FusedOptimizer):
@@ -62,13 +63,14 @@ class Adam(_AdamFamily, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, max_grad_norm=None, skip_nonfinite=False, master_weights=False,
-                 state_dtype=torch.float32, stochastic_rounding=False, track_update_norm=False) -> None:
+                 state_dtype=torch.float32, stochastic_rounding=False, track_update_norm=False,
+                 telemetry=False) -> None:
         reject_differentiable("Adam", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
-                           track_update_norm)
+                           track_update_norm, telemetry)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -79,13 +81,13 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  max_grad_norm=None, skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False, track_update_norm=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False, telemetry=False) -> None:
         reject_differentiable("AdamW", differentiable)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=False, fused=fused)
         self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
-                           track_update_norm)
+                           track_update_norm, telemetry)
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
@@ -98,13 +100,13 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, max_grad_norm=None,
                  skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False, track_update_norm=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False, telemetry=False) -> None:
         reject_differentiable("RMSprop", differentiable)
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                          centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
                          differentiable=False)
         self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
-                           track_update_norm)
+                           track_update_norm, telemetry)
 
     def _state_keys(self, group):
         return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
@@ -137,13 +139,13 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, max_grad_norm=None,
                  skip_nonfinite=False, master_weights=False, state_dtype=torch.float32,
-                 stochastic_rounding=False, track_update_norm=False) -> None:
+                 stochastic_rounding=False, track_update_norm=False, telemetry=False) -> None:
         reject_differentiable("SGD", differentiable)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False,
                          fused=fused)
         self._init_mechgpu(max_grad_norm, skip_nonfinite, master_weights, state_dtype, stochastic_rounding,
-                           track_update_norm)
+                           track_update_norm, telemetry)
 
     def _state_keys(self, group):
         return ("momentum_buffer" if group["momentum"] != 0 else None,)

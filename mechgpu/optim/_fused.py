@@ -14,6 +14,7 @@ write, so a bad group leaves every param, state and step count as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 import weakref
@@ -25,7 +26,7 @@ from .._backend import PLAIN_TENSORS, is_dense, kernels_run_on, warn_fallback_on
 from .._backend import local as _local
 from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
-from ..kernels.optim import Precision, StepControl
+from ..kernels.optim import TELEMETRY_FIELDS, Precision, StepControl
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -37,7 +38,23 @@ _NEEDED_BY = {"max_exp_avg_sq": "amsgrad=True", "momentum_buffer": "momentum > 0
 #: mechgpu's options and their defaults: what pickling keeps beside torch's own state
 _OPTION_DEFAULTS = {"max_grad_norm": None, "skip_nonfinite": False, "master_weights": False,
                     "state_dtype": torch.float32, "stochastic_rounding": False, "_rounding_seed": 0,
-                    "track_update_norm": False}
+                    "track_update_norm": False, "telemetry": False}
+
+
+def telemetry_from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step-size figures of telemetry sums (``TELEMETRY_FIELDS``: one group's, or several added),
+    as 0-d fp32 tensors: ``param_norm`` (||p|| before the update), ``update_norm`` (||p_after -
+    p_before||, as stored), ``update_ratio`` (their ratio), ``nonfinite_grads`` (inf or NaN grad
+    elements, counted even when the step was skipped) and ``lost_update_fraction`` (of the elements
+    whose fp32 update changed them, those whose stored value did not: bf16/fp16 rounding; 0 with
+    masters or fp32 params)."""
+    field = TELEMETRY_FIELDS.index
+    param_norm, update_norm = sums[field("param_sq")].sqrt(), sums[field("update_sq")].sqrt()
+    figures = {"param_norm": param_norm, "update_norm": update_norm,
+               "update_ratio": update_norm / param_norm.clamp_min(torch.finfo(torch.float64).tiny),
+               "nonfinite_grads": sums[field("nonfinite_grads")],
+               "lost_update_fraction": sums[field("lost_updates")] / sums[field("changed")].clamp_min(1.0)}
+    return {k: v.float() for k, v in figures.items()}
 
 
 def _warn_fallback(name: str, cpu: bool) -> None:
@@ -195,9 +212,13 @@ class FusedOptimizer:
     * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.
-    * ``track_update_norm``: each kernel program adds its block's sum of squared updates
-      to a device scalar, so ``last_update_norm`` (||p_after - p_before|| over every param
-      the step updated, in fp32 master space where there are masters) costs no extra pass.
+    * ``track_update_norm``: ``last_update_norm``, ||p_after - p_before|| over every param the
+      step updated (in fp32 master space where there are masters), summed by the update
+      kernel from the values it has in registers: no extra pass, no host sync.
+    * ``telemetry``: the same sums give ``last_telemetry``, per param group: ||p|| before the
+      update, ||p_after - p_before|| and their ratio, the non-finite grads (counted even when
+      the step is then skipped), and for params stored in bf16/fp16 without masters the
+      fraction of changed elements whose update was lost to rounding.
 
     State follows torch: an empty state is created on a param's first step; a state that
     lacks an entry its options need (amsgrad, centered or RMSprop momentum switched on
@@ -234,7 +255,8 @@ class FusedOptimizer:
     _hyper_keys: tuple[str, ...] = ()
 
     def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
-                      state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool) -> None:
+                      state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool,
+                      telemetry: bool = False) -> None:
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.master_weights = master_weights
@@ -242,6 +264,7 @@ class FusedOptimizer:
         self.stochastic_rounding = stochastic_rounding
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
         self.track_update_norm = track_update_norm
+        self.telemetry = telemetry
         self._check_options()
         self._reset_buffers()
 
@@ -276,7 +299,7 @@ class FusedOptimizer:
     def _reset_buffers(self) -> None:
         """Drop every cache and device buffer the optimizer owns; the next step remakes them."""
         self._clip_out: torch.Tensor | None = None
-        self._update_sq: torch.Tensor | None = None
+        self._telemetry: torch.Tensor | None = None  # fp64 [groups, TELEMETRY_FIELDS.width] of the last step
         self._group_caches: dict[int, _GroupCache] = {}
         self._norm_plans: dict = {}
 
@@ -307,8 +330,27 @@ class FusedOptimizer:
 
     @property
     def last_update_norm(self) -> torch.Tensor | None:
-        """||p_after - p_before|| of the last step (with track_update_norm), as a device tensor."""
-        return None if self._update_sq is None else self._update_sq.sqrt().float()
+        """||p_after - p_before|| of the last step (with track_update_norm or telemetry), as a device tensor."""
+        if self._telemetry is None or not (self.track_update_norm or self.telemetry):
+            return None
+        return self._telemetry[:, TELEMETRY_FIELDS.index("update_sq")].sum().sqrt().float()
+
+    @property
+    def last_telemetry(self) -> list[dict[str, torch.Tensor]] | None:
+        """Per param group, the last step's telemetry (with telemetry=True): ``telemetry_from_sums``
+        of the group's sums, 0-d device tensors read on demand (reading one is the only sync).
+        A group with no grads this step reads 0 throughout."""
+        if self._telemetry is None or not self.telemetry:
+            return None
+        return [telemetry_from_sums(row) for row in self._telemetry]
+
+    @property
+    def last_telemetry_sums(self) -> torch.Tensor | None:
+        """The last step's telemetry sums over every group, fp64 ``[TELEMETRY_FIELDS.width]``, to add
+        across ranks (FSDP2 shards) before ``telemetry_from_sums``."""
+        if self._telemetry is None or not self.telemetry:
+            return None
+        return self._telemetry.sum(0)
 
     # ------------------------------------------------------------------ validation
     def _error(self, message: str, exc=RuntimeError):
@@ -493,15 +535,15 @@ class FusedOptimizer:
             raise self._error(f"max_grad_norm needs all params on one device; they are on {sorted(map(str, devices))}")
 
         # 2. write: states made or repaired, tables built or re-pointed, then the launches
-        update_sq = None
-        if self.track_update_norm and (work or fallback_groups):
+        telemetry = None
+        if (self.track_update_norm or self.telemetry) and (work or fallback_groups):
             first = work[0][2][0] if work else next(p for g in fallback_groups for p in g["params"]
                                                      if p.grad is not None)
-            update_sq = self._update_norm_buffer(_local(first).device)
+            telemetry = self._telemetry_buffer(_local(first).device)
         if fallback_groups:
             for cpu in {not kernels_run_on(_local(g["params"][0]).device) for g in fallback_groups}:
                 _warn_fallback(self._torch_name, cpu)
-            self._torch_step(fallback_groups, update_sq)
+            self._torch_step(fallback_groups, telemetry)
         if not work:
             return loss
         for index, (group_index, group, params, cache) in enumerate(work):
@@ -522,20 +564,22 @@ class FusedOptimizer:
             grads = [p.grad for _, _, params, _ in work for p in params]
             total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
         control = StepControl(clip=clip, skip_nonfinite=self.skip_nonfinite and clip is not None,
-                              grad_scale=grad_scale, found_inf=self._amp_tensor("found_inf", device),
-                              update_sq=update_sq)  # update_sq: on the kernels' device
-        for _, group, _, cache in work:
+                              grad_scale=grad_scale, found_inf=self._amp_tensor("found_inf", device))
+        for group_index, group, _, cache in work:
+            if telemetry is not None:  # on the kernels' device
+                control = dataclasses.replace(control, telemetry=telemetry[group_index])
             for bucket in cache.buckets:
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
         return loss
 
-    def _update_norm_buffer(self, device: torch.device) -> torch.Tensor:
-        """The fp64 scalar this step's squared update norm is summed into, zeroed."""
-        if self._update_sq is None or self._update_sq.device != device:
-            self._update_sq = torch.zeros((), dtype=torch.float64, device=device)
+    def _telemetry_buffer(self, device: torch.device) -> torch.Tensor:
+        """The fp64 [groups, TELEMETRY_FIELDS.width] this step's telemetry is summed into, zeroed."""
+        shape = (len(self.param_groups), TELEMETRY_FIELDS.width)
+        if self._telemetry is None or self._telemetry.device != device or self._telemetry.shape != shape:
+            self._telemetry = torch.zeros(shape, dtype=torch.float64, device=device)
         else:
-            self._update_sq.zero_()
-        return self._update_sq
+            self._telemetry.zero_()
+        return self._telemetry
 
     def _amp_tensor(self, name: str, device: torch.device) -> torch.Tensor | None:
         value = getattr(self, name, None)  # set by torch.amp.GradScaler.step
@@ -583,7 +627,7 @@ class FusedOptimizer:
         return _GroupCache(self._signature(group), params, [p.grad for p in params], keys, states, counters,
                            buckets)
 
-    def _torch_step(self, groups: list[dict], update_sq: torch.Tensor | None) -> None:
+    def _torch_step(self, groups: list[dict], telemetry: torch.Tensor | None) -> None:
         """torch.optim's own step, for groups the kernels cannot step: CPU params without the
         interpreter, or params in a dtype the kernels do not take (float64, complex)."""
         torch_cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
@@ -592,9 +636,16 @@ class FusedOptimizer:
             fn = fn.__wrapped__
         amp = {name: self.__dict__[name] for name in ("grad_scale", "found_inf") if name in self.__dict__}
         grad_scale, found_inf = amp.get("grad_scale"), amp.get("found_inf")
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
+        rows = [next(i for i, pg in enumerate(self.param_groups) if pg is g) for g in groups]
+        field = TELEMETRY_FIELDS.index
+        if telemetry is not None:  # non-finite grads are counted even when the step is then skipped
+            for row, g in zip(rows, groups):
+                telemetry[row, field("nonfinite_grads")] += sum(
+                    (~torch.isfinite(p.grad)).sum().double().to(telemetry.device) for p in g["params"]
+                    if p.grad is not None)
         if found_inf is not None and found_inf.item():  # GradScaler found inf/NaN: skip, like fused torch
             return
-        params = [p for g in groups for p in g["params"] if p.grad is not None]
         if grad_scale is not None:
             for p in params:
                 p.grad.div_(grad_scale.to(p.grad.device))
@@ -603,7 +654,8 @@ class FusedOptimizer:
             self._clip_out = torch.stack([norm.float(), torch.ones_like(norm, dtype=torch.float32)])
             if self.skip_nonfinite and not torch.isfinite(norm):
                 return
-        before = [p.detach().clone() for p in params] if update_sq is not None else None
+        before = [[p.detach().clone() for p in g["params"] if p.grad is not None] for g in groups] \
+            if telemetry is not None else None
         saved_groups = self.param_groups
         saved_capturable = [g.get("capturable") for g in groups]
         try:
@@ -620,10 +672,14 @@ class FusedOptimizer:
                 if c is not None:
                     g["capturable"] = c
             self.__dict__.update(amp)  # GradScaler deletes them after the step
-        if before is not None:
-            squares = sum(((p.detach() - b).double().square().sum() for p, b in zip(params, before)),
-                          torch.zeros((), dtype=torch.float64))
-            update_sq += squares.to(update_sq.device)
+        if before is not None:  # torch's step: its updates are not seen in fp32, so none counts as lost
+            for row, g, olds in zip(rows, groups, before):
+                news = [p.detach() for p in g["params"] if p.grad is not None]
+                sums = {"param_sq": sum(b.double().abs().square().sum() for b in olds),
+                        "update_sq": sum((p - b).double().abs().square().sum() for p, b in zip(news, olds)),
+                        "changed": sum((p != b).sum().double() for p, b in zip(news, olds))}
+                for name, value in sums.items():
+                    telemetry[row, field(name)] += value.to(telemetry.device)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checking every state against its param; states keep

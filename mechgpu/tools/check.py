@@ -10,7 +10,8 @@ What is checked (``mechgpu check --list`` prints the case names):
   (against ``torch.nn.utils.clip_grad_norm_`` and a torch step), ``skip_nonfinite`` (an
   inf or NaN grad leaves params and states bit for bit), ``master_weights`` (bf16/fp16
   params against torch on fp32 params), ``state_dtype=torch.bfloat16``,
-  ``track_update_norm`` (against the float64 norm of p_after - p_before),
+  ``track_update_norm`` (against the float64 norm of p_after - p_before), ``telemetry`` (per
+  group ||p||, ||p_after - p_before|| and the non-finite grads, against float64),
   ``torch.amp.GradScaler`` (skipped steps and unscaling, against torch's unfused path) and
   ``state_mutations`` (states replaced, ``.data`` swapped and the state cleared between
   steps, on unaligned and transposed params too, against torch given the same mutations).
@@ -605,6 +606,52 @@ def _update_norm(ctx: Context) -> Iterator[Row]:
             errs.add(measure(ours.last_update_norm.double().reshape(()), expected, rtol=1e-5, atol=0.0,
                              what="last_update_norm"))
         yield ctx.row(f"{label} last_update_norm", torch.float32, errs, "rtol 1e-05")
+
+
+def _stored_value(opt, p: torch.Tensor) -> torch.Tensor:
+    """What a step carries forward, in float64: the fp32 master copy, else the param."""
+    return opt.state.get(p, {}).get("master_param", p).detach().double().clone()
+
+
+@case("optim.telemetry")
+def _telemetry(ctx: Context) -> Iterator[Row]:
+    """telemetry=True, per param group: ||p|| before the step and ||p_after - p_before|| (what the
+    step stored: the param, or its fp32 master) against float64, and the non-finite grads counted
+    (one NaN and one inf, in a step that then updates those params to NaN)."""
+    gen = ctx.generator()
+    for dtype, options in ((torch.float32, {}), (torch.bfloat16, {"master_weights": True})):
+        for label, name, opts in OPTION_OPTIMIZERS:
+            params = [ctx.randn(n, gen, dtype=dtype).requires_grad_() for n in ctx.sizes]
+            ours, _ = _optimizers(name, params, _leaves(params), opts, groups=True, telemetry=True, **options)
+            norms, counts = Errors(), Errors()
+            for step in range(ctx.steps):
+                _set_grads(ctx, gen, [params])
+                stored = functools.partial(_stored_value, ours)
+                before = [stored(p) for p in params]
+                poisoned = step == ctx.steps - 1 and max(ctx.sizes) > 1
+                if poisoned:
+                    big = max(range(len(params)), key=lambda i: params[i].numel())
+                    params[big].grad[0], params[big].grad[-1] = math.nan, math.inf
+                ours.step()
+                for group, figures in zip(ours.param_groups, ours.last_telemetry):
+                    index = [i for i, p in enumerate(params) if any(p is q for q in group["params"])]
+                    bad = sum(int((~torch.isfinite(params[i].grad)).sum()) for i in index)
+                    counts.add(measure(figures["nonfinite_grads"].double().reshape(()),
+                                       torch.tensor(float(bad), dtype=torch.float64), rtol=0.0, atol=0.0,
+                                       what="nonfinite_grads"))
+                    if step == 0 and options:
+                        continue  # the masters are made by the first step
+                    param_sq = sum((before[i].square().sum() for i in index), torch.zeros((), dtype=torch.float64))
+                    norms.add(measure(figures["param_norm"].double().reshape(()), param_sq.sqrt().cpu(),
+                                      rtol=1e-5, atol=0.0, what="param_norm"))
+                    if not bad:
+                        update_sq = sum(((stored(params[i]) - before[i]).square().sum() for i in index),
+                                        torch.zeros((), dtype=torch.float64))
+                        norms.add(measure(figures["update_norm"].double().reshape(()), update_sq.sqrt().cpu(),
+                                          rtol=1e-5, atol=0.0, what="update_norm"))
+            tag = f"{label}{' bf16 masters' if options else ''}"
+            yield ctx.row(f"{tag} param/update norms", torch.float32, norms, "rtol 1e-05")
+            yield ctx.row(f"{tag} non-finite grads", torch.float32, counts, "exact")
 
 
 @case("optim.grad_scaler")

@@ -123,7 +123,7 @@ def build(cfg: TrainConfig, corpus: CharCorpus | None = None, rank: int = 0, wor
         from ..optim import AdamW
 
         optimizer = AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm,
-                          track_update_norm=True)  # the update norm the trainer logs, summed in the kernel
+                          telemetry=True)  # update norm and step-size telemetry, summed in the kernel
         clip = None  # fused into the step
     data = CharBatches(corpus.train, cfg.micro_batch, cfg.context, batches=10**9 if cfg.accum_steps != "all" else 8,
                        seed=cfg.seed, device=device, rank=rank, world=world)
@@ -188,8 +188,34 @@ def print_summary(s: dict[str, Any], trainer: Trainer) -> None:
               f"{format_bytes(s['activations_and_other_bytes'])}")
     else:
         print(f"memory: {mem} (peak allocation is measured on CUDA only)")
+    if "update_ratio" in h[-1]:
+        print(f"step size ||dp||/||p|| {h[0]['update_ratio']:.2e} -> {h[-1]['update_ratio']:.2e}; "
+              f"non-finite grads {sum(int(r['nonfinite_grads']) for r in h)}; updates lost to "
+              f"{trainer.params[0].dtype} rounding {100 * h[-1]['lost_update_fraction']:.1f}% (last step)")
     if trainer.log_dir is not None:
-        print(f"log: {trainer.log_dir}/train_log.csv, summary.json")
+        print(f"log: {trainer.log_dir}/train_log.csv, summary.json"
+              + (f", {plot_telemetry(h, trainer.log_dir / 'telemetry.png')}" if "update_ratio" in h[-1] else ""))
+
+
+def plot_telemetry(history: list[dict], out: Path) -> Path:
+    """The optimizer's step-size telemetry over the run: ||dp||/||p|| and the updates lost to rounding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ratio, lost) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    ratio.semilogy(steps, [r["update_ratio"] for r in history])
+    ratio.set_ylabel("||dp|| / ||p||")
+    lost.plot(steps, [100 * r["lost_update_fraction"] for r in history])
+    lost.set_ylabel("updates lost to rounding (%)")
+    lost.set_xlabel("step")
+    fig.suptitle("step-size telemetry, summed inside mechgpu's update kernel")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 # -------------------------------------------------------------------------------- profile

@@ -2,13 +2,16 @@
 repeated blocks (with a memory-budget planner), measurement of memory and throughput.
 
 ``Trainer`` is the loop; ``mechgpu.train.checkpointing`` holds the policies, the planner
-and the saved-activation meter; ``mechgpu.train.gpt`` the small character-level GPT and the
-stdlib corpus that ``mechgpu train`` and ``mechgpu profile`` use.
+and the saved-activation meter; ``fit`` (``mechgpu.train.fit``) chooses the fastest
+micro-batch x accumulation x checkpoint plan within a memory budget; ``mechgpu.train.gpt``
+the small character-level GPT and the stdlib corpus that ``mechgpu train``, ``mechgpu
+profile`` and ``mechgpu fit`` use.
 """
 
 from .checkpointing import (
                             ActivationMeter,
                             BlockProfile,
+                            BudgetTooSmall,
                             Plan,
                             checkpoint_blocks,
                             clear_checkpointing,
@@ -16,11 +19,13 @@ from .checkpointing import (
                             make_plan,
                             parse_bytes,
                             plan_budget,
+                            plan_frontier,
                             predict,
                             profile_blocks,
 )
+from .fit import fit  # the function shadows its module's name: import the module's other names from it
 from .trainer import Trainer, default_count
 
-__all__ = ["Trainer", "default_count", "ActivationMeter", "BlockProfile", "Plan", "checkpoint_blocks",
-           "clear_checkpointing", "find_blocks", "make_plan", "parse_bytes", "plan_budget", "predict",
-           "profile_blocks"]
+__all__ = ["Trainer", "default_count", "fit", "ActivationMeter", "BlockProfile", "BudgetTooSmall", "Plan",
+           "checkpoint_blocks", "clear_checkpointing", "find_blocks", "make_plan", "parse_bytes", "plan_budget",
+           "plan_frontier", "predict", "profile_blocks"]

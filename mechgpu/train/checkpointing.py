@@ -15,7 +15,9 @@ Policies (``checkpoint=``):
 * a memory budget (``"2GiB"``, ``"300MB"``, an int of bytes via ``budget=``): the planner
   measures each block's saved-activation bytes and forward time once, then a dynamic
   programme over the chain picks the segments that keep the saved activations of one
-  forward pass within the budget with the least recomputation time.
+  forward pass within the budget with the least recomputation time;
+* a list of ``(start, end)`` segments: that plan as given (``mechgpu.train.fit`` chooses one
+  from ``plan_frontier``, the plans of least recompute for each backward peak).
 
 The memory model, which the planner uses and ``ActivationMeter`` checks: after forward, a
 plain block i holds ``a_i`` bytes of saved tensors, a checkpointed segment starting at i
@@ -26,6 +28,7 @@ plus the largest segment's recomputed ``sum a_i``; the plan reports both.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -196,6 +199,21 @@ def clear_checkpointing(blocks: Sequence[nn.Module]) -> None:
             del block._mechgpu_checkpointed
 
 
+def _checked_segments(segments: Sequence, n_blocks: int) -> list[Segment]:
+    """``segments`` as a list of (start, end) int pairs, or ValueError unless they lie in order,
+    apart, within 0..n_blocks."""
+    checked, previous_end = [], 0
+    for segment in segments:
+        pair = tuple(segment) if isinstance(segment, (list, tuple)) else ()
+        if (len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                or not previous_end <= pair[0] < pair[1] <= n_blocks):
+            raise ValueError(f"checkpoint segments {list(segments)!r}: each must be a (start, end) pair with "
+                             f"0 <= start < end <= {n_blocks} (the blocks), in order and not overlapping")
+        checked.append(pair)
+        previous_end = pair[1]
+    return checked
+
+
 def _even_segments(n: int, k: int) -> list[Segment]:
     k = max(1, min(k, n))
     size = math.ceil(n / k)
@@ -276,7 +294,7 @@ class Plan:
     profile: BlockProfile | None = field(default=None, repr=False)
 
     def describe(self) -> str:
-        segs = ", ".join(f"{s}-{e - 1}" if e - s > 1 else f"{s}" for s, e in self.segments) or "none"
+        segs = describe_segments(self.segments)
         text = f"checkpoint={self.policy}: {len(self.segments)} segment(s) of {self.n_blocks} blocks [{segs}]"
         if self.predicted_saved is not None:
             text += f"; predicted saved activations {format_bytes(self.predicted_saved)}"
@@ -284,6 +302,11 @@ class Plan:
         if self.budget is not None:
             text += f" (budget {format_bytes(self.budget)})"
         return text
+
+
+def describe_segments(segments: Sequence[Segment]) -> str:
+    """Checkpointed segments as block ranges: ``"0-1, 3"``, or ``"none"``."""
+    return ", ".join(f"{s}-{e - 1}" if e - s > 1 else f"{s}" for s, e in segments) or "none"
 
 
 def predict(profile: BlockProfile, segments: list[Segment]) -> tuple[int, int, float]:
@@ -300,19 +323,18 @@ class BudgetTooSmall(ValueError):
     """A memory budget below the least any checkpoint plan of the model can save."""
 
 
-def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> list[Segment]:
-    """The segments whose saved bytes after forward fit ``budget`` with the least recompute time.
+def _least_recompute(profile: BlockProfile, room: int, resolution: int,
+                     max_segment: int | None = None) -> dict[int, tuple[float, int, tuple]]:
+    """The dynamic programme over the chain behind ``plan_budget`` and ``plan_frontier``.
 
-    Dynamic programme over the chain: the state is (block i, bytes used so far, in units of
-    budget/resolution, rounded up so a plan that fits in units fits in bytes); from block i
-    either run it plainly (+a_i bytes) or start a segment i..j-1 (+x_i bytes, +sum t time).
-    Ties in time go to the plan with the smaller largest segment (a lower backward peak).
+    The state is (block i, bytes the blocks save so far, in units of room/resolution, rounded
+    up so a plan that fits in units fits in bytes); from block i either run it plainly (+a_i
+    bytes) or start a segment i..j-1 (+x_i bytes, +sum t time) whose saved bytes sum to at most
+    ``max_segment``. Returns, for each number of units within ``room``, the plan of least
+    recompute time as (time, largest segment's bytes, segments); ties in time go to the smaller
+    largest segment (a lower backward peak).
     """
     n = len(profile.a)
-    room = budget - profile.other
-    if room < 0:
-        raise BudgetTooSmall(f"budget {format_bytes(budget)} is below what the model outside its blocks saves "
-                         f"({format_bytes(profile.other)})")
     unit = max(1, math.ceil(room / resolution)) if room > 0 else 1
     cap = room // unit
     up = lambda b: -(-b // unit)
@@ -334,8 +356,11 @@ def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> li
         for m, (t, big, segs) in best[i].items():
             offer(i + 1, m + A[i], (t, big, segs))
             for j in range(i + 1, n + 1):
+                seg_a = prefix_a[j] - prefix_a[i]
+                if max_segment is not None and seg_a > max_segment:
+                    break
                 seg_t = prefix_t[j] - prefix_t[i]
-                offer(j, m + X[i], (t + seg_t, max(big, prefix_a[j] - prefix_a[i]), segs + ((i, j),)))
+                offer(j, m + X[i], (t + seg_t, max(big, seg_a), segs + ((i, j),)))
         # prune states dominated by one with fewer units and no more time
         frontier, kept = math.inf, {}
         for m in sorted(best[i + 1]):
@@ -343,18 +368,57 @@ def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> li
             if value[0] < frontier:
                 kept[m], frontier = value, value[0]
         best[i + 1] = kept
-    if not best[n]:
+    return best[n]
+
+
+def plan_budget(profile: BlockProfile, budget: int, resolution: int = 512) -> list[Segment]:
+    """The segments whose saved bytes after forward fit ``budget`` with the least recompute time
+    (``_least_recompute``)."""
+    room = budget - profile.other
+    if room < 0:
+        raise BudgetTooSmall(f"budget {format_bytes(budget)} is below what the model outside its blocks saves "
+                         f"({format_bytes(profile.other)})")
+    plans = _least_recompute(profile, room, resolution)
+    if not plans:
         least = profile.other + min(profile.x[0], profile.total - profile.other)
         raise BudgetTooSmall(f"budget {format_bytes(budget)} cannot be met: the least this model can save is about "
                          f"{format_bytes(least)} (every block in one checkpointed segment)")
-    return list(min(best[n].values(), key=lambda v: v[:2])[2])
+    return list(min(plans.values(), key=lambda v: v[:2])[2])
 
 
-def make_plan(policy: str | int, n_blocks: int, profile: BlockProfile | None = None) -> Plan:
-    """Turn ``policy`` into segments; budgets need ``profile``."""
+def plan_frontier(profile: BlockProfile, resolution: int = 256, max_caps: int = 24) -> list[list[Segment]]:
+    """The plans that trade the backward peak against recompute time, by rising peak: each
+    recomputes less than every plan of lower predicted peak (``predict``), and checkpointing
+    nothing is the last. Peak = saved bytes + the largest segment's, so the programme of
+    ``_least_recompute`` runs once per cap on the largest segment: each block's own bytes and
+    up to ``max_caps`` sums of longer runs of blocks (all of them for short chains, which makes
+    the frontier exact up to the rounding of bytes to 1/resolution of the blocks' total).
+    """
+    n = len(profile.a)
+    prefix = list(itertools.accumulate(profile.a, initial=0))
+    runs = sorted({prefix[j] - prefix[i] for i in range(n) for j in range(i + 2, n + 1)})
+    caps = set(profile.a) | set(runs[::max(1, math.ceil(len(runs) / max_caps))]) | set(runs[-1:])
+    room = sum(profile.a) + sum(profile.x)  # more than any plan's blocks save: no plan is cut
+    plans = {()}  # checkpointing nothing
+    for cap in caps:
+        plans.update(segments for _, _, segments in _least_recompute(profile, room, resolution, cap).values())
+    scored = sorted((*predict(profile, list(segments))[1:], segments) for segments in plans)
+    frontier, least = [], math.inf
+    for _, recompute, segments in scored:
+        if recompute < least:
+            frontier.append(list(segments))
+            least = recompute
+    return frontier
+
+
+def make_plan(policy: str | int | Sequence[Segment], n_blocks: int, profile: BlockProfile | None = None) -> Plan:
+    """Turn ``policy`` into segments; budgets need ``profile``. A sequence of ``(start, end)``
+    pairs is a plan of its own (as ``mechgpu.train.fit`` chooses): used as given once checked."""
     if isinstance(policy, bool):
         policy = "all" if policy else "none"
-    if isinstance(policy, int):
+    if isinstance(policy, (list, tuple)):
+        segments, name = _checked_segments(policy, n_blocks), "segments"
+    elif isinstance(policy, int):
         if policy < 1:
             raise ValueError(f"checkpoint={policy}: the number of segments must be >= 1")
         segments, name = _even_segments(n_blocks, policy), str(policy)

@@ -39,6 +39,8 @@ from .checkpointing import (
 )
 
 IGNORE_INDEX = -100
+#: what a step logs from a mechgpu optimizer made with telemetry=True (beside its update_norm)
+TELEMETRY_KEYS = ("param_norm", "update_ratio", "nonfinite_grads", "lost_update_fraction")
 
 
 def default_count(batch) -> int:
@@ -70,8 +72,9 @@ class Trainer:
         scheduler: an LR scheduler stepped once per optimizer step.
         accum_steps: micro-batches per optimizer step, or ``"all"`` for full-batch gradient
             descent (every micro-batch of ``data`` in each step).
-        checkpoint: ``"none"``, ``"all"``, ``"sqrt"``, an int number of segments, or a memory
-            budget such as ``"2GiB"`` (see ``mechgpu.train.checkpointing``).
+        checkpoint: ``"none"``, ``"all"``, ``"sqrt"``, an int number of segments, a memory
+            budget such as ``"2GiB"``, or a list of ``(start, end)`` segments of blocks, such as
+            ``mechgpu.train.fit`` chooses (see ``mechgpu.train.checkpointing``).
         blocks: the name of the ModuleList/Sequential of repeated blocks (found if None).
         max_grad_norm: clip with ``mechgpu.clip.clip_grad_norm_`` when the optimizer does
             not clip itself.
@@ -91,7 +94,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
-                 scheduler=None, accum_steps: int | str = 1, checkpoint: str | int = "none",
+                 scheduler=None, accum_steps: int | str = 1, checkpoint: str | int | list = "none",
                  blocks: str | None = None, max_grad_norm: float | None = None, autocast: str | None = None,
                  count_fn: Callable = default_count, forward_fn: Callable | None = None,
                  eval_data: Iterable | None = None, eval_every: int = 0, log_every: int = 1,
@@ -133,8 +136,8 @@ class Trainer:
         name, blocks = find_blocks(self.model, self.blocks_name)
         self._blocks = blocks
         profile = None
-        is_budget = not (isinstance(self.policy, (int, bool)) or self.policy in ("none", "all", "sqrt")
-                         or str(self.policy).isdigit())
+        is_budget = isinstance(self.policy, str) and not (self.policy in ("none", "all", "sqrt")
+                                                          or self.policy.isdigit())
         if is_budget or self.predict:
             inner = unwrap(self.model)  # not through DDP: a forward without backward upsets its reducer
             cuda = [self.device] if self.device.type == "cuda" else []
@@ -206,7 +209,8 @@ class Trainer:
         grad_norm = None if self.fused_clip else self._grad_norm()
         # a mechgpu optimizer with track_update_norm sums the update's squares in its kernel;
         # otherwise one copy of the (local shards of the) params is kept for the difference
-        in_kernel = bool(getattr(self.optimizer, "track_update_norm", False))
+        in_kernel = bool(getattr(self.optimizer, "track_update_norm", False) or getattr(self.optimizer, "telemetry",
+                                                                                        False))
         before = [_local(p).detach().clone() for p in self.params] if self.track_update_norm and not in_kernel \
             else None
         lr = self.optimizer.param_groups[0]["lr"]
@@ -227,6 +231,12 @@ class Trainer:
         out = {"loss": loss_mean, "grad_norm": _full(grad_norm), "lr": lr}
         if update_norm is not None:
             out["update_norm"] = update_norm
+        sums = getattr(self.optimizer, "last_telemetry_sums", None)
+        if sums is not None:  # a mechgpu optimizer with telemetry=True: summed in its kernel
+            from ..optim import telemetry_from_sums
+
+            figures = telemetry_from_sums(self._sum_over_shards(sums))
+            out.update({k: figures[k] for k in TELEMETRY_KEYS})
         return out
 
     def _grad_norm(self) -> torch.Tensor:
@@ -343,7 +353,7 @@ class Trainer:
         return summary
 
     def _flush(self, pending, seconds: float, cuda: bool) -> None:
-        keys = ("loss", "grad_norm", "update_norm")
+        keys = ("loss", "grad_norm", "update_norm", *(k for k in TELEMETRY_KEYS if k in pending[0][1]))
         stacked = torch.stack([torch.stack([r[k].double().reshape(()) if k in r else
                                             torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
                                             for k in keys]) for _, r, *_ in pending]).tolist()  # the one sync

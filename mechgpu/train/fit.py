@@ -1,0 +1,427 @@
+"""``fit``: the fastest micro-batch x accumulation x checkpoint plan whose peak memory fits a budget.
+
+With the global batch fixed (micro x accum x world = global batch, world = 1 unless
+torch.distributed is initialised), three stages, each a public function that ``fit`` runs in turn:
+
+1. ``probe`` measures, once:
+   - the static memory: params, grads and the optimizer's state as it is after two steps of
+     the ``Trainer`` (the second step, less its forward and backward, is the per-step overhead);
+   - for each micro-batch size (by default every divisor of the global batch per rank, rising),
+     the blocks' profile (``profile_blocks``: saved bytes a_i, input bytes x_i, forward seconds
+     t_i) and the faster of ``repeats`` timed forward and backward passes without checkpointing
+     (backward is measured, not taken as 2x forward). Probing stops at the first size that
+     cannot fit the budget with any plan, since a larger one cannot either, or at the first
+     that runs out of device memory.
+2. ``choose``: the candidates are, for each size, the plans of ``plan_frontier`` (the least
+   recompute for each backward peak); predicted peak = static + the plan's backward peak, and
+   predicted step time = accum x (forward + backward + recompute) + the per-step overhead. The
+   fastest candidate whose peak fits wins. The candidates do not depend on the budget, so a
+   looser budget never chooses a slower predicted configuration.
+3. ``confirm`` trains a few steps with the choice through ``Trainer`` and measures the peak and
+   the throughput (tokens/s without the first step). The peak is ``torch.cuda.max_memory_allocated``
+   on CUDA; on CPU it is the static memory plus the saved activations of one micro-batch
+   (``ActivationMeter``), which leaves out the backward's recompute of the largest segment
+   that the predicted peak adds.
+
+Every stage leaves the model's weights, buffers, forward methods and the RNG states as it
+found them; train with the choice by passing ``accum_steps`` and ``checkpoint=list(segments)``
+to a ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .checkpointing import (
+    BlockProfile,
+    BudgetTooSmall,
+    Segment,
+    clear_checkpointing,
+    describe_segments,
+    find_blocks,
+    format_bytes,
+    parse_bytes,
+    plan_frontier,
+    predict,
+    profile_blocks,
+    unwrap,
+)
+from .trainer import Trainer, _world
+
+if TYPE_CHECKING:
+    from ..tools.jobs import TrainConfig
+
+STATIC_KEYS = ("params_bytes", "grads_bytes", "optimizer_state_bytes")
+
+
+@dataclass
+class MicroProbe:
+    """What one micro-batch size costs: ``items`` counted in one micro-batch (tokens), the
+    blocks' ``profile``, forward and backward seconds without checkpointing, and the
+    checkpoint plans worth considering (``plan_frontier``)."""
+
+    micro_batch: int
+    items: int
+    profile: BlockProfile
+    forward_s: float
+    backward_s: float
+    plans: list[list[Segment]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration and what the probes predict for it (bytes include the static memory)."""
+
+    micro_batch: int
+    accum_steps: int
+    segments: tuple[Segment, ...]
+    peak_bytes: int  # static + the plan's backward peak
+    saved_bytes: int  # static + what one micro-batch's forward saves
+    step_s: float
+    tokens_per_s: float
+
+
+@dataclass
+class _Job:
+    """What ``probe`` was given, for ``confirm``."""
+
+    model: nn.Module
+    loss_fn: Callable
+    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]
+    sample_batch: Callable[[int], Any]
+    blocks: str | None
+    options: dict[str, Any]
+
+
+@dataclass
+class Probes:
+    """The measurements ``choose`` predicts from: ``static`` bytes by kind (STATIC_KEYS), the
+    per-step overhead, one ``MicroProbe`` per size probed, and the sizes left out with why."""
+
+    global_batch: int
+    world: int
+    static: dict[str, int]
+    step_overhead_s: float
+    micros: list[MicroProbe]
+    skipped: dict[int, str]
+    job: _Job = field(repr=False)
+
+    @property
+    def static_bytes(self) -> int:
+        return sum(self.static.values())
+
+    def candidates(self) -> list[Candidate]:
+        """Every probed micro-batch size with every plan of its frontier, by size then peak."""
+        out = []
+        for probe_ in self.micros:
+            accum = self.global_batch // (self.world * probe_.micro_batch)
+            for segments in probe_.plans:
+                saved, peak, recompute = predict(probe_.profile, segments)
+                step_s = accum * (probe_.forward_s + probe_.backward_s + recompute) + self.step_overhead_s
+                out.append(Candidate(probe_.micro_batch, accum, tuple(segments), self.static_bytes + peak,
+                                     self.static_bytes + saved, step_s,
+                                     self.world * accum * probe_.items / step_s))
+        return out
+
+
+@dataclass
+class Choice:
+    """The fastest candidate within ``budget`` bytes, among all the probes gave."""
+
+    budget: int
+    chosen: Candidate
+    candidates: list[Candidate]
+    probes: Probes
+
+    def table(self) -> str:
+        """Per micro-batch size, the candidates of least memory, of most tokens/s within the budget,
+        and without checkpointing (micro, accum, plan, predicted peak and tokens/s, fits?), the
+        chosen one marked; ``FitResult.as_dict`` lists them all."""
+        shown = []
+        for micro in dict.fromkeys(c.micro_batch for c in self.candidates):
+            group = [c for c in self.candidates if c.micro_batch == micro]  # by rising peak
+            fitting = [c for c in group if c.peak_bytes <= self.budget]
+            picks = {group[0], group[-1], *([max(fitting, key=lambda c: c.tokens_per_s)] if fitting else [])}
+            shown += [c for c in group if c in picks]
+        head = ("micro", "accum", "checkpointed blocks", "predicted peak", "predicted tokens/s", "fits")
+        rows = [(str(c.micro_batch), str(c.accum_steps), describe_segments(c.segments), format_bytes(c.peak_bytes),
+                 f"{c.tokens_per_s:,.0f}", ("yes" if c.peak_bytes <= self.budget else "no")
+                 + ("  <- chosen" if c == self.chosen else "")) for c in shown]
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        align = lambda cells: "  ".join(c.rjust(w) if i in (0, 1, 3, 4) else c.ljust(w)
+                                        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        lines = [align(head), align(["-" * w for w in widths]), *map(align, rows)]
+        if len(shown) < len(self.candidates):
+            lines.append(f"({len(shown)} of {len(self.candidates)} candidates shown; fit.json lists them all)")
+        lines += [f"micro-batch {m} not probed: {why}" for m, why in self.probes.skipped.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class FitResult:
+    """The choice and what a short run with it measured."""
+
+    choice: Choice
+    measured_peak_bytes: int
+    peak_measure: str
+    tokens_per_s: float
+    step_s: float
+    steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The contents of ``fit.json``."""
+        c, probes = self.choice.chosen, self.choice.probes
+        row = lambda c: {"micro_batch": c.micro_batch, "accum_steps": c.accum_steps,
+                         "checkpoint": [list(s) for s in c.segments]}
+        return {
+            "budget_bytes": self.choice.budget,
+            "global_batch": probes.global_batch, "world_size": probes.world,
+            "chosen": row(c),
+            "predicted_peak_bytes": c.peak_bytes, "measured_peak_bytes": self.measured_peak_bytes,
+            "peak_measure": self.peak_measure, "predicted_after_forward_bytes": c.saved_bytes,
+            "predicted_tokens_per_s": c.tokens_per_s, "tokens_per_s": self.tokens_per_s,
+            "predicted_step_s": c.step_s, "step_s": self.step_s, "confirm_steps": self.steps,
+            "static_bytes": dict(probes.static),
+            "candidates": [{**row(k), "predicted_peak_bytes": k.peak_bytes, "predicted_tokens_per_s": k.tokens_per_s,
+                            "fits": k.peak_bytes <= self.choice.budget} for k in self.choice.candidates],
+            "not_probed": {str(m): why for m, why in probes.skipped.items()},
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``fit.json`` into ``out_dir`` (made if missing); returns its path."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "fit.json"
+        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        return path
+
+    def report(self) -> str:
+        """The candidates' table, the choice, and predicted against measured peak and throughput."""
+        c, probes = self.choice.chosen, self.choice.probes
+        static = ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {format_bytes(v)}"
+                           for k, v in probes.static.items())
+        return "\n".join([
+            f"candidates for a memory budget of {format_bytes(self.choice.budget)} (static memory "
+            f"{format_bytes(probes.static_bytes)}: {static}):",
+            self.choice.table(), "",
+            f"chosen: micro-batch {c.micro_batch} x {c.accum_steps} accumulation steps x {probes.world} rank(s) "
+            f"= global batch {probes.global_batch}, checkpointed blocks: {describe_segments(c.segments)}",
+            f"peak memory: predicted {format_bytes(c.peak_bytes)} ({format_bytes(c.saved_bytes)} after forward), "
+            f"measured {format_bytes(self.measured_peak_bytes)} ({self.peak_measure})",
+            f"throughput: predicted {c.tokens_per_s:,.0f} tokens/s ({1e3 * c.step_s:.1f} ms/step), measured "
+            f"{self.tokens_per_s:,.0f} tokens/s ({1e3 * self.step_s:.1f} ms/step, {self.steps} steps, the first "
+            f"left out)",
+        ])
+
+
+# ---------------------------------------------------------------------------- the stages
+def probe(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+          sample_batch: Callable[[int], Any], *, global_batch: int, micro_batches: list[int] | None = None,
+          memory: str | int | None = None, blocks: str | None = None, repeats: int = 2,
+          **trainer_options) -> Probes:
+    """Measure what ``choose`` needs (see the module docstring).
+
+    Args:
+        model, loss_fn: as ``Trainer`` takes them (``loss_fn`` sums over the micro-batch).
+        optimizer_factory: ``optimizer_factory(model)`` returns a fresh optimizer for ``model``;
+            called once here and once by ``confirm``.
+        sample_batch: ``sample_batch(n)`` returns a micro-batch ``(inputs, targets)`` of ``n``
+            samples (sequences), on the model's device; called once per size probed and for
+            every micro-batch of the confirmation.
+        global_batch: samples per optimizer step over all ranks.
+        micro_batches: the micro-batch sizes to consider (default: every divisor of the global
+            batch per rank); each must divide it.
+        memory: a budget (``"2GiB"`` or bytes): stop probing at the first size that cannot fit it.
+        blocks: the name of the model's ModuleList/Sequential of repeated blocks (found if None).
+        repeats: timed forward and backward passes per size; the fastest counts.
+        trainer_options: passed to ``Trainer`` (``autocast``, ``max_grad_norm``, ``count_fn``,
+            ``forward_fn``, ...).
+    """
+    world = _world()
+    if not isinstance(global_batch, int) or global_batch < 1 or global_batch % world:
+        raise ValueError(f"global_batch={global_batch!r} must be a positive multiple of the world size {world}")
+    per_rank = global_batch // world
+    sizes = sorted(set(micro_batches)) if micro_batches else [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+    wrong = [m for m in sizes if not isinstance(m, int) or m < 1 or per_rank % m]
+    if wrong:
+        raise ValueError(f"micro-batch sizes {wrong} do not divide the global batch per rank, {per_rank} "
+                         f"({global_batch} over {world} rank(s))")
+    budget = None if memory is None else _budget(memory)
+    job = _Job(model, loss_fn, optimizer_factory, sample_batch, blocks, trainer_options)
+    trainer = Trainer(model, loss_fn, optimizer_factory(model), blocks=blocks, warmup_steps=0, **trainer_options)
+    inner, (_, block_list) = unwrap(model), find_blocks(model, blocks)
+    micros: list[MicroProbe] = []
+    skipped: dict[int, str] = {}
+    with _restored(inner, trainer.device):
+        clear_checkpointing(block_list)
+        first = sample_batch(sizes[0])
+        trainer.train_step([first])  # allocates the optimizer's state (and compiles its kernels)
+        start = _clock(trainer.device)
+        trainer.train_step([first])
+        step_s = _clock(trainer.device) - start
+        split = trainer.memory_split()
+        static = {k: split[k] for k in STATIC_KEYS}
+        for i, micro in enumerate(sizes):
+            batch = first if i == 0 else sample_batch(micro)
+            try:
+                profile = profile_blocks(inner, block_list, lambda b=batch: trainer._micro_loss(b, 1.0, inner))
+                forward_s, backward_s = _forward_backward_s(trainer, batch, repeats)
+            except torch.cuda.OutOfMemoryError:
+                skipped.update({m: "out of device memory without checkpointing" for m in sizes[i:]})
+                break
+            plans = plan_frontier(profile)
+            micros.append(MicroProbe(micro, int(trainer.count_fn(batch)), profile, forward_s, backward_s, plans))
+            least = sum(static.values()) + min(predict(profile, p)[1] for p in plans)
+            if budget is not None and least > budget:
+                skipped.update({m: f"micro-batch {micro} already needs at least {format_bytes(least)}"
+                                for m in sizes[i + 1:]})
+                break
+    overhead = max(0.0, step_s - micros[0].forward_s - micros[0].backward_s) if micros else 0.0
+    return Probes(global_batch, world, static, overhead, micros, skipped, job)
+
+
+def choose(probes: Probes, memory: str | int) -> Choice:
+    """The candidate of most predicted tokens/s whose predicted peak fits ``memory`` (ties: the
+    lower peak). Raises ``BudgetTooSmall``, naming the least any candidate needs, when none fits."""
+    budget = _budget(memory)
+    candidates = probes.candidates()
+    if not candidates:
+        raise BudgetTooSmall("no micro-batch size could be probed: " + "; ".join(
+            f"{m}: {why}" for m, why in probes.skipped.items()))
+    fitting = [c for c in candidates if c.peak_bytes <= budget]
+    if not fitting:
+        least = min(candidates, key=lambda c: c.peak_bytes)
+        static = probes.static_bytes
+        why = (f"is below the static memory alone ({format_bytes(static)}: params, grads and optimizer state)"
+               if budget < static else "is too small for any configuration")
+        raise BudgetTooSmall(
+            f"memory budget {format_bytes(budget)} {why}; the least any configuration needs is "
+            f"{format_bytes(least.peak_bytes)} ({least.peak_bytes} bytes): micro-batch {least.micro_batch} with "
+            f"checkpointed blocks {describe_segments(least.segments)}")
+    chosen = max(fitting, key=lambda c: (c.tokens_per_s, -c.peak_bytes))
+    return Choice(budget, chosen, candidates, probes)
+
+
+def confirm(choice: Choice, steps: int = 3) -> FitResult:
+    """Train ``steps`` steps with the chosen configuration through ``Trainer`` (a fresh optimizer,
+    fresh micro-batches) and measure its peak memory and throughput; the model is restored after."""
+    if steps < 2:
+        raise ValueError(f"steps={steps}: the confirmation needs at least 2 steps (the first is left out of "
+                         "the throughput)")
+    job, chosen = choice.probes.job, choice.chosen
+    inner, (_, block_list) = unwrap(job.model), find_blocks(job.model, job.blocks)
+    with _restored(inner, next(inner.parameters()).device):
+        trainer = Trainer(job.model, job.loss_fn, job.optimizer_factory(job.model), accum_steps=chosen.accum_steps,
+                          checkpoint=list(chosen.segments), blocks=job.blocks, warmup_steps=1, **job.options)
+        try:
+            summary = trainer.fit((job.sample_batch(chosen.micro_batch) for _ in itertools.count()), steps)
+        finally:
+            clear_checkpointing(block_list)
+    if trainer.device.type == "cuda":
+        peak, measure = summary["peak_bytes"], "torch.cuda.max_memory_allocated"
+    else:
+        peak = sum(summary[k] for k in STATIC_KEYS) + summary["saved_activation_bytes"]
+        measure = ("static memory + the saved activations of one micro-batch (ActivationMeter); the prediction "
+                   "adds the recompute of the largest checkpointed segment in backward")
+    return FitResult(choice, peak, measure, summary["items_per_s"], summary["step_s"], steps)
+
+
+def fit(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+        sample_batch: Callable[[int], Any], *, memory: str | int, global_batch: int,
+        micro_batches: list[int] | None = None, steps: int = 3, blocks: str | None = None,
+        **trainer_options) -> FitResult:
+    """The fastest micro-batch size, accumulation steps and checkpoint plan whose predicted peak
+    memory fits ``memory``, confirmed by ``steps`` steps of training: ``probe``, ``choose`` and
+    ``confirm`` in turn (their docstrings give the arguments). Raises ``BudgetTooSmall``, naming
+    the least memory any configuration needs, when none fits."""
+    probes = probe(model, loss_fn, optimizer_factory, sample_batch, global_batch=global_batch,
+                   micro_batches=micro_batches, memory=memory, blocks=blocks, **trainer_options)
+    return confirm(choose(probes, memory), steps)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _budget(memory: str | int) -> int:
+    budget = parse_bytes(memory)
+    if budget <= 0:
+        raise ValueError(f"memory budget {memory!r} is not above 0 bytes")
+    return budget
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Within: the RNG states forked; after: the model's weights and buffers as they were, no grads."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _forward_backward_s(trainer: Trainer, batch, repeats: int) -> tuple[float, float]:
+    """The fastest of ``repeats`` forward and backward passes on ``batch``, without checkpointing."""
+    forward = backward = math.inf
+    for _ in range(max(1, repeats)):
+        with trainer._sync_context(last=False):  # no gradient all-reduce
+            start = _clock(trainer.device)
+            loss = trainer._micro_loss(batch, 1.0)
+            middle = _clock(trainer.device)
+            loss.backward()
+            end = _clock(trainer.device)
+        del loss
+        trainer.optimizer.zero_grad(set_to_none=True)
+        forward, backward = min(forward, middle - start), min(backward, end - middle)
+    return forward, backward
+
+
+# ---------------------------------------------------------------------------- mechgpu fit
+def run_fit(cfg: TrainConfig, memory: str, global_batch: int, micro_batches: list[int] | None, steps: int,
+            out: Path) -> FitResult:
+    """``mechgpu fit``: ``fit`` on the character GPT of ``mechgpu train`` (``cfg``, resolved) with
+    mechgpu's AdamW (clipping fused), printing the report and writing ``out/fit.json``."""
+    from ..optim import AdamW
+    from .gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
+
+    corpus = CharCorpus()
+    torch.manual_seed(cfg.seed)
+    model = CharGPT(corpus.vocab, cfg.context, cfg.dim, cfg.depth, cfg.heads, cfg.dropout).to(cfg.device)
+    init_gpt(model, cfg.seed)
+    draws = itertools.count()
+
+    def sample_batch(micro: int):
+        batches = CharBatches(corpus.train, micro, cfg.context, batches=1, seed=cfg.seed, device=cfg.device)
+        batches.set_epoch(next(draws))  # a fresh draw each call
+        return next(iter(batches))
+
+    def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+        return AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                     max_grad_norm=cfg.max_grad_norm, track_update_norm=True)
+
+    print(f"mechgpu fit: the character GPT ({cfg.depth} blocks of width {cfg.dim}, context {cfg.context}) with a "
+          f"global batch of {global_batch} sequences in {format_bytes(_budget(memory))}: probing each micro-batch "
+          f"size, then {steps} steps with the fastest configuration that fits\n")
+    result = fit(model, TokenLoss(), optimizer, sample_batch, memory=memory, global_batch=global_batch,
+                 micro_batches=micro_batches, steps=steps, blocks="blocks",
+                 autocast="bf16" if cfg.bf16 else None)
+    print(result.report())
+    print(f"\nwrote {result.write(out)}")
+    return result

@@ -1,0 +1,117 @@
+"""Step-size telemetry summed inside the update kernel (``telemetry=True``), against float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+
+import mechgpu.optim as mo
+
+CASES = [("Adam", {}), ("AdamW", {"weight_decay": 0.1, "amsgrad": True}),
+         ("RMSprop", {"momentum": 0.5, "centered": True}), ("SGD", {"momentum": 0.9, "nesterov": True})]
+PRECISIONS = [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"master_weights": True}),
+              (torch.float16, {"master_weights": True})]
+SIZES = (1, 1000, 4097, 3, 0)
+
+
+def _stored(opt, p) -> torch.Tensor:
+    """The value a step carries forward, in float64: the master copy, else the param."""
+    master = opt.state.get(p, {}).get("master_param")
+    return (master if master is not None else p).detach().double().clone()
+
+
+@pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("name, options", CASES, ids=lambda v: str(v))
+def test_telemetry_matches_float64(name, options, dtype, precision):
+    """Per group: ||p|| before, ||p_after - p_before|| and their ratio from the stored values, and the
+    non-finite grads (two inf and a NaN in the last step), against float64."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen).to(device=KERNEL_DEVICE, dtype=dtype).requires_grad_() for n in SIZES]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}]
+    opt = getattr(mo, name)(groups, lr=1e-2, telemetry=True, **options, **precision)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p)
+        if step == 2:
+            params[2].grad[[5, 70]] = torch.tensor([math.inf, -math.inf], dtype=dtype)
+            params[3].grad[1] = math.nan
+        before = [_stored(opt, p) for p in params] if step else None
+        opt.step()
+        if not step:  # the first step makes the master copies
+            continue
+        for group, telemetry in zip(groups, opt.last_telemetry):
+            index = [i for i, p in enumerate(params) if any(p is q for q in group["params"])]
+            param_sq = sum(before[i].square().sum() for i in index)
+            update_sq = sum((_stored(opt, params[i]) - before[i]).square().sum() for i in index)
+            nonfinite = sum((~torch.isfinite(params[i].grad)).sum() for i in index)
+            assert telemetry["nonfinite_grads"].item() == nonfinite.item()
+            torch.testing.assert_close(telemetry["param_norm"].double(), param_sq.sqrt(), rtol=1e-5, atol=0)
+            if nonfinite:
+                assert telemetry["update_norm"].isnan() and update_sq.isnan()
+                continue
+            torch.testing.assert_close(telemetry["update_norm"].double(), update_sq.sqrt(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(telemetry["update_ratio"].double(), (update_sq / param_sq).sqrt(),
+                                       rtol=2e-5, atol=0)
+            assert 0.0 <= telemetry["lost_update_fraction"].item() <= 1.0
+        ours = opt.last_update_norm.double()
+        everything = sum((_stored(opt, p) - b).square().sum() for p, b in zip(params, before)).sqrt()
+        torch.testing.assert_close(ours, everything.to(ours.device), rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_lost_updates_to_bf16_rounding(master):
+    """A bf16 run with a tiny lr loses (nearly) every update to rounding; with masters, none."""
+    gen = torch.Generator().manual_seed(1)
+    params = [(1 + torch.rand(n, generator=gen)).to(KERNEL_DEVICE, torch.bfloat16).requires_grad_() for n in (700, 33)]
+    opt = mo.Adam(params, lr=1e-6, telemetry=True, master_weights=master)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p)
+        opt.step()
+    lost = opt.last_telemetry[0]["lost_update_fraction"].item()
+    assert (lost == 0.0) if master else (lost > 0.99), lost
+
+
+def test_nonfinite_grads_are_counted_when_the_step_is_skipped():
+    params = [torch.randn(n, device=KERNEL_DEVICE, requires_grad=True) for n in (5000, 7)]
+    opt = mo.AdamW(params, max_grad_norm=1.0, skip_nonfinite=True, telemetry=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[[3, 4000, 4999]] = math.nan
+    params[1].grad[0] = math.inf
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    telemetry = opt.last_telemetry[0]
+    assert telemetry["nonfinite_grads"].item() == 4 and telemetry["update_norm"].item() == 0.0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_without_telemetry_nothing_is_reported():
+    p = torch.randn(10, device=KERNEL_DEVICE, requires_grad=True)
+    p.grad = torch.randn_like(p)
+    opt = mo.Adam([p], track_update_norm=True)
+    opt.step()
+    assert opt.last_telemetry is None and opt.last_update_norm is not None
+
+
+def test_lost_update_fraction_matches_its_definition():
+    """bf16 SGD: of the elements whose fp32 update p - lr g differs from p, the fraction whose bf16
+    rounding is p again, at three lrs (from most updates lost to few)."""
+    gen = torch.Generator().manual_seed(9)
+    for lr in (1e-3, 3e-3, 3e-2):
+        p = (torch.rand(5000, generator=gen) * 4 - 2).to(KERNEL_DEVICE, torch.bfloat16).requires_grad_()
+        p.grad = torch.randn(5000, generator=gen).to(p)
+        before = p.detach().float().clone()
+        opt = mo.SGD([p], lr=lr, telemetry=True)
+        opt.step()
+        intended = before - lr * p.grad.float()  # the kernel's fp32 update
+        changed = intended != before
+        lost = changed & (intended.to(torch.bfloat16).float() == before)
+        expected = lost.sum().item() / max(changed.sum().item(), 1)
+        assert abs(opt.last_telemetry[0]["lost_update_fraction"].item() - expected) <= 2 / changed.sum().item()
+        # the stored param kept its value exactly where the update was lost (or was no update);
+        # a GPU's fused multiply-add may round a handful of intended updates differently
+        assert ((p.detach().float() == before) != (lost | ~changed)).sum().item() <= 2
