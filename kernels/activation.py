@@ -558,6 +558,7 @@ def backward(grad: torch.Tensor, saved: torch.Tensor, kind: str, *, slope: float
     if kind in MASK_KINDS:
         if saved.dtype != torch.int32 or saved.numel() != mask_words(n):
             raise ValueError(f"{kind} backward needs the int32 mask of {mask_words(n)} words")
+        saved = saved.contiguous()  # the kernel reads the words flat (an expanded mask has stride 0)
     else:
         if saved.shape != grad.shape:
             raise ValueError(f"saved tensor has shape {tuple(saved.shape)}, grad {tuple(grad.shape)}")

@@ -744,3 +744,20 @@ print("ok")
 """
     out = run_without_interpreter(script)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu"])
+def test_backward_reads_a_strided_mask_as_its_words(kind):
+    """A mask that is not contiguous (an expanded word, a strided view) gives the gradient of its
+    values, as the materialised mask does."""
+    from mechgpu.kernels import activation as kernels
+
+    n = 32 * 5
+    grad = torch.randn(n, device=KERNEL_DEVICE)
+    word = torch.tensor([0x5A5A5A5A], dtype=torch.int32, device=KERNEL_DEVICE)
+    for mask in (word.expand(5), torch.arange(10, dtype=torch.int32, device=KERNEL_DEVICE)[::2] * 0x01010101):
+        expected = kernels.backward(grad, mask.clone(), kind, slope=0.1)
+        torch.testing.assert_close(kernels.backward(grad, mask, kind, slope=0.1), expected, rtol=0, atol=0)
+        bits = ((mask.clone().repeat_interleave(32) >> torch.arange(32, device=KERNEL_DEVICE).repeat(5)) & 1).bool()
+        torch.testing.assert_close(expected, torch.where(bits, grad, grad * 0.1 if kind == "leaky_relu" else 0 * grad),
+                                   rtol=0, atol=0)
