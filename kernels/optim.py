@@ -11,7 +11,7 @@ learning rate never recompiles. Constexprs select features that change the code.
 
 Step counters live on the device: the prologue reads and increments them, so the step
 never round-trips through the host, and the update kernel takes no atomics (but one per
-program for the update norm).
+program for the telemetry, which the update norm is part of).
 
 Grad control, all read from device memory with no host sync (``StepControl``):
 ``grad_scale`` (GradScaler's scale: grads are unscaled in registers), ``found_inf``
