@@ -15,6 +15,15 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A test that runs for a minute or more starts first: over pytest-xdist's workers the long ones
+# then overlap with the rest, instead of one worker running a three-minute test alone at the end.
+long = pytest.mark.long
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+
+
 # Tests parametrised over DEVICES run the kernels on CPU tensors in the interpreter where
 # there is no GPU, and on CUDA tensors where there is one. (With a GPU, triton compiles
 # for it, and CPU params would take torch's own fallback instead of the kernels.)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, long
 
 from mechgpu.tools import bench
 
@@ -88,6 +88,7 @@ def quick_run(tmp_path_factory):
     return out
 
 
+@long
 @cpu_host
 def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
     merged = json.loads((quick_run / "cpu.json").read_text())

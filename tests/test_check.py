@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
+from conftest import KERNEL_DEVICE, long
 
 from mechgpu.cli import _select_device
 from mechgpu.tools import check
@@ -36,6 +36,7 @@ def table_rows(stdout: str) -> list[str]:
 # ----------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------
+@long
 def test_quick_check_passes_end_to_end():
     out = subprocess.run([sys.executable, "-m", "mechgpu", "check", "--quick"], env=dict(os.environ),
                          capture_output=True, text=True, timeout=600)

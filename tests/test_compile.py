@@ -14,12 +14,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import HAS_CUDA, run_without_interpreter
+from conftest import HAS_CUDA, long, run_without_interpreter
 from mechgpu.kernels import aot
 
 # Ahead-of-time compilation needs no GPU: CI does it on CPU, so a GPU host does not spend
 # its (lent, limited) time on it.
-pytestmark = pytest.mark.skipif(HAS_CUDA, reason="compiles for sm_80/sm_90a without a GPU; CI runs it on CPU")
+# One xdist worker runs the whole module, so the compile fixture below runs once per session.
+pytestmark = [pytest.mark.skipif(HAS_CUDA, reason="compiles for sm_80/sm_90a without a GPU; CI runs it on CPU"),
+              pytest.mark.xdist_group("aot-compile"), long]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = aot.all_variants()

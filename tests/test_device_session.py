@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, long
 
 from mechgpu.tools import bench
 
@@ -94,6 +94,7 @@ def test_junit_counts(tmp_path):
     assert ds.junit_counts(tmp_path / "missing.xml")["tests"] == 0
 
 
+@long
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU form of the session; on a GPU host run the session itself")
 def test_cpu_smoke_session_runs_every_step(tmp_path):
     out, archive = tmp_path / "out", tmp_path / "session.tgz"

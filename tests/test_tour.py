@@ -9,22 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import long
+
 from mechgpu.tools.tour import unigram_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import run  # noqa: E402
 
 
-def test_run_py_main_job_is_the_tour(monkeypatch):
-    """``python3 run.py`` with no arguments runs ``mechgpu tour`` in its environment."""
-    ran = []
-    monkeypatch.setattr(run, "setup", lambda: "venv-python")
-    monkeypatch.setattr(run.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    assert run.main([]) == 0
-    assert ran == [["venv-python", "-m", "mechgpu", "tour"]]
-
-
+@long
 def test_tour_learns_with_a_budget_plan_and_matches_torch():
     """The main job as a newcomer runs it on CPU (its defaults, about 2 minutes on 2 cores)."""
     out = subprocess.run([sys.executable, "-m", "mechgpu", "tour", "--no-progress"], cwd=ROOT, env=dict(os.environ),
