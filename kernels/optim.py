@@ -152,9 +152,16 @@ def _lerp(start, end, weight):
 @triton.jit
 def _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier,
                      SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr):
-    """fp32 param (from the master copy if any) and fp32 grad (unscaled and clipped)."""
+    """fp32 param (from the master copy if any) and fp32 grad (unscaled and clipped).
+
+    With a master, the stored param is read too: where it no longer equals its master rounded
+    to its dtype, it was written since the last step (a hook's clamp, ``load_state_dict``,
+    steps with ``master_weights`` off), and its value seeds the master again, as torch's fp32
+    step would honour the edit."""
     if MASTER:
-        p = tl.load(master_ptr + offs, mask=mask)
+        master = tl.load(master_ptr + offs, mask=mask)
+        stored = tl.load(param_ptr + offs, mask=mask)
+        p = tl.where(round_like(master, param_ptr) == stored, master, stored.to(tl.float32))
     else:
         p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)

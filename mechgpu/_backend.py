@@ -40,6 +40,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def has_data(t: torch.Tensor) -> bool:
+    """A dense tensor with memory behind it (not on meta, not sparse or nested): one a checkpoint
+    can load from."""
+    t = local(t)
+    return t.layout is torch.strided and not t.is_nested and t.device.type != "meta"
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when the elements fill a contiguous span of memory in some order (no gaps, no overlap)."""
     if t.is_contiguous():

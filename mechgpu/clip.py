@@ -80,18 +80,46 @@ def _segments(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
     return segments
 
 
+def _torch_workspace(tensors: list[torch.Tensor], kind: int, norm_type: float) -> torch.Tensor:
+    """The norm kernel's fp64 partial (sum |g|^p, NaN count, max or min |g|) of local tensors the
+    kernels do not read (float64, complex, or on a device without the kernels), made by torch
+    ops on their device: no host sync. NaNs are counted and left out of the sum and extreme."""
+    device = tensors[0].device
+    magnitudes = [t.detach().abs().double().reshape(-1) for t in tensors]  # |z| of complex too
+    a = torch.cat(magnitudes) if magnitudes else torch.zeros(0, dtype=torch.float64, device=device)
+    nan = a.isnan()
+    workspace = clip_kernels.new_workspace(kind, device)
+    if kind == clip_kernels.KIND_L2:
+        powers = a * a
+    elif kind == clip_kernels.KIND_L1:
+        powers = a
+    else:
+        powers = a.pow(norm_type)
+    workspace[0] = torch.where(nan, 0.0, powers).sum()
+    workspace[1] = nan.sum()
+    if kind == clip_kernels.KIND_MAX:
+        workspace[2] = torch.where(nan, 0.0, a).amax() if a.numel() else 0.0
+    elif kind == clip_kernels.KIND_MIN:
+        workspace[2] = torch.where(nan, math.inf, a).amin() if a.numel() else math.inf
+    return workspace
+
+
 def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: float, max_norm: float,
                     grad_scale: torch.Tensor | None = None, plans: Plans | None = None) -> None:
-    """Write (norm of all tensors together, clip coefficient) into the fp32 [2] tensor ``out``.
+    """Write (norm of all tensors together, clip coefficient) into the fp32 [2] tensor ``out``
+    (on a device the kernels run on).
 
     One launch per device when nothing needs combining; otherwise partial launches, an
-    all-reduce for sharded DTensors, and a one-program finalize. No host sync. ``plans``
-    is the caller's own (an optimizer keeps one across steps); by default, a new one.
+    all-reduce for sharded DTensors, and a one-program finalize. Tensors the kernels do not
+    read (float64, complex: an optimizer's groups that torch steps) add their partial from torch
+    ops. No host sync. ``plans`` is the caller's own (an optimizer keeps one across steps); by
+    default, a new one.
     """
     plans = {} if plans is None else plans
-    segments = _segments(tensors)
+    others = [t for t in tensors if not _kernels_take([t])]
+    segments = _segments([t for t in tensors if _kernels_take([t])])
     kind = clip_kernels.norm_kind(norm_type)
-    if len(segments) == 1:
+    if len(segments) == 1 and not others:
         key, members = next(iter(segments.items()))
         device, aligned, groups = key
         if not groups and device == out.device:
@@ -100,13 +128,21 @@ def total_norm_into(out: torch.Tensor, tensors: list[torch.Tensor], norm_type: f
             clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
                                    aligned=aligned, grad_scale=grad_scale)
             return
-    partials = []
+    workspaces = []
     for key, members in segments.items():
         device, aligned, groups = key
         plan = _plan_for(plans, key, members)
         workspace = clip_kernels.new_workspace(kind, device)
         clip_kernels.grad_norm(plan, workspace, out, norm_type=norm_type, max_norm=max_norm,
                                aligned=aligned, finalize=False)
+        workspaces.append((workspace, groups))
+    by_device: dict[tuple, list[torch.Tensor]] = {}
+    for t in others:
+        by_device.setdefault((_local(t).device, _reduce_groups(t)), []).append(_local(t))
+    for (_, groups), members in by_device.items():
+        workspaces.append((_torch_workspace(members, kind, norm_type), groups))
+    partials = []
+    for workspace, groups in workspaces:
         for group in groups:
             _all_reduce_workspace(workspace, kind, group)
         partials.append(workspace.to(out.device, non_blocking=True))

@@ -30,15 +30,16 @@ def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int
     """The least one step of ``optimizer`` reads and writes per parameter element.
 
     With P the param size (the grad has the param's dtype) and S a state's: g is read (P) and
-    the param written (P); the param is read too (P), or, with an fp32 master copy, the
-    master is read and written instead (8). Each state the options make is read and written
-    (2S): Adam's exp_avg and exp_avg_sq (+ max_exp_avg_sq with amsgrad), RMSprop's square_avg
-    (+ momentum_buffer, + grad_avg when centered), SGD's momentum_buffer with momentum.
-    So 3P + 2S * states, or 2P + 8 + 2S * states: fp32 Adam 28 B, bf16 params with fp32
-    states 22 B, with bf16 states 14 B, bf16 with masters 28 B; SGD without momentum 12 B.
+    the param read and written (2P); with an fp32 master copy the master is read and written
+    too (8), the param read only to see whether it was edited since the last step. Each state
+    the options make is read and written (2S): Adam's exp_avg and exp_avg_sq (+ max_exp_avg_sq
+    with amsgrad), RMSprop's square_avg (+ momentum_buffer, + grad_avg when centered), SGD's
+    momentum_buffer with momentum. So 3P + 2S * states, + 8 with masters: fp32 Adam 28 B, bf16
+    params with fp32 states 22 B, with bf16 states 14 B, bf16 with masters 30 B; SGD without
+    momentum 12 B.
     ``options`` are the optimizer's torch options (amsgrad, momentum, centered); others are ignored.
     """
-    params = 2 * param_size + 2 * FP32 if master else 3 * param_size
+    params = 3 * param_size + (2 * FP32 if master else 0)
     return params + 2 * state_size * _STATES[optimizer](options)
 
 

@@ -238,6 +238,46 @@ def test_dtypes_the_kernels_do_not_take_go_to_torch():
     assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
 
 
+def _total_norm_float64(grads) -> float:
+    return math.sqrt(sum(float(g.detach().double().abs().square().sum()) if not g.is_complex()
+                         else float(g.detach().abs().double().square().sum()) for g in grads))
+
+
+@pytest.mark.filterwarnings("ignore:.*own implementation steps that group")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("torch_dtype", [torch.float64, torch.complex64], ids=str)
+@pytest.mark.parametrize("with_kernel_group", [True, False], ids=["kernel+torch groups", "torch groups only"])
+def test_clip_in_step_is_one_norm_over_every_group(torch_dtype, with_kernel_group, device):
+    """max_grad_norm with a group the kernels step (fp32) and one torch steps (float64 or complex):
+    one global norm over every grad, last_grad_norm equal to torch's get_total_norm over all of
+    them, the step equal to torch's clip_grad_norm_ then step, and no grad rescaled on any path."""
+    groups = [make_params((5, 7), device, torch_dtype, seed=1, scale=3.0)]
+    if with_kernel_group:
+        groups.insert(0, make_params((3, 1000), device, seed=2, scale=3.0))
+    twins = [clone_params(g) for g in groups]
+    ours = mo.AdamW([{"params": g} for g in groups], lr=1e-2, max_grad_norm=0.5)
+    ref = torch.optim.AdamW([{"params": g} for g in twins], lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for g, t in zip(groups, twins):
+            for p, q in zip(g, t):
+                p.grad = (3.0 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).to(device)
+                q.grad = p.grad.clone()
+        given = [p.grad.clone() for g in groups for p in g]
+        ours.step()
+        ref_params = [q for t in twins for q in t]
+        expected = torch.nn.utils.get_total_norm([q.grad for q in ref_params])
+        assert expected.item() == pytest.approx(_total_norm_float64([q.grad for q in ref_params]), rel=1e-6)
+        assert ours.last_grad_norm.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert expected.item() > 0.5 * 4  # clipping is active
+        torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+        ref.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip((p for g in groups for p in g), given))
+    for g, t in zip(groups, twins):
+        for p, q in zip(g, t):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="counts atomics in triton's interpreter, which a GPU host does not use")
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 3.5])
 def test_norm_atomics_do_not_grow_with_elements(norm_type, monkeypatch):

@@ -72,6 +72,35 @@ def test_grad_scaler_matches_torch_fused_fp32(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,kwargs", [("SGD", {"momentum": 0.9, "dampening": 0.5}), ("Adam", {}),
+                                         ("RMSprop", {"momentum": 0.5})])
+def test_steps_skipped_before_any_state_leave_none_through_a_state_dict(name, kwargs, device):
+    """GradScaler skips the first steps (inf grads): torch's step never runs, so no state is made.
+    mechgpu leaves none either (no zero momentum buffer that a state_dict would carry as started),
+    and after a torch.save round trip of both optimizers the runs go on alike."""
+    ours_model = tiny_model(torch.float32, device)
+    ref_model = twin(ours_model)
+    ours = getattr(mo, name)(ours_model.parameters(), lr=1e-2, **kwargs)
+    ref = getattr(torch.optim, name)(ref_model.parameters(), lr=1e-2, foreach=False, **kwargs)
+    trace_ours = amp_run(ours_model, ours, device, torch.float32, 2, init_scale=2.0**127)
+    trace_ref = amp_run(ref_model, ref, device, torch.float32, 2, init_scale=2.0**127)
+    assert [t[2] > 0 for t in trace_ours] == [t[2] > 0 for t in trace_ref] == [True, True]
+    assert ours.state_dict()["state"] == ref.state_dict()["state"] == {}
+    reloaded = []
+    for model, opt, cls in ((ours_model, ours, getattr(mo, name)), (ref_model, ref, getattr(torch.optim, name))):
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = cls(model.parameters(), lr=1e-2, foreach=False, **kwargs)  # mechgpu's take foreach and ignore it
+        fresh.load_state_dict(torch.load(buffer))
+        reloaded.append(fresh)
+    amp_run(ours_model, reloaded[0], device, torch.float32, 5, init_scale=2.0**10, seed=2)
+    amp_run(ref_model, reloaded[1], device, torch.float32, 5, init_scale=2.0**10, seed=2)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_grad_scaler_fp16_params_match_torch_fused(device):
     """fp16 params with a GradScaler whose scale overflows: the same steps are skipped, and the
     params stay within a few fp16 ulps of torch's fused fp16 run (whose states are fp16)."""

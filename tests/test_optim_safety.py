@@ -245,6 +245,15 @@ def momentum_buffer_none(opt, params):
 def tensor_beta1(opt, params):
     opt.param_groups[1]["betas"] = (torch.tensor(0.8), 0.99)  # a tensor beside a float
 
+
+def cpu_tensor_hypers(opt, params):
+    """Group 1's scalar hyperparameters as CPU tensors, as torch takes them (with CUDA params the
+    kernel must not read their host addresses)."""
+    group = opt.param_groups[1]
+    for key in ("eps", "weight_decay", "alpha", "momentum", "dampening"):
+        if key in group:
+            group[key] = torch.tensor(float(group[key]) or 0.05 * (key == "weight_decay"))
+
 LEGAL = {  # mutation -> configs it applies to (None: all)
     "state_cleared": (state_cleared, None),
     "state_dict_replaced": (state_dict_replaced, None),
@@ -264,6 +273,7 @@ LEGAL = {  # mutation -> configs it applies to (None: all)
     "param_group_added": (param_group_added, ["Adam", "RMSprop", "SGD-momentum"]),
     "momentum_buffer_none": (momentum_buffer_none, ["SGD-momentum"]),
     "tensor_beta1": (tensor_beta1, ["Adam", "AdamW"]),
+    "cpu_tensor_hypers": (cpu_tensor_hypers, None),
 }
 LEGAL_CASES = [(m, c) for m, (_, configs) in LEGAL.items() for c in (configs or CONFIGS)]
 
@@ -339,6 +349,10 @@ def _state_dtype_fp16(opt, params):
     opt.state_dtype = torch.float16
 
 
+def _meta_weight_decay(opt, params):
+    opt.param_groups[1]["weight_decay"] = torch.tensor(0.1, device="meta")  # group 0 must not be stepped either
+
+
 REJECTED = {  # mutation -> (configs, exception, message)
     "amsgrad_on": (option_flipped("amsgrad", True), ["Adam", "AdamW"], KeyError,
                    "has no 'max_exp_avg_sq', which amsgrad=True needs"),
@@ -362,6 +376,8 @@ REJECTED = {  # mutation -> (configs, exception, message)
     "shared_step": (_shared_step, ["Adam", "RMSprop"], RuntimeError,
                     "state 'step' of param 1 of group 1 shares its memory with state 'step' of param 0 of group 1"),
     "state_dtype_fp16": (_state_dtype_fp16, ["AdamW"], ValueError, "Invalid state_dtype: torch.float16"),
+    "meta_weight_decay": (_meta_weight_decay, ["Adam", "RMSprop", "SGD"], RuntimeError,
+                          "group 1's tensor weight_decay is on meta, its params on"),
 }
 REJECTED_CASES = [(m, c) for m, (_, configs, _, _) in REJECTED.items() for c in (configs or CONFIGS)]
 
@@ -499,6 +515,14 @@ def test_deepcopy_and_pickle_step_identically(config):
 # ----------------------------------------------------------------------------------
 # bf16 params with fp32 masters: the masters follow torch's fp32 step through mutations
 # ----------------------------------------------------------------------------------
+def assert_masters_follow(ours, ours_p, ref_p) -> None:
+    """Each fp32 master within fp32 rounding of torch's fp32 param, and its param its rounding."""
+    for a, b in zip(ours_p, ref_p):
+        master = ours.state[a]["master_param"]
+        torch.testing.assert_close(master.cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.detach(), master.to(torch.bfloat16))
+
+
 def run_masters(mutation: str) -> str:
     gen = torch.Generator().manual_seed(8)
     values = [torch.randn(n, generator=gen) for n in (1, 1000, 33)]
@@ -519,10 +543,7 @@ def run_masters(mutation: str) -> str:
             a.grad, b.grad = g, g.float()
         ours.step()
         ref.step()
-    for a, b in zip(ours_p, ref_p):
-        master = ours.state[a]["master_param"]
-        torch.testing.assert_close(master.cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
-        assert torch.equal(a.detach(), master.to(torch.bfloat16))
+    assert_masters_follow(ours, ours_p, ref_p)
     return "ok"
 
 
@@ -573,3 +594,121 @@ print("ok")
 def test_cpu_fallback_amp_with_clipping_and_update_norm():
     out = run_without_interpreter(FALLBACK_SCRIPT, timeout=CHILD_TIMEOUT_S)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------
+# torch.utils.swap_tensors: Module.to with swapping on, between steps, grads present
+# ----------------------------------------------------------------------------------
+def run_swapped_module(config: str) -> str:
+    import weakref
+
+    name, opts = CONFIGS[config]
+    torch.manual_seed(3)
+    ours_m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 5)).to(KERNEL_DEVICE)
+    ref_m = copy.deepcopy(ours_m)
+    pairs = [(ours_m, getattr(mo, name)(ours_m.parameters(), lr=LR[name], **opts)),
+             (ref_m, getattr(torch.optim, name)(ref_m.parameters(), lr=LR[name], **opts))]
+    x = torch.randn(6, 3, 6, 6, device=KERNEL_DEVICE)
+
+    def step(swap_after_backward: bool) -> None:
+        for model, opt in pairs:
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            if swap_after_backward:  # grads exist: they are swapped too
+                model.to(memory_format=torch.channels_last)
+            opt.step()
+
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        step(False)
+        step(False)
+        ours_opt = pairs[0][1]
+        tensors = [*ours_m.parameters(), *(p.grad for p in ours_m.parameters()),
+                   *(v for s in ours_opt.state.values() for v in s.values() if torch.is_tensor(v))]
+        assert all(weakref.getweakrefcount(t) == 0 for t in tensors)
+        step(True)  # raised "Couldn't swap ... has weakref" while the cache held weak references
+        assert ours_m[0].weight.is_contiguous(memory_format=torch.channels_last)
+        step(False)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    for a, b in zip(ours_m.parameters(), ref_m.parameters()):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+    return "ok"
+
+
+@pytest.mark.parametrize("config", ["AdamW", "SGD-momentum", "RMSprop-centered-momentum"])
+def test_module_to_with_swapped_tensors_matches_torch(config):
+    assert isolated(run_swapped_module, config) == "ok"
+
+
+# ----------------------------------------------------------------------------------
+# bf16 params with fp32 masters, edited between steps: torch's fp32 step honours an edit
+# ----------------------------------------------------------------------------------
+def run_master_edit(edit: str) -> str:
+    """Each element of an edited param continues from its edited value, as in torch's fp32
+    AdamW continued from the values the user left (an element the edit left as it was keeps
+    its master's precision); before the fix, the stale master overwrote the edit."""
+    gen = torch.Generator().manual_seed(11)
+    ours_p = [torch.nn.Parameter(torch.randn(n, generator=gen).to(KERNEL_DEVICE, torch.bfloat16))
+              for n in (1, 1000, 33)]
+    ref_p = [torch.nn.Parameter(p.detach().float()) for p in ours_p]
+    module = torch.nn.ParameterList(ours_p)
+    assert all(a is b for a, b in zip(module, ours_p))
+    lr = 5e-2
+    ours = mo.AdamW(ours_p, lr=lr, master_weights=True)
+    ref = torch.optim.AdamW(ref_p, lr=lr)
+    changed: list[torch.Tensor] = []
+
+    def clamp_hook(opt, args, kwargs):  # the common in-place edit of a hook, through .data
+        changed.clear()
+        for p in ours_p:
+            before = p.detach().clone()
+            p.data.clamp_(-0.5, 0.5)
+            changed.append(p.detach() != before)
+
+    if edit == "post_hook":
+        hook = ours.register_step_post_hook(clamp_hook)
+    seen = [p.detach().clone() for p in ours_p]  # the params as the user sees them
+    for step in range(6):
+        if edit == "load_state_dict" and step == 3:
+            new = {str(i): torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE, torch.bfloat16)
+                   for i, p in enumerate(ours_p)}
+            module.load_state_dict(new)
+            changed[:] = [p.detach() != s for p, s in zip(ours_p, seen)]
+        if edit == "toggle" and step == 2:
+            ours.master_weights = False
+            seen = [p.detach().clone() for p in ours_p]
+            frozen = [q.detach().clone() for q in ref_p]
+        if edit == "toggle" and step == 4:  # the bf16 steps made while they were off must not be lost
+            ours.master_weights = True
+            changed[:] = [p.detach() != s for p, s in zip(ours_p, seen)]
+            assert sum(int(c.sum()) for c in changed) > 900
+        with torch.no_grad():  # torch continues from the values the user left
+            for q, p, c in zip(ref_p, ours_p, changed):
+                q[c] = p.detach()[c].float()
+        changed.clear()
+        if edit == "post_hook" and step == 5:  # the last step reads the edits of the one before
+            hook.remove()
+        for a, b in zip(ours_p, ref_p):
+            g = torch.randn(a.shape, generator=gen).to(KERNEL_DEVICE, torch.bfloat16)
+            a.grad, b.grad = g, g.float()
+        ours.step()
+        ref.step()
+        if edit == "post_hook":
+            with torch.no_grad():
+                for q, p, c in zip(ref_p, ours_p, changed):
+                    q[c] = p.detach()[c].float()
+            changed.clear()
+        if not (edit == "toggle" and step in (2, 3)):  # the toggle compares with the params at switch-off
+            seen = [p.detach().clone() for p in ours_p]
+        if edit == "toggle" and 2 <= step < 4:  # no masters: the bf16 steps are the edit, read at step 4
+            with torch.no_grad():
+                for q, f in zip(ref_p, frozen):
+                    q.copy_(f)
+    assert_masters_follow(ours, ours_p, ref_p)
+    return "ok"
+
+
+@pytest.mark.parametrize("edit", ["post_hook", "load_state_dict", "toggle"])
+def test_master_weights_honour_edits_of_the_param(edit):
+    assert isolated(run_master_edit, edit) == "ok"

@@ -12,6 +12,7 @@ import pickle
 import random
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -90,13 +91,33 @@ def _assert_rel(actual, expected, rel, what):
     assert err <= rel, f"{what}: relative error {err:.3e} > {rel:.0e}"
 
 
+def _mean_token_loss(out, y):  # as HF and Lightning users write it: a mean over the non-ignored tokens
+    return nn.functional.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
+
+
+class _MeanTokenLoss(nn.Module):
+    reduction = "mean"
+
+    def forward(self, out, y):
+        return _mean_token_loss(out, y)
+
+
+# (loss_fn, the Trainer's loss_reduction): summed, a mean found on the first micro-batch, a mean
+# named by the loss's own reduction attribute, and a mean named by the argument
+LOSSES = {"sum": (TokenLoss(), None), "mean-found": (_mean_token_loss, None),
+          "mean-attribute": (_MeanTokenLoss(), None), "mean-argument": (_mean_token_loss, "mean")}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("accum", [3, "all"])
-def test_accumulation_equals_full_batch_float64(accum):
+def test_accumulation_equals_full_batch_float64(accum, loss_name):
     torch.manual_seed(0)
     model = Net().double()
     data = _batches([3, 1, 4, 2, 5, 1, 2])  # 7 micro-batches: windows of 3, 3 and a partial 1
     opt = Recorder(model.parameters())
-    trainer = Trainer(model, TokenLoss(), opt, accum_steps=accum, track_update_norm=False, warmup_steps=0)
+    loss_fn, reduction = LOSSES[loss_name]
+    trainer = Trainer(model, loss_fn, opt, accum_steps=accum, track_update_norm=False, warmup_steps=0,
+                      loss_reduction=reduction)
     windows = [data[0:3], data[3:6], data[6:7]] if accum == 3 else [data]
     trainer.fit(data, len(windows))
     assert len(opt.grads) == len(windows)
@@ -108,6 +129,33 @@ def test_accumulation_equals_full_batch_float64(accum):
             _assert_rel(g, e, 1e-10, f"step {step} param {i} (window of {len(window)}, token counts {counts})")
         assert abs(trainer.history[step]["loss"] - loss.item()) <= 1e-10 * abs(loss.item())
         assert trainer.history[step]["micro_batches"] == len(window)
+    assert trainer.loss_reduction == ("sum" if loss_name == "sum" else "mean")
+
+
+def test_finding_the_reduction_leaves_no_trace():
+    """With dropout, a run whose trainer found the mean on the first micro-batch is bit-identical
+    to one that was told: the probe's forward draws nothing from the RNGs the run uses."""
+    runs = []
+    for reduction in (None, "mean"):
+        torch.manual_seed(0)
+        model = Net(dropout=0.3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        Trainer(model, _mean_token_loss, opt, accum_steps=2, warmup_steps=0, loss_reduction=reduction).fit(
+            _batches([2, 3, 2], dtype=torch.float32), 2)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_loss_that_neither_sums_nor_averages_is_refused():
+    model = Net().double()
+    trainer = Trainer(model, lambda out, y: TokenLoss()(out, y) + 1.0, Recorder(model.parameters()),
+                      warmup_steps=0)  # a sum plus a constant: twice the batch gives neither 2x nor 1x
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"neither sums nor averages .* pass loss_reduction='sum' or 'mean'"):
+        trainer.fit(_batches([2, 3]), 1)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="reduction='sum' or 'mean', not 'none'"):
+        Trainer(model, nn.CrossEntropyLoss(reduction="none"), Recorder(model.parameters()))
 
 
 def test_mean_of_means_would_differ():
@@ -288,13 +336,77 @@ def test_resume_is_bit_identical(tmp_path):
     assert (tmp_path / "a" / "train_log.csv").read_text().count("\n") == 6
 
 
-def _small_trainer(hidden=(16, 16), seed=0):
-    """A Net with a mechgpu AdamW and a scheduler, after one step (so the optimizer has state)."""
+def _loader_trainer(log_dir):
+    torch.manual_seed(0)
+    model = Net(hidden=(16, 16), dropout=0.2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return Trainer(model, TokenLoss(), opt, accum_steps=2, warmup_steps=0, log_dir=log_dir)
+
+
+def _loader(own_generator: bool, sampler_generator: bool = False):
+    """A shuffling DataLoader of 7 micro-batches per epoch (windows of 2, 2, 2 and a partial 1)."""
+    x, y = _batches([14], seed=5, dtype=torch.float32)[0]
+    data = torch.utils.data.TensorDataset(x, y)
+    if sampler_generator:
+        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(7))
+        return torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+    generator = torch.Generator().manual_seed(3) if own_generator else None
+    return torch.utils.data.DataLoader(data, batch_size=2, shuffle=True, generator=generator)
+
+
+@pytest.mark.parametrize("generator", ["global RNG", "loader's generator", "sampler's generator"])
+@pytest.mark.parametrize("save_at", [3, 4, 6])  # mid-epoch, after the epoch's last (partial) window, mid-epoch 2
+def test_resume_with_a_shuffling_dataloader_is_bit_identical(tmp_path, generator, save_at):
+    """The loader's order for the epoch and the position in it are restored: the resumed run sees
+    the micro-batches the straight run saw, and its dropout draws the same masks."""
+    def loader():
+        return _loader(generator == "loader's generator", generator == "sampler's generator")
+
+    straight = _loader_trainer(tmp_path / "a")
+    straight.fit(loader(), 9)
+    first = _loader_trainer(tmp_path / "b")
+    first.fit(loader(), save_at)
+    first.save(tmp_path / "ckpt.pt")
+    torch.manual_seed(99)  # disturb everything the resume must restore
+    resumed = _loader_trainer(tmp_path / "c")
+    resumed.load(tmp_path / "ckpt.pt")
+    resumed.fit(loader(), 9)
+    keys = ("loss", "grad_norm", "micro_batches", "items")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in straight.history]
+    for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
+    assert straight.epoch == resumed.epoch == 2
+
+
+def test_saving_mid_epoch_of_data_without_a_captured_order_warns(tmp_path):
+    def batches():  # a generator: iterating it again does not give the same micro-batches
+        yield from _batches([2, 3, 2, 1], dtype=torch.float32)
+
+    class Once:
+        def __iter__(self):
+            return batches()
+
+    trainer = _loader_trainer(tmp_path)
+    trainer.accum_steps = 1
+    trainer.fit(Once(), 2)
+    with pytest.warns(UserWarning, match=r"Once, whose position cannot be captured, so a run resumed .* skips the 2"):
+        trainer.save(tmp_path / "ckpt.pt")
+    trainer = _loader_trainer(tmp_path)
+    trainer.fit(_loader(True), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.save(tmp_path / "ckpt.pt")  # a DataLoader over a map-style dataset: nothing to say
+
+
+def _small_trainer(hidden=(16, 16), seed=0, optimizer="AdamW"):
+    """A Net with a mechgpu AdamW (or SGD with momentum) and a scheduler, after one step (so the
+    optimizer has state)."""
     import mechgpu.optim as mo
 
     torch.manual_seed(seed)
     model = Net(hidden=hidden)
-    opt = mo.AdamW(model.parameters(), lr=1e-2)
+    opt = mo.AdamW(model.parameters(), lr=1e-2) if optimizer == "AdamW" else \
+        mo.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     trainer = Trainer(model, TokenLoss(), opt, scheduler=sched, accum_steps=2, warmup_steps=0)
     trainer.fit(_batches([2, 3], seed=seed, dtype=torch.float32), 1)
@@ -420,13 +532,35 @@ def _other_optimizer(state):  # the model fits, the optimizer's state is for oth
     state["optimizer"] = _small_trainer(hidden=(16, 24), seed=1).optimizer.state_dict()
 
 
+def _sgd_checkpoint(state):  # written by an SGD trainer of the same model
+    state["optimizer"] = _small_trainer(seed=1, optimizer="SGD").optimizer.state_dict()
+
+
+def _sgd_states(state):  # AdamW's groups, but the per-param states of SGD
+    state["optimizer"]["state"] = _small_trainer(seed=1, optimizer="SGD").optimizer.state_dict()["state"]
+
+
+def _meta_optimizer_state(state):
+    entry = state["optimizer"]["state"][1]
+    entry["exp_avg"] = torch.empty(entry["exp_avg"].shape, device="meta")
+
+
+def _meta_model_tensor(state):
+    state["model"]["out.bias"] = torch.empty(state["model"]["out.bias"].shape, device="meta")
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (_wider_model, r"'layers\.1\.up\.weight' has shape \(24, 8\) in the checkpoint but \(16, 8\)"),
     (_renamed_key, r"missing keys \['out\.weight'\], unexpected keys \['head\.weight'\]"),
     (_other_optimizer, r"optimizer state does not fit"),
+    (_sgd_checkpoint, r"param group 0 lacks \['betas', 'eps'\], which AdamW needs"),
+    (_sgd_states, r"param 0 of group 0 .*it has no \['step', 'exp_avg', 'exp_avg_sq'\] \(it has \['momentum_buffer'\]"),
+    (_meta_optimizer_state, r"param 1 of group 0 .*'exp_avg' is a torch\.strided tensor on meta, with no data"),
+    (_meta_model_tensor, r"model tensor 'out\.bias' is a torch\.strided tensor on meta in the checkpoint"),
     (lambda state: state.pop("optimizer"), r"lacks the keys \['optimizer'\]"),
     (lambda state: state["rng"].update(python=(3, (1, 2), None)), r"python RNG state cannot be restored"),
-], ids=["wider_model", "renamed_key", "other_optimizer", "no_optimizer", "bad_rng"])
+], ids=["wider_model", "renamed_key", "other_optimizer", "sgd_checkpoint", "sgd_states", "meta_optimizer_state",
+        "meta_model_tensor", "no_optimizer", "bad_rng"])
 def test_mismatched_checkpoint_raises_and_changes_nothing(tmp_path, corrupt, message):
     trainer = _small_trainer()
     state = _small_trainer(seed=1).state_dict()  # same shapes, other values: a load would show

@@ -43,12 +43,11 @@ class _AdamFamily(FusedOptimizer):
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def _launch(self, plan, dtype, group, aligned, control, precision):
-        device = plan.device
-        beta1, beta2 = group["betas"]
+        h = self._hypers(group, plan.device)
+        beta1, beta2 = h["betas"]
         optim_kernels.launch(
-            plan, dtype, optim_kernels.ADAM, lr=self._hyper(group["lr"], device),
-            beta1=self._hyper(beta1, device), beta2=self._hyper(beta2, device),
-            eps=group["eps"], weight_decay=group["weight_decay"],
+            plan, dtype, optim_kernels.ADAM, lr=h["lr"], beta1=beta1, beta2=beta2, eps=h["eps"],
+            weight_decay=h["weight_decay"],
             options={"AMSGRAD": group["amsgrad"], "MAXIMIZE": group["maximize"],
                      "DECOUPLED_WD": group["decoupled_weight_decay"]},
             aligned=aligned, control=control, precision=precision,
@@ -116,10 +115,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         return "RMSprop does not support sparse gradients"
 
     def _launch(self, plan, dtype, group, aligned, control, precision):
+        h = self._hypers(group, plan.device)
         optim_kernels.launch(
-            plan, dtype, optim_kernels.RMSPROP, lr=self._hyper(group["lr"], plan.device), beta2=group["alpha"],
-            eps=group["eps"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            options={"CENTERED": group["centered"], "HAS_MOMENTUM": group["momentum"] > 0,
+            plan, dtype, optim_kernels.RMSPROP, lr=h["lr"], beta2=h["alpha"], eps=h["eps"],
+            weight_decay=h["weight_decay"], momentum=h["momentum"],
+            options={"CENTERED": group["centered"], "HAS_MOMENTUM": bool(group["momentum"] > 0),
                      "MAXIMIZE": group["maximize"]},
             aligned=aligned, control=control, precision=precision,
         )
@@ -151,12 +151,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         return ("momentum_buffer" if group["momentum"] != 0 else None,)
 
     def _launch(self, plan, dtype, group, aligned, control, precision):
-        device = plan.device
+        h = self._hypers(group, plan.device)
         optim_kernels.launch(
-            plan, dtype, optim_kernels.SGD, lr=self._hyper(group["lr"], device),
-            weight_decay=self._hyper(group["weight_decay"], device), momentum=group["momentum"],
-            dampening=group["dampening"],
-            options={"HAS_MOMENTUM": group["momentum"] != 0, "NESTEROV": group["nesterov"],
+            plan, dtype, optim_kernels.SGD, lr=h["lr"], weight_decay=h["weight_decay"], momentum=h["momentum"],
+            dampening=h["dampening"],
+            options={"HAS_MOMENTUM": bool(group["momentum"] != 0), "NESTEROV": group["nesterov"],
                      "MAXIMIZE": group["maximize"]},
             aligned=aligned, control=control, precision=precision,
         )

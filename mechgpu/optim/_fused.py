@@ -17,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
-import weakref
 from collections.abc import Callable
 
 import torch
 
-from .._backend import PLAIN_TENSORS, is_dense, kernels_run_on, warn_fallback_once
+from .._backend import PLAIN_TENSORS, has_data, is_dense, kernels_run_on, warn_fallback_once
 from .._backend import local as _local
 from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
@@ -98,7 +97,6 @@ _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _dtype_of = operator.attrgetter("dtype")
 _stride = torch.Tensor.stride
-_deref = weakref.ref.__call__
 
 
 def _where(tensors: list[torch.Tensor]) -> tuple[list, ...]:
@@ -121,24 +119,29 @@ class _GroupCache:
     per-tensor Python). Anything else (state cleared or replaced, ``.data`` swapped, an
     option that adds or drops a state, another param set) makes the step rebuild, which
     validates first. New grad tensors with their param's dtype, shape and strides only
-    re-point the grad column. Grads and states are held by weak reference, so a cache
-    keeps no memory alive that the user has released.
+    re-point the grad column.
+
+    Between steps it holds no reference of any kind to a user's tensor, only ``id()``s and
+    what ``_where`` read: no memory kept alive, and no weak reference to stop
+    ``torch.utils.swap_tensors`` (``Module.to`` with swapping on, FSDP2). An ``id`` may be reused
+    by a new tensor once the old one is gone; what the kernel relies on (address, element
+    count, dtype, strides) is confirmed afresh on the live tensors either way.
     """
 
     def __init__(self, signature: tuple, params: list[torch.Tensor], grads: list[torch.Tensor],
                  keys: list[tuple[str, ...]], states: list[torch.Tensor], counters: list[torch.Tensor] | None,
                  buckets: list[_Bucket]) -> None:
         self.signature = signature
-        self.params = params
+        self.param_ids = list(map(id, params))
         self.plain = all(type(t) in PLAIN_TENSORS for t in (*params, *grads, *states))
         self.param_where = _where(_locals(params, self.plain))
         self.keys = keys  # per param, the state entries its row points at
-        self.state_refs = [weakref.ref(t) for t in states]
+        self.state_ids = list(map(id, states))
         self.state_where = _where(_locals(states, self.plain))
         self.counters = counters  # the optimizer's own step counters (SGD), or None
         self.meta = [(p.dtype, _local(p).shape, _local(p).stride(), _local(p).get_device()) for p in params]
         self.buckets = buckets
-        self.grad_refs = [weakref.ref(g) for g in grads]
+        self.grad_ids = list(map(id, grads))
         self.grad_where = _where(_locals(grads, self.plain))  # grads keep their param's layout
         self.pending_grads: list[int] | None = None  # grad addresses confirmed but not yet uploaded
         self.held: list[torch.Tensor] = []  # the confirmed states, held during one step only
@@ -152,8 +155,7 @@ class _GroupCache:
             return False
 
     def _confirm(self, optimizer, signature, params, grads) -> bool:
-        if (signature != self.signature or len(params) != len(self.params)
-                or not all(map(operator.is_, params, self.params))):
+        if signature != self.signature or list(map(id, params)) != self.param_ids:
             return False
         plain = self.plain
         if _where(_locals(params, plain)) != self.param_where:
@@ -163,14 +165,13 @@ class _GroupCache:
             states = [entry[key] for entry, keys in zip(map(state.__getitem__, params), self.keys) for key in keys]
         except (KeyError, TypeError):
             return False
-        if (not all(map(operator.is_, states, map(_deref, self.state_refs)))
-                or _where(_locals(states, plain)) != self.state_where):
+        if list(map(id, states)) != self.state_ids or _where(_locals(states, plain)) != self.state_where:
             return False
         self.held = states  # alive until the launches are queued
         if self.counters is not None and not all(map(operator.is_, optimizer._own_counters(params), self.counters)):
             return False
         local_grads = _locals(grads, plain)
-        if all(map(operator.is_, grads, map(_deref, self.grad_refs))):
+        if list(map(id, grads)) == self.grad_ids:
             return _where(local_grads) == self.grad_where
         strided = torch.strided  # new grads: each must fit its param as the rows assume
         for g, (dtype, shape, stride, device) in zip(local_grads, self.meta):
@@ -182,7 +183,7 @@ class _GroupCache:
         for bucket in self.buckets:
             if bucket.aligned and any(ptrs[i] % 16 for i in bucket.indices):
                 return False
-        self.grad_refs = [weakref.ref(g) for g in grads]
+        self.grad_ids = list(map(id, grads))
         self.grad_where = where
         self.pending_grads = ptrs
         return True
@@ -208,7 +209,8 @@ class FusedOptimizer:
       leaves params and states untouched (and is not counted), without a host sync.
     * ``master_weights``: bf16/fp16 params get an fp32 master copy in the optimizer state
       (``master_param``); the kernel updates it and writes the rounded param in one pass.
-      The param is not read: to change it from outside, change the master too.
+      The param is read too (2 B per element): where it was edited since the last step (a
+      hook's clamp, ``load_state_dict``, steps with master_weights off), the edit seeds the master.
     * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.
@@ -281,14 +283,18 @@ class FusedOptimizer:
             raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
                              "with master_weights=True the params are rounded from an fp32 copy")
 
-    def _check_hyperparameters(self, group_index: int, group: dict) -> None:
-        """Every hyperparameter the kernel reads is a real number or a one-element real tensor."""
+    def _check_hyperparameters(self, group_index: int, group: dict, device: torch.device) -> None:
+        """Every hyperparameter the kernel reads is a real number, or a one-element real tensor on
+        the CPU (read as a number) or on the params' ``device`` (read by the kernel)."""
         for key in self._hyper_keys:
             values = group[key] if key == "betas" else (group[key],)
             for value in values:
                 if isinstance(value, torch.Tensor):
                     if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
-                        continue
+                        if value.device.type == "cpu" or value.device == device:
+                            continue
+                        raise self._error(f"group {group_index}'s tensor {key} is on {value.device}, its params "
+                                          f"on {device}; put it on one of them (or the CPU)")
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     continue
                 shown = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
@@ -386,9 +392,6 @@ class FusedOptimizer:
                 if not _storage_holds(t):
                     raise self._error(f"{what}{where} has {t.numel()} elements but its storage holds "
                                       f"{t.untyped_storage().nbytes()} bytes (was the storage resized or freed?)")
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.device != device and lr.device.type != "cpu":
-            raise self._error(f"group {group_index}'s tensor lr is on {lr.device}, its params on {device}")
 
     def _check_state(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
         """Every check of the params' existing states, before anything is written."""
@@ -484,10 +487,16 @@ class FusedOptimizer:
                 self._rounding_seed)
 
     def _hyper(self, value, device: torch.device):
-        """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float."""
+        """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float
+        (``_check_hyperparameters`` allows no other device)."""
         if isinstance(value, torch.Tensor) and value.device != device:
             return float(value)  # a CPU tensor: no device synchronisation
         return value
+
+    def _hypers(self, group: dict, device: torch.device) -> dict:
+        """The group's hyperparameters (``_hyper_keys``) as the launch passes them."""
+        return {key: tuple(self._hyper(b, device) for b in group[key]) if key == "betas"
+                else self._hyper(group[key], device) for key in self._hyper_keys}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -518,7 +527,7 @@ class FusedOptimizer:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            self._check_hyperparameters(group_index, group)
+            self._check_hyperparameters(group_index, group, _local(params[0]).device)
             grads = [p.grad for p in params]
             cache = caches.get(group_index)
             if cache is not None and cache.confirm(self, self._signature(group), params, grads):
@@ -540,10 +549,29 @@ class FusedOptimizer:
             first = work[0][2][0] if work else next(p for g in fallback_groups for p in g["params"]
                                                      if p.grad is not None)
             telemetry = self._telemetry_buffer(_local(first).device)
+        found_inf = self.__dict__.get("found_inf")  # set by torch.amp.GradScaler.step
+        if found_inf is not None and self._makes_state(work) and found_inf.item():
+            # GradScaler found inf/NaN on a step that would make optimizer state: torch's step is
+            # skipped before it makes any (one host read, only on steps that make state)
+            if telemetry is not None:
+                self._count_nonfinite(telemetry, [group for _, group, _, _ in work] + fallback_groups)
+            return loss
+        device = devices.pop() if work else None
+        grad_scale = self._amp_tensor("grad_scale", device) if work else None
+        clip = None
+        if self.max_grad_norm is not None and work:  # one norm over every grad, torch's groups' too
+            from ..clip import total_norm_into
+
+            if self._clip_out is None or self._clip_out.device != device:
+                self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
+            clip = self._clip_out
+            grads = [p.grad for _, _, params, _ in work for p in params]
+            grads += [p.grad for g in fallback_groups for p in g["params"] if p.grad is not None]
+            total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
         if fallback_groups:
             for cpu in {not kernels_run_on(_local(g["params"][0]).device) for g in fallback_groups}:
                 _warn_fallback(self._torch_name, cpu)
-            self._torch_step(fallback_groups, telemetry)
+            self._torch_step(fallback_groups, telemetry, clip)
         if not work:
             return loss
         for index, (group_index, group, params, cache) in enumerate(work):
@@ -552,17 +580,6 @@ class FusedOptimizer:
                 work[index] = (group_index, group, params, cache)
             cache.upload_grads()
 
-        device = devices.pop()
-        grad_scale = self._amp_tensor("grad_scale", device)
-        clip = None
-        if self.max_grad_norm is not None:
-            from ..clip import total_norm_into
-
-            if self._clip_out is None or self._clip_out.device != device:
-                self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
-            clip = self._clip_out
-            grads = [p.grad for _, _, params, _ in work for p in params]
-            total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
         control = StepControl(clip=clip, skip_nonfinite=self.skip_nonfinite and clip is not None,
                               grad_scale=grad_scale, found_inf=self._amp_tensor("found_inf", device))
         for group_index, group, _, cache in work:
@@ -627,9 +644,14 @@ class FusedOptimizer:
         return _GroupCache(self._signature(group), params, [p.grad for p in params], keys, states, counters,
                            buckets)
 
-    def _torch_step(self, groups: list[dict], telemetry: torch.Tensor | None) -> None:
+    def _torch_step(self, groups: list[dict], telemetry: torch.Tensor | None, clip: torch.Tensor | None) -> None:
         """torch.optim's own step, for groups the kernels cannot step: CPU params without the
-        interpreter, or params in a dtype the kernels do not take (float64, complex)."""
+        interpreter, or params in a dtype the kernels do not take (float64, complex).
+
+        As in the kernels, the user's grads are never written: AMP's unscaling and the clip
+        coefficient (``clip[1]``, from the norm over every group's grads; torch's own norm over
+        these groups' grads when no group runs the kernels) go into copies that torch's step
+        reads in their place."""
         torch_cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
         fn = torch_cls.step
         if getattr(fn, "hooked", False):  # torch's profiling/hook wrapper: our own step already ran the hooks
@@ -640,25 +662,29 @@ class FusedOptimizer:
         rows = [next(i for i, pg in enumerate(self.param_groups) if pg is g) for g in groups]
         field = TELEMETRY_FIELDS.index
         if telemetry is not None:  # non-finite grads are counted even when the step is then skipped
-            for row, g in zip(rows, groups):
-                telemetry[row, field("nonfinite_grads")] += sum(
-                    (~torch.isfinite(p.grad)).sum().double().to(telemetry.device) for p in g["params"]
-                    if p.grad is not None)
+            self._count_nonfinite(telemetry, groups)
+        grads = [p.grad for p in params]
+        factor = None if grad_scale is None else 1.0 / grad_scale.double()  # what torch's step gets: g * factor
+        if self.max_grad_norm is not None:
+            if clip is None:  # only torch's groups have grads: torch's norm over them
+                unscaled = grads if factor is None else [g * factor.to(g.device) for g in grads]
+                norm = torch.nn.utils.get_total_norm(unscaled, 2.0)
+                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+                self._clip_out = clip = torch.stack([norm.float(), coef.float()])
+            coef = clip[1].double()
+            factor = coef if factor is None else factor.to(coef.device) * coef
         if found_inf is not None and found_inf.item():  # GradScaler found inf/NaN: skip, like fused torch
             return
-        if grad_scale is not None:
-            for p in params:
-                p.grad.div_(grad_scale.to(p.grad.device))
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            self._clip_out = torch.stack([norm.float(), torch.ones_like(norm, dtype=torch.float32)])
-            if self.skip_nonfinite and not torch.isfinite(norm):
-                return
+        if self.max_grad_norm is not None and self.skip_nonfinite and not torch.isfinite(clip[0]):
+            return
         before = [[p.detach().clone() for p in g["params"] if p.grad is not None] for g in groups] \
             if telemetry is not None else None
         saved_groups = self.param_groups
         saved_capturable = [g.get("capturable") for g in groups]
         try:
+            if factor is not None:  # torch's step reads scaled copies; the user's grads stay as they are
+                for p, g in zip(params, grads):
+                    p.grad = g * factor.to(g.device).to(g.real.dtype)
             self.param_groups = groups
             for g in groups:
                 if "capturable" in g:
@@ -667,6 +693,8 @@ class FusedOptimizer:
                 del self.__dict__[name]  # torch's own step must not apply them again
             fn(self)
         finally:
+            for p, g in zip(params, grads):
+                p.grad = g
             self.param_groups = saved_groups
             for g, c in zip(groups, saved_capturable):
                 if c is not None:
@@ -680,6 +708,27 @@ class FusedOptimizer:
                         "changed": sum((p != b).sum().double() for p, b in zip(news, olds))}
                 for name, value in sums.items():
                     telemetry[row, field(name)] += value.to(telemetry.device)
+
+    def _makes_state(self, work: list) -> bool:
+        """Whether stepping ``work`` would make a state entry torch's step makes (a param's first
+        step, or momentum switched on): torch leaves none behind when GradScaler skips the step."""
+        for _, group, params, cache in work:
+            if cache is not None:
+                continue  # confirmed: every entry exists
+            keys = self._entry_keys(group)
+            for p in params:
+                state = self.state.get(p)
+                if not state or any(state.get(k) is None for k in keys):
+                    return True
+        return False
+
+    def _count_nonfinite(self, telemetry: torch.Tensor, groups: list[dict]) -> None:
+        """Add each group's inf and NaN grad elements to its telemetry row, with torch ops."""
+        column = TELEMETRY_FIELDS.index("nonfinite_grads")
+        for g in groups:
+            row = next(i for i, pg in enumerate(self.param_groups) if pg is g)
+            telemetry[row, column] += sum((~torch.isfinite(p.grad)).sum().double().to(telemetry.device)
+                                          for p in g["params"] if p.grad is not None)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checking every state against its param; states keep
@@ -757,7 +806,13 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None
     if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
         raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
                          "optimizer's group")
-    for group_index, (group, saved) in enumerate(zip(groups, saved_groups)):
+    loaded_groups = _groups_as_loaded(optimizer, saved_groups)
+    for group_index, (group, saved, loaded) in enumerate(zip(groups, saved_groups, loaded_groups)):
+        missing = [k for k in optimizer.defaults if k not in loaded]  # the hyperparameters its step reads
+        if missing:
+            raise ValueError(f"loaded state dict: param group {group_index} lacks {missing}, which "
+                             f"{type(optimizer).__name__} needs (saved by another optimizer?)")
+        required = _required_state_keys(optimizer, loaded)
         for i, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
             entry = saved_state.get(saved_id)
             if entry is None:
@@ -766,9 +821,49 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None
                 raise ValueError(f"loaded state dict: the state of param {i} of group {group_index} is a "
                                  f"{type(entry).__name__}, not a dict")
             problem = _state_problem(entry, p, local=False)
+            if problem is None and entry:
+                absent = [k for k in required if entry.get(k) is None]
+                if absent:
+                    problem = f"it has no {absent} (it has {sorted(entry)}; saved by another optimizer?)"
+            if problem is None:
+                stored = [(k, v) for k, v in entry.items() if torch.is_tensor(v) and not has_data(v)]
+                if stored:
+                    k, v = stored[0]
+                    problem = f"{k!r} is a {v.layout} tensor on {v.device}, with no data to load"
             if problem is not None:
                 raise ValueError(f"loaded state dict does not fit param {i} of group {group_index} "
                                  f"(shape {tuple(p.shape)}): {problem}")
+
+
+def _groups_as_loaded(optimizer: torch.optim.Optimizer, saved_groups: list) -> list[dict]:
+    """The saved param groups as ``optimizer.load_state_dict`` would leave them: each replaces
+    the group, then the optimizer's ``__setstate__`` fills the keys an older torch did not save.
+    Run on a bare instance, so nothing of ``optimizer`` changes."""
+    probe = object.__new__(type(optimizer))
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in saved_groups]
+    torch.optim.Optimizer.__setstate__(probe, {"defaults": dict(optimizer.defaults), "state": {},
+                                               "param_groups": groups})
+    for cls in type(optimizer).__mro__:  # the optimizer's own defaults for old groups (torch's, not ours)
+        if cls.__module__.startswith("torch.optim") and "__setstate__" in cls.__dict__ \
+                and cls is not torch.optim.Optimizer:
+            cls.__setstate__(probe, probe.__dict__)
+            break
+    return probe.param_groups
+
+
+def _required_state_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, ...]:
+    """The state entries a started param must have under ``group``'s options, as torch's step
+    reads them (KeyError without): from mechgpu's twin of a torch optimizer, else none known."""
+    from . import SGD, Adam, AdamW, RMSprop
+
+    twins = {torch.optim.Adam: Adam, torch.optim.AdamW: AdamW, torch.optim.RMSprop: RMSprop, torch.optim.SGD: SGD}
+    twin = next((twins[c] for c in type(optimizer).__mro__ if c in twins), None)
+    if twin is None:
+        return ()
+    try:
+        return object.__new__(twin)._required_keys(group)
+    except (KeyError, TypeError):  # options the rule reads are missing: reported as missing group keys
+        return ()
 
 
 def reject_differentiable(name: str, differentiable: bool) -> None:

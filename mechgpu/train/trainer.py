@@ -18,7 +18,8 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._backend import has_data
 from .._backend import local as _local
 from .checkpointing import (
     ActivationMeter,
@@ -65,8 +67,16 @@ class Trainer:
 
     Args:
         model: the model (plain, DDP-wrapped, or FSDP2 ``fully_shard``-ed).
-        loss_fn: ``loss_fn(output, target)`` returning the **sum** of the per-item losses of
-            the micro-batch (e.g. ``nn.CrossEntropyLoss(reduction="sum")``); the trainer divides.
+        loss_fn: ``loss_fn(output, target)`` returning the sum or the mean of the per-item losses
+            of the micro-batch (``nn.CrossEntropyLoss()``, ``F.cross_entropy``, or with
+            ``reduction="sum"``); the trainer turns each into the micro-batch's sum and divides by
+            the window's global count, so both give the exact full-window mean.
+        loss_reduction: ``"sum"`` or ``"mean"``: which of the two ``loss_fn`` returns. By default
+            it is ``loss_fn.reduction`` where that exists, else found on the first micro-batch
+            (``loss_fn`` on the output and target repeated twice: a sum doubles, a mean does
+            not; an eval-mode forward without grad, RNG untouched); a loss that does neither is
+            a ValueError that asks for this argument. A mean must be over ``count_fn``'s items
+            (or a constant multiple of them, as ``mse_loss`` over the features of each item).
         optimizer: any torch optimizer; with a mechgpu optimizer built with ``max_grad_norm``
             the clipping is fused into its step and the logged norm is its ``last_grad_norm``.
         scheduler: an LR scheduler stepped once per optimizer step.
@@ -99,15 +109,18 @@ class Trainer:
                  count_fn: Callable = default_count, forward_fn: Callable | None = None,
                  eval_data: Iterable | None = None, eval_every: int = 0, log_every: int = 1,
                  log_dir: str | Path | None = None, track_update_norm: bool = True, warmup_steps: int = 1,
-                 progress: bool = False, predict: bool = False) -> None:
-        if getattr(loss_fn, "reduction", "sum") != "sum":
-            raise ValueError(f"loss_fn must sum over the micro-batch (reduction='sum'), not "
-                             f"reduction={loss_fn.reduction!r}: the trainer divides by the window's global count")
+                 progress: bool = False, predict: bool = False, loss_reduction: str | None = None) -> None:
+        if loss_reduction is None:
+            loss_reduction = getattr(loss_fn, "reduction", None)
+        if loss_reduction not in (None, "sum", "mean"):
+            raise ValueError(f"loss_fn must reduce over the micro-batch with reduction='sum' or 'mean', not "
+                             f"{loss_reduction!r}: the trainer divides by the window's global count")
         if accum_steps != "all" and not (isinstance(accum_steps, int) and accum_steps >= 1):
             raise ValueError(f"accum_steps must be an int >= 1 or 'all', not {accum_steps!r}")
         if autocast not in (None, "bf16"):
             raise ValueError(f"autocast must be None or 'bf16', not {autocast!r}")
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.loss_reduction = loss_reduction  # None: found on the first micro-batch
         self.accum_steps, self.policy, self.blocks_name = accum_steps, checkpoint, blocks
         self.max_grad_norm, self.autocast = max_grad_norm, autocast
         self.count_fn, self.forward_fn = count_fn, forward_fn or (lambda m, b: m(b[0]))
@@ -121,6 +134,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0  # micro-batches of the current epoch already consumed
+        #: torch's RNG state and the data's generators' states when this epoch's iterator started
+        self.epoch_rng: dict[str, Any] | None = None
+        self._data_resumable: str | None = None  # why the last data given to fit cannot resume exactly
         self.history: list[dict[str, Any]] = []
         self.plan: Plan | None = None
         self.measured_saved: int | None = None
@@ -153,13 +169,47 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_loss(self, batch, scale: float, model: nn.Module | None = None) -> torch.Tensor:
+    def _micro_loss(self, batch, scale: float, model: nn.Module | None = None,
+                    count: int | None = None) -> torch.Tensor:
+        """The micro-batch's summed loss times ``scale`` (a mean loss times its ``count`` of items)."""
+        if self.loss_reduction is None:
+            self.loss_reduction = self._find_reduction(batch)
         with self._autocast():
             out = self.forward_fn(self.model if model is None else model, batch)
-            loss_sum = self.loss_fn(out, batch[-1])
-        if loss_sum.dtype in (torch.float16, torch.bfloat16):
-            loss_sum = loss_sum.float()
-        return loss_sum * scale
+            loss = self.loss_fn(out, batch[-1])
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        if self.loss_reduction == "mean":
+            scale = scale * (int(self.count_fn(batch)) if count is None else count)
+        return loss * scale
+
+    @torch.no_grad()
+    def _find_reduction(self, batch) -> str:
+        """"sum" or "mean": loss_fn on the output and target of ``batch`` repeated twice doubles a
+        sum and keeps a mean. An eval-mode forward (no dropout, no BatchNorm statistics), with
+        the RNGs forked, so training sees no trace of it."""
+        model = unwrap(self.model)
+        was_training = model.training
+        cuda = [self.device] if self.device.type == "cuda" else []
+        ask = "pass loss_reduction='sum' or 'mean' to Trainer to say which it returns"
+        try:
+            with torch.random.fork_rng(devices=cuda), self._autocast():
+                model.eval()
+                out, target = self.forward_fn(model, batch), batch[-1]
+                if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)):
+                    raise ValueError(f"Trainer: loss_fn has no 'reduction' attribute and the model's output is a "
+                                     f"{type(out).__name__}, so the trainer cannot tell whether loss_fn sums or "
+                                     f"averages over the micro-batch; {ask}")
+                once = self.loss_fn(out, target).double()
+                twice = self.loss_fn(torch.cat([out, out]), torch.cat([target, target])).double()
+        finally:
+            model.train(was_training)
+        ratio = float(twice / once) if float(once) != 0.0 else math.nan
+        for name, expected in (("sum", 2.0), ("mean", 1.0)):
+            if abs(ratio - expected) <= 1e-3:
+                return name
+        raise ValueError(f"Trainer: loss_fn neither sums nor averages over the micro-batch (on the batch "
+                         f"repeated twice it gave {float(twice):.6g} against {float(once):.6g}); {ask}")
 
     def _sync_context(self, last: bool):
         """No gradient all-reduce on all but the last micro-batch of a window."""
@@ -169,8 +219,8 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def _global_count(self, window: list) -> int:
-        count = sum(int(self.count_fn(b)) for b in window)
+    def _global_count(self, counts: list[int]) -> int:
+        count = sum(counts)
         if _is_distributed() and _world() > 1:
             t = torch.tensor([count], dtype=torch.float64, device=self._comm_device())
             torch.distributed.all_reduce(t)
@@ -183,7 +233,8 @@ class Trainer:
 
     def train_step(self, window: list, measure: bool = False) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches of ``window``; returns device tensors."""
-        n_items = self._global_count(window)
+        counts = [int(self.count_fn(b)) for b in window]
+        n_items = self._global_count(counts)
         self.last_global_items = n_items
         if n_items == 0:
             raise ValueError("a window of micro-batches with no items to count (all targets ignored?)")
@@ -194,7 +245,7 @@ class Trainer:
             last = i == len(window) - 1
             with self._sync_context(last):
                 with meter if (meter is not None and i == 0) else contextlib.nullcontext():
-                    loss = self._micro_loss(batch, scale)
+                    loss = self._micro_loss(batch, scale, count=counts[i])
                 loss.backward()
             loss_total += loss.detach().double()
             del loss
@@ -259,14 +310,37 @@ class Trainer:
         return squares
 
     # ------------------------------------------------------------------ data
+    def _epoch_iter(self, data: Iterable):
+        """``iter(data)`` for the current epoch, positioned after the micro-batches it already gave.
+
+        A DataLoader draws its shuffle (and workers') seeds from its own generator, else from
+        torch's global RNG, when its iterator starts. So the RNG states of the moment this
+        epoch's iterator first started are kept (``epoch_rng``, saved in checkpoints); a resumed
+        epoch restarts its iterator from them, which gives the same order, skips the batches
+        already trained on, and puts torch's global RNG back where the run had it."""
+        generators = _data_generators(data)
+        resumed = self.position > 0 and self.epoch_rng is not None
+        if resumed:
+            current = torch.get_rng_state()
+            torch.set_rng_state(self.epoch_rng["torch"])
+            for gen, state in zip(generators, self.epoch_rng["generators"]):
+                gen.set_state(state)
+        else:
+            self.epoch_rng = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+        it = iter(data)
+        for _ in range(self.position):  # resume: skip what this epoch already consumed
+            next(it, None)
+        if resumed:
+            torch.set_rng_state(current)
+        return it
+
     def _windows(self, data: Iterable):
         """Windows of micro-batches, epoch after epoch, from the saved position on."""
+        self._data_resumable = _resumable(data)
         while True:
             if hasattr(data, "set_epoch"):
                 data.set_epoch(self.epoch)
-            it = iter(data)
-            for _ in range(self.position):  # resume: skip what this epoch already consumed
-                next(it, None)
+            it = self._epoch_iter(data)
             window = []
             size = math.inf if self.accum_steps == "all" else self.accum_steps
             got_any = False
@@ -427,10 +501,14 @@ class Trainer:
                "numpy": _numpy_rng_to_tensors(np.random.get_state())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self._data_resumable is not None and self.position > 0:
+            warnings.warn(f"Trainer.save: {self._data_resumable}, so a run resumed from this checkpoint skips "
+                          f"the {self.position} micro-batches this epoch has given by iterating afresh, which "
+                          "repeats them exactly only if the data gives the same order again", stacklevel=3)
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "rng": rng, "step": self.step, "epoch": self.epoch, "position": self.position,
-                "history": self.history}
+                "history": self.history, "epoch_rng": self.epoch_rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``. Everything is checked first: on a checkpoint that does not
@@ -449,6 +527,14 @@ class Trainer:
         except ValueError as e:
             raise ValueError(f"Trainer.load: the checkpoint's optimizer state does not fit this optimizer: {e}") from e
         rng = _checked_rng(state["rng"])
+        epoch_rng = _checked_epoch_rng(state.get("epoch_rng"))  # None in checkpoints of earlier versions
+        for key in ("step", "epoch", "position"):
+            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+                raise ValueError(f"Trainer.load: the checkpoint's {key!r} must be an int >= 0, not {state[key]!r}")
+        scheduler_state = state["scheduler"]
+        if self.scheduler is not None and scheduler_state is not None and not isinstance(scheduler_state, Mapping):
+            raise ValueError(f"Trainer.load: the checkpoint's scheduler state is a {type(scheduler_state).__name__}, "
+                             "not a dict")
 
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -462,6 +548,7 @@ class Trainer:
             np.random.set_state(rng["numpy"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.history = list(state["history"])
+        self.epoch_rng = epoch_rng
 
     def save(self, path: str | Path) -> None:
         """Write ``state_dict()`` to ``path`` atomically: to a new file in the same directory,
@@ -515,6 +602,9 @@ def _check_model_state(expected: Mapping[str, Any], got: Any) -> None:
         if isinstance(mine, torch.Tensor) and mine.shape != theirs.shape:
             raise ValueError(f"Trainer.load: model tensor {key!r} has shape {tuple(theirs.shape)} in the "
                              f"checkpoint but {tuple(mine.shape)} in this model")
+        if isinstance(theirs, torch.Tensor) and not has_data(theirs):
+            raise ValueError(f"Trainer.load: model tensor {key!r} is a {theirs.layout} tensor on {theirs.device} "
+                             "in the checkpoint, with no data to load")
 
 
 def _numpy_rng_to_tensors(state: tuple) -> dict[str, Any]:
@@ -549,6 +639,44 @@ def _checked_rng(rng: Any) -> dict[str, Any]:
             except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
                 raise ValueError(f"Trainer.load: the checkpoint's {name} RNG state cannot be restored ({e})") from e
     return out
+
+
+def _checked_epoch_rng(epoch_rng: Any) -> dict[str, Any] | None:
+    """The checkpoint's epoch-start RNG states, each tried on a throwaway generator first."""
+    if epoch_rng is None:
+        return None
+    try:
+        torch.Generator().set_state(epoch_rng["torch"])
+        for state in epoch_rng["generators"]:
+            torch.Generator().set_state(state)
+    except (TypeError, KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"Trainer.load: the checkpoint's epoch_rng cannot be restored ({e})") from e
+    return {"torch": epoch_rng["torch"], "generators": list(epoch_rng["generators"])}
+
+
+def _data_generators(data: Any) -> list[torch.Generator]:
+    """The torch.Generators a DataLoader draws its order and seeds from (its own, its sampler's,
+    its batch sampler's sampler's), each once, on the CPU."""
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and gen.device.type == "cpu" and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def _resumable(data: Any) -> str | None:
+    """None if iterating ``data`` afresh from the saved RNG states gives the same order again
+    (a DataLoader over a map-style dataset, a sequence, or data with ``set_epoch``), else why not."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, IterableDataset):
+            return "the training data is a DataLoader over an IterableDataset, whose position cannot be captured"
+        return None
+    if isinstance(data, Sequence) or hasattr(data, "set_epoch"):
+        return None
+    return f"the training data is a {type(data).__name__}, whose position cannot be captured"
 
 
 def _numpy_rng_globals() -> list:
