@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton.language as tl
+
+from ._interpreter import skip_repeated_lang_patches
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # as triton reads it, at import
+    skip_repeated_lang_patches()
 
 #: torch dtype -> triton dtype, for the dtypes the kernels take
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -79,6 +79,11 @@ def test_committed_results_are_real_runs_and_their_files_exist():
         assert (bench.ROOT / link).exists(), link
 
 
+# the tests that read the one quick run stay on one xdist worker (a module fixture runs once per
+# worker that needs it), and start first (long)
+reads_quick_run = pytest.mark.xdist_group("bench-quick-run")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -89,6 +94,7 @@ def quick_run(tmp_path_factory):
 
 
 @long
+@reads_quick_run
 @cpu_host
 def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
     merged = json.loads((quick_run / "cpu.json").read_text())
@@ -106,6 +112,8 @@ def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, plot
 
 
+@long
+@reads_quick_run
 @cpu_host
 def test_bandwidth_summary_has_every_kernel_family_against_torch(quick_run):
     merged = json.loads((quick_run / "cpu.json").read_text())
@@ -121,6 +129,8 @@ def test_bandwidth_summary_has_every_kernel_family_against_torch(quick_run):
     assert sum(r["torch"] is not None for r in rows) >= len(rows) - 5  # only bf16/fp16 modes lack a torch twin
 
 
+@long
+@reads_quick_run
 @cpu_host
 def test_readme_section_shows_a_run_only_with_its_provenance(quick_run):
     hidden = bench.render_results(quick_run)
