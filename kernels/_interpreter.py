@@ -28,9 +28,18 @@ class _NoChanges:
         pass
 
 
+#: per function, the ids of the language modules its globals see (a module's imports of
+#: triton.language do not change once it has loaded; scanning its globals at every call cost 6%)
+_LANGUAGE_MODULES: dict = {}
+
+
 def _language_modules(fn) -> set[int]:
     """The language modules ``fn``'s globals see, as triton's ``_patch_lang`` finds them."""
-    return {id(value) for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core)}
+    found = _LANGUAGE_MODULES.get(fn)
+    if found is None:
+        found = _LANGUAGE_MODULES[fn] = frozenset(
+            id(value) for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core))
+    return found
 
 
 def skip_repeated_lang_patches() -> bool:
@@ -49,7 +58,7 @@ def skip_repeated_lang_patches() -> bool:
             return _NoChanges()  # a device function inside a launch: already patched
         scope = original(fn)
         if _patched is None:  # a launch: patched until its scope is restored
-            _patched = langs
+            _patched = set(langs)
             restore = scope.restore
 
             def restore_and_forget() -> None:

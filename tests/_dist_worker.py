@@ -5,6 +5,8 @@ of every batch): (a) torch.optim + torch.nn.utils.clip_grad_norm_, (b) mechgpu.o
 mechgpu.clip.clip_grad_norm_, (c) mechgpu.optim with max_grad_norm (clipping fused into the
 step). It records losses, norms, the norms of every rank (all-gathered), final full params,
 clipped grads and optimizer states, and torch.save's them for the parent test to compare.
+Under FSDP2 each run also calls ``model.float()`` after its second step: Module._apply then swaps
+every DTensor param and grad with torch.utils.swap_tensors, as FSDP2 users' conversions do.
 
 ``run`` sets TRITON_INTERPRET=1 before it imports triton (nothing imported here does), so
 the mechgpu kernels run in triton's interpreter on the CPU tensors whatever the parent's
@@ -115,6 +117,8 @@ def train(rank: int, scenario: str, variant: str) -> dict:
             out["norm_types"].append(type(norm).__name__)
             out["clipped_grads"] = [full(p.grad) for p in params]  # after clipping, before the step
         opt.step()
+        if wrapper == "fsdp" and step == 1:  # no change of values, but Module._apply swaps every DTensor
+            model.float()  # param and grad (swap_tensors), which refuses a tensor anything holds a weakref to
         if variant == "mechgpu_fused":
             norm = opt.last_grad_norm
             out["norm_types"].append(type(norm).__name__)
