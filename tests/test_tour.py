@@ -34,6 +34,6 @@ def test_tour_learns_with_a_budget_plan_and_matches_torch():
     assert none[2] == "none" and planned[2].startswith("blocks ") and planned[2] == reference[2], text
     assert none[3] == none[4] and planned[3] == planned[4] and planned[3] != none[3], text
     worst = float(re.search(r"largest loss difference, mechgpu against torch over 40 steps: (\S+)", text).group(1))
-    assert worst < 1e-3, text  # fp32 rounding of two op orders, compounded over 40 steps (5e-5 here)
+    assert worst < 1e-3, text  # fp32 rounding of two op orders, compounded over 40 steps (6.0e-5 here)
     first, last = map(float, re.search(r"mechgpu's loss (\S+) -> (\S+) in 40 steps", text).groups())
     assert last < unigram_entropy() - 0.3 < first, text
