@@ -351,8 +351,10 @@ def _forward(x, slope, KIND: tl.constexpr, PRECISE: tl.constexpr):
         y = gelu_fwd(x, PRECISE)
     elif KIND == _GELU_TANH:
         y = gelu_tanh_fwd(x, PRECISE)
-    else:
+    elif KIND == _SILU:
         y = silu_fwd(x, PRECISE)
+    else:
+        tl.static_assert(False, "activation forward: unknown KIND")
     return y
 
 
@@ -371,8 +373,10 @@ def _backward(g, saved, slope, KIND: tl.constexpr, PRECISE: tl.constexpr):
         dx = gelu_bwd(g, saved, PRECISE)
     elif KIND == _GELU_TANH:
         dx = gelu_tanh_bwd(g, saved, PRECISE)
-    else:
+    elif KIND == _SILU:
         dx = silu_bwd(g, saved, PRECISE)
+    else:
+        tl.static_assert(False, "activation backward: unknown KIND")
     return dx
 
 

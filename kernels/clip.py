@@ -49,6 +49,7 @@ _KIND_L2 = tl.constexpr(KIND_L2)
 _KIND_L1 = tl.constexpr(KIND_L1)
 _KIND_MAX = tl.constexpr(KIND_MAX)
 _KIND_MIN = tl.constexpr(KIND_MIN)
+_KIND_LP = tl.constexpr(KIND_LP)
 WORKSPACE_SIZE = 3  # fp64: sum of |g|^p, NaN count, max or min of |g|; per program, and combined
 _WORKSPACE_SIZE = tl.constexpr(WORKSPACE_SIZE)
 
@@ -121,7 +122,7 @@ def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
         partial = largest64 * largest64 * s.to(tl.float64)
     elif KIND == _KIND_L1:
         partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
-    else:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
+    elif KIND == _KIND_LP:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
         zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
         powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(tl.where(scaled > 0.0, scaled, 1.0))), zero_power)
         if mask is not None:  # a masked lane is no element: it must not add 0^p (inf for p < 0)
@@ -129,6 +130,8 @@ def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
         log2_scale = norm_type * tl.log2(tl.where(largest > 0.0, largest, 1.0))
         partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
         partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
+    else:
+        tl.static_assert(False, "grad norm: KIND has no sum of |g|^p")
     # an inf in the block: the sum is inf (the scaled values above are NaN/0)
     return tl.where(largest == float("inf"), float("inf"), partial)
 
@@ -172,7 +175,7 @@ def _finalize(total_pow, nan_count, extreme, out_ptr, grad_scale_ptr, norm_type,
         total = total_pow.to(tl.float32)
     elif KIND == _KIND_MAX or KIND == _KIND_MIN:
         total = extreme.to(tl.float32)
-    else:
+    elif KIND == _KIND_LP:
         # total_pow^(1/p) without leaving fp64's range: split off the binary exponent
         bits = total_pow.to(tl.int64, bitcast=True)
         exponent = ((bits >> 52) & 0x7FF) - 1023
@@ -183,6 +186,8 @@ def _finalize(total_pow, nan_count, extreme, out_ptr, grad_scale_ptr, norm_type,
         low = tl.where(norm_type > 0.0, 0.0, float("inf"))
         total = tl.where(total_pow == 0.0, low, total)
         total = tl.where(total_pow == float("inf"), tl.where(norm_type > 0.0, float("inf"), 0.0), total)
+    else:
+        tl.static_assert(False, "grad norm: unknown KIND")
     if UNSCALE:
         total = total / tl.load(grad_scale_ptr).to(tl.float32)
     total = tl.where(nan_count > 0.0, float("nan"), total)

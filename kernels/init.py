@@ -189,11 +189,13 @@ def _block_values(seed, stream, start, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi
         elif KIND == _KIND_NORMAL:
             v0, v1 = normal_pair_from_bits(r0, r1, loc, scale)
             v2, v3 = normal_pair_from_bits(r2, r3, loc, scale)
-        else:
+        elif KIND == _KIND_TRUNC_NORMAL:
             v0 = trunc_normal_from_bits(r0, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass)
             v1 = trunc_normal_from_bits(r1, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass)
             v2 = trunc_normal_from_bits(r2, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass)
             v3 = trunc_normal_from_bits(r3, loc, scale, lo, hi, cdf_lo, sf_hi, cdf_hi, mass)
+        else:
+            tl.static_assert(False, "fill: unknown KIND")
         # element 4 c + k takes value k of counter c; transforming before interleaving keeps
         # the interleave in registers (interleaving the raw words first costs a round trip
         # through shared memory)

@@ -385,7 +385,7 @@ def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_
             tl.store(state1_ptr + offs, round_like(buf, state1_ptr), mask=mask)
         if CENTERED:
             tl.store(state2_ptr + offs, round_like(g_avg, state2_ptr), mask=mask)
-    else:
+    elif RULE == _SGD:
         buf = g
         if HAS_MOMENTUM:
             if not first:
@@ -394,6 +394,8 @@ def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_
                             HAS_MOMENTUM, NESTEROV, MAXIMIZE)
         if HAS_MOMENTUM:
             tl.store(state0_ptr + offs, round_like(buf, state0_ptr), mask=mask)
+    else:
+        tl.static_assert(False, "optimizer_kernel: unknown RULE")
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     stats = (0.0, 0.0, 0.0, 0.0, 0.0)
     if TELEMETRY:

@@ -25,3 +25,29 @@ def test_language_patched_once_per_launch(numel, monkeypatch):
     torch.testing.assert_close(y, torch.nn.functional.gelu(x.double()).float(), rtol=2e-6, atol=1e-7)
     # one launch: triton.language, its tensor, its math and the descriptor base, patched once each
     assert len(modules_patched) == 4, [getattr(m, "__name__", m) for m in modules_patched]
+
+
+def test_an_unknown_activation_kind_fails_instead_of_running_another(monkeypatch):
+    """Every constexpr chain over kinds ends in its last case by name, then a static_assert: a
+    kind added on the host without its kernel branch is an error, not SiLU."""
+    from mechgpu.kernels import activation
+
+    monkeypatch.setitem(activation.KINDS, "made_up", max(activation.KINDS.values()) + 1)
+    with pytest.raises(Exception, match="unknown KIND"):
+        activation.forward(torch.randn(100), "made_up")
+
+
+def test_an_unknown_optimizer_rule_fails_before_writing(monkeypatch):
+    """The same for the update rule: a fourth rule without its branch is an error, not SGD."""
+    from mechgpu.kernels import optim as optim_kernels
+
+    import mechgpu.optim as mo
+
+    p = torch.randn(50, requires_grad=True)
+    p.grad = torch.randn(50)
+    before = p.detach().clone()
+    opt = mo.Adam([p], lr=0.1)
+    monkeypatch.setattr(optim_kernels, "ADAM", max(optim_kernels.ADAM, optim_kernels.RMSPROP, optim_kernels.SGD) + 1)
+    with pytest.raises(Exception, match="unknown RULE"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
