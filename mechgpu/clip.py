@@ -88,19 +88,16 @@ def _torch_workspace(tensors: list[torch.Tensor], kind: int, norm_type: float) -
     magnitudes = [t.detach().abs().double().reshape(-1) for t in tensors]  # |z| of complex too
     a = torch.cat(magnitudes) if magnitudes else torch.zeros(0, dtype=torch.float64, device=device)
     nan = a.isnan()
-    workspace = clip_kernels.new_workspace(kind, device)
-    if kind == clip_kernels.KIND_L2:
-        powers = a * a
-    elif kind == clip_kernels.KIND_L1:
-        powers = a
-    else:
-        powers = a.pow(norm_type)
-    workspace[0] = torch.where(nan, 0.0, powers).sum()
+    workspace = clip_kernels.new_workspace(kind, device)  # the identities: no |g|^p, no extreme
     workspace[1] = nan.sum()
-    if kind == clip_kernels.KIND_MAX:
-        workspace[2] = torch.where(nan, 0.0, a).amax() if a.numel() else 0.0
-    elif kind == clip_kernels.KIND_MIN:
-        workspace[2] = torch.where(nan, math.inf, a).amin() if a.numel() else math.inf
+    if kind in (clip_kernels.KIND_MAX, clip_kernels.KIND_MIN):
+        if a.numel():
+            largest = kind == clip_kernels.KIND_MAX
+            a = torch.where(nan, 0.0 if largest else math.inf, a)
+            workspace[2] = a.amax() if largest else a.amin()
+    else:
+        powers = a * a if kind == clip_kernels.KIND_L2 else a if kind == clip_kernels.KIND_L1 else a.pow(norm_type)
+        workspace[0] = torch.where(nan, 0.0, powers).sum()
     return workspace
 
 

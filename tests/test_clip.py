@@ -238,11 +238,6 @@ def test_dtypes_the_kernels_do_not_take_go_to_torch():
     assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
 
 
-def _total_norm_float64(grads) -> float:
-    return math.sqrt(sum(float(g.detach().double().abs().square().sum()) if not g.is_complex()
-                         else float(g.detach().abs().double().square().sum()) for g in grads))
-
-
 @pytest.mark.filterwarnings("ignore:.*own implementation steps that group")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("torch_dtype", [torch.float64, torch.complex64], ids=str)
@@ -267,7 +262,6 @@ def test_clip_in_step_is_one_norm_over_every_group(torch_dtype, with_kernel_grou
         ours.step()
         ref_params = [q for t in twins for q in t]
         expected = torch.nn.utils.get_total_norm([q.grad for q in ref_params])
-        assert expected.item() == pytest.approx(_total_norm_float64([q.grad for q in ref_params]), rel=1e-6)
         assert ours.last_grad_norm.item() == pytest.approx(expected.item(), rel=1e-5)
         assert expected.item() > 0.5 * 4  # clipping is active
         torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
