@@ -92,6 +92,31 @@ def variant(name: str, fn, signature: dict[str, str], constexprs: dict, aligned:
                          num_warps=num_warps)
 
 
+_POINTEE = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int64": "i64",
+            "int32": "i32", "int8": "i8", "uint8": "u8"}
+
+
+def _runtime_type(value) -> str:
+    """The AOT signature type of a runtime kernel argument as a launcher passes it."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTEE[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    return "i32" if isinstance(value, int) else "fp32"
+
+
+def launched_variant(name: str, fn, arguments: dict, aligned: bool, **expect) -> KernelVariant:
+    """The variant a launcher's keyword ``arguments`` (``num_warps`` included) compile to: the
+    signature typed from the runtime values, the constexprs as given. ``expect`` as ``variant``'s."""
+    arguments = dict(arguments)
+    num_warps = arguments.pop("num_warps")
+    constexprs = {p.name: arguments[p.name] for p in fn.params if p.is_constexpr}
+    signature = {p.name: _runtime_type(arguments[p.name]) for p in fn.params if not p.is_constexpr}
+    return variant(name, fn, signature, constexprs, aligned, num_warps, **expect)
+
+
 def all_variants() -> list[KernelVariant]:
     """Every kernel variant the compile test and the kernel report cover.
 

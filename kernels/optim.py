@@ -1,4 +1,4 @@
-"""Fused multi-tensor optimizer steps: Adam/AdamW, RMSprop and SGD, two launches a step each.
+"""Fused multi-tensor optimizer steps: Adam/AdamW, RMSprop, SGD and Adagrad, two launches a step each.
 
 A step is two launches over a ``MultiTensorPlan`` (see ``multi_tensor.py``), whatever the
 number of tensors: ``step_prologue_kernel`` counts each tensor's step and computes its
@@ -39,12 +39,13 @@ import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard
 from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
+from .optim_spec import ADAGRAD, ADAM, ALL_FLAGS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
 
-#: One row per tensor: its param, grad, up to three states (adam: exp_avg, exp_avg_sq,
-#: max_exp_avg_sq; rmsprop: square_avg, momentum_buffer, grad_avg; sgd: momentum_buffer),
-#: its fp32 step counter, its element count and its fp32 master copy.
-TABLE = TableLayout("param", "grad", "state0", "state1", "state2", "step", "numel", "master")
+_STATE_COLUMNS = tuple(f"state{i}" for i in range(STATE_COLUMNS))
+#: One row per tensor: its param, grad, the rule's states (in its spec's ``states`` order;
+#: 0 where its options make none), its fp32 step counter, its element count and its fp32 master.
+TABLE = TableLayout("param", "grad", *_STATE_COLUMNS, "step", "numel", "master")
 _COL_PARAM = TABLE.constexpr("param")
 _COL_GRAD = TABLE.constexpr("grad")
 _COL_STATE0 = TABLE.constexpr("state0")
@@ -54,7 +55,6 @@ _COL_STEP = TABLE.constexpr("step")
 _COL_NUMEL = TABLE.constexpr("numel")
 _COL_MASTER = TABLE.constexpr("master")
 _NCOL = tl.constexpr(TABLE.width)
-_STATE_COLUMNS = ("state0", "state1", "state2")
 
 
 def row_is_aligned(row: list[int]) -> bool:
@@ -252,12 +252,12 @@ def _rounding_seed(seed, tensor_idx, step):
 
 
 # ----------------------------------------------------------------------------------
-# the update rules: each formula once, on fp32 values
+# the update rules: each formula once, on fp32 values, its states in the spec's column order
 # ----------------------------------------------------------------------------------
-ADAM, RMSPROP, SGD = range(3)  # the RULE constexpr
 _ADAM = tl.constexpr(ADAM)
 _RMSPROP = tl.constexpr(RMSPROP)
 _SGD = tl.constexpr(SGD)
+_ADAGRAD = tl.constexpr(ADAGRAD)
 
 
 @triton.jit
@@ -290,7 +290,7 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
 
 
 @triton.jit
-def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+def rmsprop_update(p, g, sq, buf, g_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
                    CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr):
     """One RMSprop element update, fp32, in torch.optim's order of operations.
 
@@ -314,7 +314,7 @@ def rmsprop_update(p, g, sq, g_avg, buf, lr, alpha, one_minus_alpha, eps, weight
         p = p - lr * buf
     else:
         p = p - lr * tl.div_rn(g, avg)
-    return p, sq, g_avg, buf
+    return p, sq, buf, g_avg
 
 
 @triton.jit
@@ -343,59 +343,80 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
     return p, buf
 
 
+@triton.jit
+def adagrad_update(p, g, state_sum, clr, eps, weight_decay, MAXIMIZE: tl.constexpr):
+    """One Adagrad element update, fp32, in torch.optim's (single-tensor) order of operations.
+
+    g <- -g if maximize;  g <- g + wd p;  sum <- sum + g^2
+    p <- p - clr * g / (sqrt(sum) + eps),  clr = lr / (1 + (t - 1) lr_decay)
+    """
+    if MAXIMIZE:
+        g = -g
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    state_sum = state_sum + g * g
+    p = p - clr * tl.div_rn(g, tl.sqrt_rn(state_sum) + eps)
+    return p, state_sum
+
+
 # ----------------------------------------------------------------------------------
 # the one multi-tensor optimizer kernel
 # ----------------------------------------------------------------------------------
 @triton.jit
-def _rule_block(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, mask,
-                multiplier, seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
-                one_minus_dampening, step_size, bias_correction2_sqrt, first,
-                RULE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
+def _load_state(ptr, offs, mask, USED: tl.constexpr, unused):
+    """A state column as fp32 where the rule's options use it; else ``unused``, never stored."""
+    if USED:
+        return tl.load(ptr + offs, mask=mask).to(tl.float32)
+    else:
+        return unused
+
+
+@triton.jit
+def _store_state(ptr, value, offs, mask, USED: tl.constexpr):
+    if USED:
+        tl.store(ptr + offs, round_like(value, ptr), mask=mask)
+
+
+@triton.jit
+def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
+                RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
+                AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, TELEMETRY: tl.constexpr):
-    """One block: load p and g, the rule's states, update, store. States are read only where the
-    rule and its options use them (``TABLE``'s comment gives each rule's state columns).
-    Returns the block's ``_block_telemetry`` with TELEMETRY, else zeros."""
+    """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec),
+    update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2, master), ``hypers``
+    the kernel's runtime hyperparameters and ``scalars`` the tensor's (step size, sqrt(1 -
+    beta2^t), first step). Returns the block's ``_block_telemetry`` with TELEMETRY, else zeros."""
+    param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr = ptrs
+    lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening = hypers
+    step_size, bias_correction2_sqrt, first = scalars
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
+    s0 = _load_state(state0_ptr, offs, mask, STATE0, g)
+    s1 = _load_state(state1_ptr, offs, mask, STATE1, g)
+    s2 = _load_state(state2_ptr, offs, mask, STATE2, g)
     if RULE == _ADAM:
-        m = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(state1_ptr + offs, mask=mask).to(tl.float32)
-        vmax = v
-        if AMSGRAD:
-            vmax = tl.load(state2_ptr + offs, mask=mask).to(tl.float32)
-        p, m, v, vmax = adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay,
-                                    step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE, DECOUPLED_WD)
-        tl.store(state0_ptr + offs, round_like(m, state0_ptr), mask=mask)
-        tl.store(state1_ptr + offs, round_like(v, state1_ptr), mask=mask)
-        if AMSGRAD:
-            tl.store(state2_ptr + offs, round_like(vmax, state2_ptr), mask=mask)
+        p, s0, s1, s2 = adam_update(p, g, m=s0, v=s1, vmax=s2, lr=lr, beta1_weight=beta1_weight, beta2=beta2,
+                                    one_minus_beta2=one_minus_beta2, eps=eps, weight_decay=weight_decay,
+                                    step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
+                                    AMSGRAD=AMSGRAD, MAXIMIZE=MAXIMIZE, DECOUPLED_WD=DECOUPLED_WD)
     elif RULE == _RMSPROP:
-        sq = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
-        buf = sq
-        g_avg = sq
-        if HAS_MOMENTUM:
-            buf = tl.load(state1_ptr + offs, mask=mask).to(tl.float32)
-        if CENTERED:
-            g_avg = tl.load(state2_ptr + offs, mask=mask).to(tl.float32)
-        p, sq, g_avg, buf = rmsprop_update(p, g, sq, g_avg, buf, lr, beta2, one_minus_beta2, eps, weight_decay,
-                                           momentum, CENTERED, HAS_MOMENTUM, MAXIMIZE)
-        tl.store(state0_ptr + offs, round_like(sq, state0_ptr), mask=mask)
-        if HAS_MOMENTUM:
-            tl.store(state1_ptr + offs, round_like(buf, state1_ptr), mask=mask)
-        if CENTERED:
-            tl.store(state2_ptr + offs, round_like(g_avg, state2_ptr), mask=mask)
+        p, s0, s1, s2 = rmsprop_update(p, g, sq=s0, buf=s1, g_avg=s2, lr=lr, alpha=beta2,
+                                       one_minus_alpha=one_minus_beta2, eps=eps, weight_decay=weight_decay,
+                                       momentum=momentum, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
+                                       MAXIMIZE=MAXIMIZE)
     elif RULE == _SGD:
-        buf = g
-        if HAS_MOMENTUM:
-            if not first:
-                buf = tl.load(state0_ptr + offs, mask=mask).to(tl.float32)
-        p, buf = sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
-                            HAS_MOMENTUM, NESTEROV, MAXIMIZE)
-        if HAS_MOMENTUM:
-            tl.store(state0_ptr + offs, round_like(buf, state0_ptr), mask=mask)
+        p, s0 = sgd_update(p, g, buf=s0, first=first, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                           one_minus_dampening=one_minus_dampening, HAS_MOMENTUM=HAS_MOMENTUM, NESTEROV=NESTEROV,
+                           MAXIMIZE=MAXIMIZE)
+    elif RULE == _ADAGRAD:
+        p, s0 = adagrad_update(p, g, state_sum=s0, clr=step_size, eps=eps, weight_decay=weight_decay,
+                               MAXIMIZE=MAXIMIZE)
     else:
         tl.static_assert(False, "optimizer_kernel: unknown RULE")
+    _store_state(state0_ptr, s0, offs, mask, STATE0)
+    _store_state(state1_ptr, s1, offs, mask, STATE1)
+    _store_state(state2_ptr, s2, offs, mask, STATE2)
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     stats = (0.0, 0.0, 0.0, 0.0, 0.0)
     if TELEMETRY:
@@ -425,14 +446,15 @@ PROLOGUE_TENSORS, PROLOGUE_WARPS = 128, 4  # tensors per program of the prologue
 
 @triton.jit
 def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr, beta1, beta2, one_minus_beta1,
-                         one_minus_beta2, num_tensors,
+                         one_minus_beta2, lr_decay, num_tensors,
                          RULE: tl.constexpr, LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
                          SKIP_NONFINITE: tl.constexpr, FOUND_INF: tl.constexpr, TENSORS: tl.constexpr):
     """Once per tensor and step, before the update: count the step, and write its scalars.
 
     step <- step + 1 unless the step is skipped (found_inf, or a non-finite clip norm); then
-    scalars[t] = (step before, step after, lr / (1 - beta1^t), sqrt(1 - beta2^t)) with
-    t the step after, the bias corrections computed in fp64 as torch.optim does in Python.
+    scalars[t] = (step before, step after, step size, sqrt(1 - beta2^t)) with t the step after:
+    Adam's step size lr / (1 - beta1^t), Adagrad's lr / (1 + (t - 1) lr_decay), else lr,
+    computed in fp64 as torch.optim does in Python.
     The update kernel reads these and runs no fp64. SGD's step column holds a private
     count of steps (torch's SGD keeps none); at 0 its momentum buffer is set to the grad.
     Bytes: ``mechgpu.traffic.STEP_PROLOGUE_BYTES_PER_TENSOR`` per tensor, none per element.
@@ -460,6 +482,8 @@ def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr,
         t = new_step.to(tl.int32)
         step_size = (lr.to(tl.float64) / (1.0 - _pow_int(beta1_64, t))).to(tl.float32)
         bias_correction2_sqrt = tl.sqrt(1.0 - _pow_int(beta2_64, t)).to(tl.float32)
+    elif RULE == _ADAGRAD:
+        step_size = (lr.to(tl.float64) / (1.0 + (new_step.to(tl.float64) - 1.0) * lr_decay)).to(tl.float32)
     out = scalars_ptr + tensor_idx * _NSCALARS
     tl.store(out + _SCALAR_STEP, step, mask=mask)
     tl.store(out + _SCALAR_NEW_STEP, new_step, mask=mask)
@@ -471,14 +495,16 @@ def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr,
 def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr, control_ptr, grad_scale_ptr,
                      found_inf_ptr, telemetry_ptr, seed, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
                      weight_decay, momentum, one_minus_dampening, num_blocks,
-                     RULE: tl.constexpr, PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+                     RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
+                     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                      LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr, WD_IS_PTR: tl.constexpr,
                      AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
                      HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                      CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                      FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                      TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """One optimizer step over every tensor of a table; ``RULE`` picks Adam/AdamW, RMSprop or SGD.
+    """One optimizer step over every tensor of a table; ``RULE`` picks the update formula, and
+    STATE0..2 say which state columns the rule's options use (``optim_spec``: its ``states``).
 
     Runs after ``step_prologue_kernel``, whose per-tensor scalars it reads. Grid-stride:
     program pid updates block-table entries pid, pid + P, ... (P programs), so its prologue
@@ -524,29 +550,29 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
         grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
-        state0_ptr = _state_ptr(row, _COL_STATE0, RULE != _SGD or HAS_MOMENTUM, grad_ptr, STATE_DTYPE, ALIGNED)
-        state1_ptr = _state_ptr(row, _COL_STATE1, RULE == _ADAM or (RULE == _RMSPROP and HAS_MOMENTUM),
-                                state0_ptr, STATE_DTYPE, ALIGNED)
-        state2_ptr = _state_ptr(row, _COL_STATE2, (RULE == _ADAM and AMSGRAD) or (RULE == _RMSPROP and CENTERED),
-                                state0_ptr, STATE_DTYPE, ALIGNED)
+        state0_ptr = _state_ptr(row, _COL_STATE0, STATE0, grad_ptr, STATE_DTYPE, ALIGNED)
+        state1_ptr = _state_ptr(row, _COL_STATE1, STATE1, grad_ptr, STATE_DTYPE, ALIGNED)
+        state2_ptr = _state_ptr(row, _COL_STATE2, STATE2, grad_ptr, STATE_DTYPE, ALIGNED)
         master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
-        scalars = scalars_ptr + tensor_idx * _NSCALARS
-        first = tl.load(scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the momentum buffer to the grad
-        step_size = tl.load(scalars + _SCALAR_STEP_SIZE)
-        bias_correction2_sqrt = tl.load(scalars + _SCALAR_BC2_SQRT)
-        block_seed = _rounding_seed(seed, tensor_idx, tl.load(scalars + _SCALAR_NEW_STEP))
-        if full:
-            stats = _rule_block(
-                param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, None, multiplier,
-                block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
-                one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
-                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, TELEMETRY)
+        tensor_scalars = scalars_ptr + tensor_idx * _NSCALARS
+        first = tl.load(tensor_scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the buffer to the grad
+        step_size = tl.load(tensor_scalars + _SCALAR_STEP_SIZE)
+        bias_correction2_sqrt = tl.load(tensor_scalars + _SCALAR_BC2_SQRT)
+        block_seed = _rounding_seed(seed, tensor_idx, tl.load(tensor_scalars + _SCALAR_NEW_STEP))
+        ptrs = (param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr)
+        hypers = (lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening)
+        scalars = (step_size, bias_correction2_sqrt, first)
+        if full:  # unmasked, so full vectors
+            stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, scalars, RULE=RULE, STATE0=STATE0,
+                                STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD, DECOUPLED_WD=DECOUPLED_WD,
+                                CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM, NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         else:
-            stats = _rule_block(
-                param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, offs, offs < numel,
-                multiplier, block_seed, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum,
-                one_minus_dampening, step_size, bias_correction2_sqrt, first, RULE, AMSGRAD, DECOUPLED_WD,
-                CENTERED, HAS_MOMENTUM, NESTEROV, MAXIMIZE, CLIP or UNSCALE, MASTER, STOCHASTIC, TELEMETRY)
+            stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, scalars, RULE=RULE,
+                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD,
+                                DECOUPLED_WD=DECOUPLED_WD, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
+                                NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER,
+                                STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         if TELEMETRY:
             param_sq += stats[0].to(tl.float64)
             update_sq += stats[1].to(tl.float64)
@@ -609,20 +635,21 @@ def _hyper(value):
     return float(value), False
 
 
-#: Every option a rule may set, and its value when the rule does not
-RULE_OPTIONS = {"AMSGRAD": False, "DECOUPLED_WD": False, "CENTERED": False, "HAS_MOMENTUM": False,
-                "NESTEROV": False, "MAXIMIZE": False}
+def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligned: bool,
+                     states: tuple[bool, ...], flags: dict[str, bool], lr, weight_decay=0.0, beta1=0.0, beta2=0.0,
+                     eps: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, lr_decay: float = 0.0,
+                     control: StepControl | None = None, precision: Precision | None = None) -> tuple[dict, dict]:
+    """The keyword arguments, launch options included, of one step's prologue and update kernel.
 
-
-def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligned: bool, lr, weight_decay=0.0,
-           beta1=0.0, beta2=0.0, eps: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
-           options: dict[str, bool], control: StepControl | None = None,
-           precision: Precision | None = None) -> None:
-    """One step of ``rule`` over every tensor in ``plan``: the prologue and the update, every argument by name.
-
-    ``lr``, ``weight_decay`` and the betas may be 0-d device tensors (read in the kernel);
-    ``options`` sets RULE_OPTIONS' flags for the rule.
+    ``states`` says which state columns the rule's options use and ``flags`` sets its feature
+    flags (``optim_spec``: ``state_keys`` and ``kernel_flags``; ``ALL_FLAGS`` not given are off).
+    ``lr``, ``weight_decay`` and the betas may be 0-d device tensors (read in the kernel).
     """
+    unknown = set(flags) - set(ALL_FLAGS)
+    if unknown or len(states) > STATE_COLUMNS:
+        raise KeyError(f"optimizer_kernel has no flag {sorted(unknown)} (its flags: {', '.join(ALL_FLAGS)}) or "
+                       f"more than {STATE_COLUMNS} states ({len(states)})")
+    used = (*states, *(False,) * (STATE_COLUMNS - len(states)))
     control = control or StepControl()
     precision = precision or Precision()
     spare = plan.table  # any device pointer, for arguments a variant never reads
@@ -643,90 +670,90 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligne
     clip = control.clip if control.clip is not None else spare
     found_inf = control.found_inf if control.found_inf is not None else spare
     skip_nonfinite = control.skip_nonfinite and control.clip is not None
+    hypers = dict(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2)
+    prologue = dict(
+        table_ptr=plan.table, scalars_ptr=scalars, control_ptr=clip, found_inf_ptr=found_inf, **hypers,
+        lr_decay=float(lr_decay), num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr,
+        BETAS_ARE_PTRS=betas_are_ptrs, SKIP_NONFINITE=skip_nonfinite, FOUND_INF=control.found_inf is not None,
+        TENSORS=PROLOGUE_TENSORS, num_warps=PROLOGUE_WARPS,
+    )
+    update = dict(
+        table_ptr=plan.table, blocks_ptr=plan.blocks, scalars_ptr=scalars, done_ptr=plan.done,
+        partials_ptr=partials, control_ptr=clip,
+        grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare, found_inf_ptr=found_inf,
+        telemetry_ptr=control.telemetry if control.telemetry is not None else spare, seed=precision.seed,
+        **hypers, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
+        one_minus_dampening=1.0 - float(dampening), num_blocks=plan.num_blocks,
+        RULE=rule, **dict(zip(("STATE0", "STATE1", "STATE2"), used, strict=True)),
+        PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
+        LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr,
+        **{name: bool(flags.get(name, False)) for name in ALL_FLAGS},
+        CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
+        UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
+        MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,
+        ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+    )
+    return prologue, update
+
+
+def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, **arguments) -> None:
+    """One step of ``rule`` over every tensor in ``plan``: the prologue and the update, every
+    argument by name (``kernel_arguments`` says which)."""
+    prologue, update = kernel_arguments(plan, param_dtype, rule, **arguments)
     with device_guard(plan.device):
-        step_prologue_kernel[(triton.cdiv(num_tensors, PROLOGUE_TENSORS),)](
-            table_ptr=plan.table, scalars_ptr=scalars, control_ptr=clip, found_inf_ptr=found_inf,
-            lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2,
-            num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs,
-            SKIP_NONFINITE=skip_nonfinite, FOUND_INF=control.found_inf is not None, TENSORS=PROLOGUE_TENSORS,
-            num_warps=PROLOGUE_WARPS,
-        )
-        optimizer_kernel[(plan.grid,)](
-            table_ptr=plan.table, blocks_ptr=plan.blocks, scalars_ptr=scalars, done_ptr=plan.done,
-            partials_ptr=partials, control_ptr=clip,
-            grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare,
-            found_inf_ptr=found_inf,
-            telemetry_ptr=control.telemetry if control.telemetry is not None else spare,
-            seed=precision.seed, lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1,
-            one_minus_beta2=one_minus_beta2, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
-            one_minus_dampening=1.0 - float(dampening), num_blocks=plan.num_blocks,
-            RULE=rule, PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
-            LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr, **{**RULE_OPTIONS, **options},
-            CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
-            UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
-            MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,
-            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
-        )
+        step_prologue_kernel[(triton.cdiv(len(plan.numels), PROLOGUE_TENSORS),)](**prologue)
+        optimizer_kernel[(plan.grid,)](**update)
 
 
 def aot_variants() -> list:
-    """The specialisations the compile test and bench/kernel_report.py compile."""
-    from ._launch import MULTI_TENSOR_BLOCKS, multi_tensor_warps
-    from .aot import variant
+    """The specialisations the compile test and bench/kernel_report.py compile: each rule plain
+    and with every flag its spec's ``aot_options`` set, in fp32 and bf16, aligned and not; tensor
+    hyperparameters; clip-in-step + AMP and each mixed-precision mode; the prologue of each rule."""
+    from ._launch import MULTI_TENSOR_BLOCKS
+    from .aot import launched_variant
+    from .optim_spec import SPECS
 
-    block = MULTI_TENSOR_BLOCKS[0]
-    warps = multi_tensor_warps(block)
-    sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "scalars_ptr": "*fp32", "done_ptr": "*i32",
-           "partials_ptr": "*fp64", "control_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-           "telemetry_ptr": "*fp64", "seed": "i32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
-           "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
-           "momentum": "fp32", "one_minus_dampening": "fp32", "num_blocks": "i32"}
-    plain = {"CLIP": False, "SKIP_NONFINITE": False, "UNSCALE": False, "FOUND_INF": False,
-             "MASTER": False, "STOCHASTIC": False, "TELEMETRY": False,
-             "LR_IS_PTR": False, "BETAS_ARE_PTRS": False, "WD_IS_PTR": False, **RULE_OPTIONS}
-    everything = {"CLIP": True, "SKIP_NONFINITE": True, "UNSCALE": True, "FOUND_INF": True, "TELEMETRY": True}
-    # (name, rule, its options in the plain and in the "extra" variant)
-    rules = (("adam", ADAM, {"AMSGRAD": True, "DECOUPLED_WD": True}, "amsgrad,adamw"),
-             ("rmsprop", RMSPROP, {"CENTERED": True, "HAS_MOMENTUM": True}, "centered,momentum"),
-             ("sgd", SGD, {"HAS_MOMENTUM": True, "NESTEROV": True}, "momentum,nesterov"))
+    plan = MultiTensorPlan([MULTI_TENSOR_BLOCKS[0] * 4], torch.device("cpu"), TABLE)  # the largest block
+    rules = list({spec.rule: spec for spec in reversed(SPECS.values())}.values())[::-1]  # one spec a rule
+    everything = StepControl(clip=torch.zeros(2), skip_nonfinite=True, grad_scale=torch.ones(()),
+                             found_inf=torch.zeros(()), telemetry=torch.zeros(TELEMETRY_FIELDS.width,
+                                                                              dtype=torch.float64))
+
+    def arguments(spec, options: dict, dtype=torch.float32, aligned=True, **more) -> tuple[dict, dict]:
+        group = dict(options)
+        more.setdefault("lr", 1e-3)
+        return kernel_arguments(plan, dtype, spec.rule, aligned=aligned, states=tuple(
+            k is not None for k in spec.state_keys(group)), flags=spec.kernel_flags(group), **more)
+
     variants = []
-    for dtype_name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for aligned in (True, False):
             tag = f"{dtype_name}{'' if aligned else ',unaligned'}"
-            common = dict(plain, PARAM_DTYPE=dtype, STATE_DTYPE=tl.float32, ALIGNED=aligned, BLOCK=block)
             for extra in (False, True):
-                for name, rule, options, label in rules:
-                    cx = dict(common, RULE=rule, **(options if extra else {}))
-                    variants.append(variant(f"{name}[{tag}{',' + label if extra else ''}]", optimizer_kernel, sig,
-                                            cx, aligned, warps))
-    # tensor hyperparameters (lr and betas read from device memory)
-    cx = dict(plain, RULE=ADAM, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, MAXIMIZE=True, ALIGNED=True,
-              BLOCK=block, LR_IS_PTR=True, BETAS_ARE_PTRS=True)
-    variants.append(variant("adam[fp32,tensor-lr-betas]", optimizer_kernel,
-                            dict(sig, lr="*fp32", beta1="*fp32", beta2="*fp32"), cx, True, warps))
-    # clip-in-step + AMP, and each mixed-precision mode
-    for name, rule, options in (("adam", ADAM, {"DECOUPLED_WD": True}), ("rmsprop", RMSPROP, {"HAS_MOMENTUM": True}),
-                                ("sgd", SGD, {"HAS_MOMENTUM": True})):
-        base = dict(plain, RULE=rule, ALIGNED=True, BLOCK=block, **options)
+                for spec in rules:
+                    options = spec.aot_options if extra else {}
+                    label = "".join(f",{k}" for k in options)
+                    variants.append(launched_variant(f"{spec.name.lower()}[{tag}{label}]", optimizer_kernel,
+                                                     arguments(spec, options, dtype, aligned)[1], aligned))
+    adam = rules[0]
+    tensors = dict(lr=torch.zeros(()), beta1=torch.zeros(()), beta2=torch.zeros(()))
+    variants.append(launched_variant("adam[fp32,tensor-lr-betas]", optimizer_kernel,
+                                     arguments(adam, {"maximize": True}, **tensors)[1], True))
+    for spec in rules:
         modes = (
-            ("fp32,clip,amp", dict(everything, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32)),
-            ("bf16,master", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, MASTER=True)),
-            ("bf16,bf16-states", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16)),
-            ("bf16,stochastic", dict(PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, STOCHASTIC=True)),
-            ("fp16,master,clip,amp", dict(everything, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32,
-                                          MASTER=True)),
+            ("fp32,clip,amp", torch.float32, dict(control=everything)),
+            ("bf16,master", torch.bfloat16, dict(precision=Precision(master=True))),
+            ("bf16,bf16-states", torch.bfloat16, dict(precision=Precision(state_dtype=torch.bfloat16))),
+            ("bf16,stochastic", torch.bfloat16, dict(precision=Precision(stochastic=True))),
+            ("fp16,master,clip,amp", torch.float16, dict(control=everything, precision=Precision(master=True))),
         )
-        for mode, flags in modes:
-            variants.append(variant(f"{name}[{mode}]", optimizer_kernel, sig, dict(base, **flags), True, warps))
+        for mode, dtype, more in modes:
+            variants.append(launched_variant(f"{spec.name.lower()}[{mode}]", optimizer_kernel,
+                                             arguments(spec, spec.aot_options, dtype, **more)[1], True))
     # the per-tensor prologue: scalar gathers, no 128-bit accesses
-    prologue_sig = {"table_ptr": "*i64", "scalars_ptr": "*fp32", "control_ptr": "*fp32", "found_inf_ptr": "*fp32",
-                    "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32",
-                    "one_minus_beta2": "fp32", "num_tensors": "i32"}
-    for label, rule, on_device in (("adam", ADAM, False), ("adam,tensor-lr-betas,skip", ADAM, True),
-                                   ("sgd", SGD, False)):
-        cx = {"RULE": rule, "LR_IS_PTR": on_device, "BETAS_ARE_PTRS": on_device, "SKIP_NONFINITE": on_device,
-              "FOUND_INF": on_device, "TENSORS": PROLOGUE_TENSORS}
-        sig_here = dict(prologue_sig, lr="*fp32", beta1="*fp32", beta2="*fp32") if on_device else prologue_sig
-        variants.append(variant(f"step_prologue[{label}]", step_prologue_kernel, sig_here, cx, False,
-                                PROLOGUE_WARPS))
+    for spec in rules:
+        variants.append(launched_variant(f"step_prologue[{spec.name.lower()}]", step_prologue_kernel,
+                                         arguments(spec, {})[0], False))
+    variants.append(launched_variant("step_prologue[adam,tensor-lr-betas,skip]", step_prologue_kernel,
+                                     arguments(adam, {}, control=everything, **tensors)[0], False))
     return variants

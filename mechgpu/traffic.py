@@ -13,17 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .kernels.optim_spec import SPECS
+
 FP32 = 4
 MASK_BYTES = 1 / 8  # a bit-packed mask: one bit per element
-
-# The state buffers each optimizer step reads and writes, by option (kernels/optim.py, TABLE)
-_STATES = {
-    "Adam": lambda o: 2 + o.get("amsgrad", False),
-    "AdamW": lambda o: 2 + o.get("amsgrad", False),
-    "RMSprop": lambda o: 1 + bool(o.get("momentum")) + o.get("centered", False),
-    "SGD": lambda o: int(bool(o.get("momentum"))),
-}
-
 
 def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int = FP32, *, master: bool = False,
                          **options) -> int:
@@ -32,15 +25,14 @@ def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int
     With P the param size (the grad has the param's dtype) and S a state's: g is read (P) and
     the param read and written (2P); with an fp32 master copy the master is read and written
     too (8), the param read only to see whether it was edited since the last step. Each state
-    the options make is read and written (2S): Adam's exp_avg and exp_avg_sq (+ max_exp_avg_sq
-    with amsgrad), RMSprop's square_avg (+ momentum_buffer, + grad_avg when centered), SGD's
-    momentum_buffer with momentum. So 3P + 2S * states, + 8 with masters: fp32 Adam 28 B, bf16
-    params with fp32 states 22 B, with bf16 states 14 B, bf16 with masters 30 B; SGD without
-    momentum 12 B.
-    ``options`` are the optimizer's torch options (amsgrad, momentum, centered); others are ignored.
+    the options make (as the optimizer's ``optim_spec`` record declares them) is read and written
+    (2S). So 3P + 2S * states, + 8 with masters: fp32 Adam 28 B, bf16 params with fp32 states
+    22 B, with bf16 states 14 B, bf16 with masters 30 B; SGD without momentum 12 B.
+    ``options`` are the optimizer's torch options (amsgrad, momentum, centered); those that make no
+    state are ignored.
     """
     params = 3 * param_size + (2 * FP32 if master else 0)
-    return params + 2 * state_size * _STATES[optimizer](options)
+    return params + 2 * state_size * SPECS[optimizer].state_count(options)
 
 
 #: Per tensor and step, beside the per-element stream: the step prologue (kernels/optim.py) reads
@@ -52,7 +44,7 @@ STEP_PROLOGUE_BYTES_PER_TENSOR = 32
 def optimizer_state_bytes(optimizer: str, state_size: int = FP32, *, master: bool = False, **options) -> int:
     """Optimizer state kept between steps per parameter element: each state buffer, plus the
     fp32 master copy when there is one."""
-    return state_size * _STATES[optimizer](options) + (FP32 if master else 0)
+    return state_size * SPECS[optimizer].state_count(options) + (FP32 if master else 0)
 
 
 def grad_norm_bytes(element_size: int = FP32) -> int:

@@ -38,8 +38,10 @@ def test_an_unknown_activation_kind_fails_instead_of_running_another(monkeypatch
 
 
 def test_an_unknown_optimizer_rule_fails_before_writing(monkeypatch):
-    """The same for the update rule: a fourth rule without its branch is an error, not SGD."""
-    from mechgpu.kernels import optim as optim_kernels
+    """The same for the update rule: a rule declared without its branch is an error, not Adagrad."""
+    import dataclasses
+
+    from mechgpu.kernels.optim_spec import SPECS
 
     import mechgpu.optim as mo
 
@@ -47,7 +49,8 @@ def test_an_unknown_optimizer_rule_fails_before_writing(monkeypatch):
     p.grad = torch.randn(50)
     before = p.detach().clone()
     opt = mo.Adam([p], lr=0.1)
-    monkeypatch.setattr(optim_kernels, "ADAM", max(optim_kernels.ADAM, optim_kernels.RMSPROP, optim_kernels.SGD) + 1)
+    unknown = max(spec.rule for spec in SPECS.values()) + 1
+    monkeypatch.setattr(mo.Adam, "_spec", dataclasses.replace(mo.Adam._spec, rule=unknown))
     with pytest.raises(Exception, match="unknown RULE"):
         opt.step()
     assert torch.equal(p.detach(), before)

@@ -15,29 +15,25 @@ write, so a bad group leaves every param, state and step count as it was.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import operator
 from collections.abc import Callable
 
 import torch
 
-from .._backend import PLAIN_TENSORS, has_data, is_dense, kernels_run_on, warn_fallback_once
+from .._backend import PLAIN_TENSORS, is_dense, kernels_run_on, warn_fallback_once
 from .._backend import local as _local
 from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
 from ..kernels.optim import TELEMETRY_FIELDS, Precision, StepControl
+from ..kernels.optim_spec import OptimizerSpec
+from . import options as _options
+from ._state_dict import ELEMENT_KEYS, MASTER_KEY, check_state_dict, state_problem, storage_holds
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-MASTER_KEY = "master_param"
-#: state entries with one value per param element (torch's names, and the fp32 master)
-ELEMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", MASTER_KEY)
-#: the option that makes each optional state entry exist, for error messages
-_NEEDED_BY = {"max_exp_avg_sq": "amsgrad=True", "momentum_buffer": "momentum > 0", "grad_avg": "centered=True"}
-#: mechgpu's options and their defaults: what pickling keeps beside torch's own state
-_OPTION_DEFAULTS = {"max_grad_norm": None, "skip_nonfinite": False, "master_weights": False,
-                    "state_dtype": torch.float32, "stochastic_rounding": False, "_rounding_seed": 0,
-                    "track_update_norm": False, "telemetry": False}
+#: what pickling keeps beside torch's own state and mechgpu's options
+_PICKLED = ("_rounding_seed", "_own_steps")
 
 
 def telemetry_from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -197,30 +193,9 @@ class _GroupCache:
 
 
 class FusedOptimizer:
-    """Mixin placed before the torch optimizer class in the MRO.
-
-    mechgpu options beyond torch's (keyword-only in every optimizer):
-
-    * ``max_grad_norm``: clip the global grad norm (2-norm over all params of all groups)
-      inside the step: one norm launch, then the update kernel multiplies each grad by
-      the clip coefficient in registers. Unlike ``torch.nn.utils.clip_grad_norm_``, the
-      grads themselves are not rescaled. The norm before clipping is ``last_grad_norm``.
-    * ``skip_nonfinite``: with ``max_grad_norm``, a step whose grad norm is inf or NaN
-      leaves params and states untouched (and is not counted), without a host sync.
-    * ``master_weights``: bf16/fp16 params get an fp32 master copy in the optimizer state
-      (``master_param``); the kernel updates it and writes the rounded param in one pass.
-      The param is read too (2 B per element): where it was edited since the last step (a
-      hook's clamp, ``load_state_dict``, steps with master_weights off), the edit seeds the master.
-    * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
-    * ``stochastic_rounding``: bf16 params without master weights are rounded
-      stochastically, so small updates are not lost to round-to-nearest.
-    * ``track_update_norm``: ``last_update_norm``, ||p_after - p_before|| over every param the
-      step updated (in fp32 master space where there are masters), summed by the update
-      kernel from the values it has in registers: no extra pass, no host sync.
-    * ``telemetry``: the same sums give ``last_telemetry``, per param group: ||p|| before the
-      update, ||p_after - p_before|| and their ratio, the non-finite grads (counted even when
-      the step is then skipped), and for params stored in bf16/fp16 without masters the
-      fraction of changed elements whose update was lost to rounding.
+    """Mixin placed before the torch optimizer class in the MRO; a subclass names its record
+    (``_spec``, an ``OptimizerSpec``) and gets its constructor, state keys, hyperparameters and
+    launch from it. mechgpu's keyword-only options are ``options.Options``.
 
     State follows torch: an empty state is created on a param's first step; a state that
     lacks an entry its options need (amsgrad, centered or RMSprop momentum switched on
@@ -230,16 +205,26 @@ class FusedOptimizer:
     device or layout is copied into a new tensor of the state's dtype on p's device.
     """
 
-    _torch_name = ""
+    _spec: OptimizerSpec
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
 
-    def _state_keys(self, group: dict) -> tuple[str | None, ...]:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_spec" in cls.__dict__:
+            cls.__init__ = _constructor(cls._spec)
 
-    #: the state entry the kernel counts steps in (SGD keeps its own counters instead)
-    _step_keys: tuple[str, ...] = ("step",)
-    #: attributes beside torch's state that pickling must keep (SGD's counters)
-    _own_attrs: tuple[str, ...] = ()
+    @property
+    def _torch_name(self) -> str:
+        return self._spec.name
+
+    def _state_keys(self, group: dict) -> tuple[str | None, ...]:
+        return self._spec.state_keys(group)
+
+    @property
+    def _step_keys(self) -> tuple[str, ...]:
+        """The state entry the kernel counts steps in; none where the optimizer counts privately."""
+        key = self._spec.step_key
+        return () if key is None else (key,)
 
     def _entry_keys(self, group: dict) -> tuple[str, ...]:
         """The state entries the group's options make: the step counter, then the states."""
@@ -247,48 +232,36 @@ class FusedOptimizer:
 
     def _required_keys(self, group: dict) -> tuple[str, ...]:
         """Entries a started state must have (torch raises KeyError without them)."""
-        return self._entry_keys(group)
+        return () if self._spec.makes_missing_states else self._entry_keys(group)
 
     def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool,
                 control: StepControl, precision: Precision) -> None:
-        raise NotImplementedError
+        spec = self._spec
+        optim_kernels.launch(plan, dtype, spec.rule, aligned=aligned,
+                             states=tuple(k is not None for k in spec.state_keys(group)),
+                             flags=spec.kernel_flags(group), control=control, precision=precision,
+                             **self._hypers(group, plan.device))
 
-    #: the group entries a launch passes to the kernel as numbers or one-element tensors
-    _hyper_keys: tuple[str, ...] = ()
-
-    def _init_mechgpu(self, max_grad_norm: float | None, skip_nonfinite: bool, master_weights: bool,
-                      state_dtype: torch.dtype, stochastic_rounding: bool, track_update_norm: bool,
-                      telemetry: bool = False) -> None:
-        self.max_grad_norm = max_grad_norm
-        self.skip_nonfinite = skip_nonfinite
-        self.master_weights = master_weights
-        self.state_dtype = state_dtype
-        self.stochastic_rounding = stochastic_rounding
-        self._rounding_seed = int(torch.randint(0, 2**30, ())) if stochastic_rounding else 0
-        self.track_update_norm = track_update_norm
-        self.telemetry = telemetry
+    def _init_mechgpu(self, options: _options.Options) -> None:
+        for name in _options.NAMES:
+            setattr(self, name, getattr(options, name))
+        self._rounding_seed = int(torch.randint(0, 2**30, ())) if options.stochastic_rounding else 0
         self._check_options()
         self._reset_buffers()
+
+    def _options(self) -> _options.Options:
+        return _options.Options(**{name: getattr(self, name) for name in _options.NAMES})
 
     def _check_options(self) -> None:
         """mechgpu's options, checked at construction and again at every step (they are plain
         attributes a user may set)."""
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}")
-        if self.skip_nonfinite and self.max_grad_norm is None:
-            raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {self.state_dtype}; use torch.float32 or torch.bfloat16")
-        if self.stochastic_rounding and self.master_weights:
-            raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
-                             "with master_weights=True the params are rounded from an fp32 copy")
+        self._options().check()
 
     def _check_hyperparameters(self, group_index: int, group: dict, device: torch.device) -> None:
         """Every hyperparameter the kernel reads is a real number, or a one-element real tensor on
         the CPU (read as a number) or on the params' ``device`` (read by the kernel)."""
-        for key in self._hyper_keys:
-            values = group[key] if key == "betas" else (group[key],)
-            for value in values:
+        for key, names in self._spec.hypers.items():
+            for value in group[key] if isinstance(names, tuple) else (group[key],):
                 if isinstance(value, torch.Tensor):
                     if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
                         if value.device.type == "cpu" or value.device == device:
@@ -313,17 +286,17 @@ class FusedOptimizer:
     def __getstate__(self) -> dict:
         """torch's state plus mechgpu's options; caches and device buffers are remade."""
         state = super().__getstate__()
-        for name, default in _OPTION_DEFAULTS.items():
-            state[name] = getattr(self, name, default)
-        for name in self._own_attrs:
-            if name in self.__dict__:
-                state[name] = self.__dict__[name]
+        state.update((name, getattr(self, name, getattr(_options.DEFAULTS, name))) for name in _options.NAMES)
+        state.update((name, self.__dict__[name]) for name in _PICKLED if name in self.__dict__)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if "_sgd_steps" in state:  # pickled by mechgpu before its counters' generic name
+            state["_own_steps"] = state.pop("_sgd_steps")
         super().__setstate__(state)
-        for name, default in _OPTION_DEFAULTS.items():
-            self.__dict__.setdefault(name, default)  # an optimizer pickled by an older mechgpu
+        for name in _options.NAMES:  # an optimizer pickled by an older mechgpu
+            self.__dict__.setdefault(name, getattr(_options.DEFAULTS, name))
+        self.__dict__.setdefault("_rounding_seed", 0)
         self._reset_buffers()
 
     @property
@@ -362,9 +335,6 @@ class FusedOptimizer:
     def _error(self, message: str, exc=RuntimeError):
         return exc(f"mechgpu.optim.{self._torch_name}: {message}")
 
-    def _sparse_message(self) -> str:
-        return f"mechgpu.optim.{self._torch_name} does not support sparse gradients"
-
     def _check_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
         """Every check of params and grads that can fail, before anything is written."""
         device = _local(params[0]).device
@@ -372,7 +342,7 @@ class FusedOptimizer:
             p, g = _local(param), _local(param.grad)
             where = f"param {i} of group {group_index}"
             if g.is_sparse:
-                raise RuntimeError(self._sparse_message())
+                raise RuntimeError(self._spec.sparse_message)
             if p.device != device:
                 raise self._error(f"all params of a group must be on one device; {where} is on "
                                   f"{p.device}, the group's first param on {device}")
@@ -389,7 +359,7 @@ class FusedOptimizer:
                 raise self._error(f"the grad of {where} has stride {g.stride()}, its param {p.stride()}; "
                                   "grads must share their param's memory layout")
             for what, t in (("", p), ("the grad of ", g)):
-                if not _storage_holds(t):
+                if not storage_holds(t):
                     raise self._error(f"{what}{where} has {t.numel()} elements but its storage holds "
                                       f"{t.untyped_storage().nbytes()} bytes (was the storage resized or freed?)")
 
@@ -403,13 +373,14 @@ class FusedOptimizer:
             where = f"param {i} of group {group_index}"
             for key in required:
                 if state.get(key) is None:
-                    reason = f", which {_NEEDED_BY[key]} needs" if key in _NEEDED_BY else ""
+                    needed_by = self._spec.needed_by(key)
+                    reason = f", which {needed_by} needs" if needed_by else ""
                     raise StateKeyError(
                         f"mechgpu.optim.{self._torch_name}: the state of {where} has no {key!r}{reason} "
                         f"(torch.optim.{self._torch_name} raises KeyError here too). Options that add a "
                         "state entry can only be switched on before a param's first step, or after "
                         "clearing its state (optimizer.state[p].clear())")
-            problem = _state_problem(state, p, local=True)
+            problem = state_problem(state, p, local=True)
             if problem is not None:
                 raise self._error(f"the state of {where} does not fit it: {problem}")
         self._check_no_aliasing(group_index, params)
@@ -432,7 +403,16 @@ class FusedOptimizer:
 
     # ------------------------------------------------------------------ state
     def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
-        """The fp32 device scalar the kernel counts p's steps in (torch's state['step'])."""
+        """The fp32 device scalar the kernel counts p's steps in: torch's state['step'], or where
+        torch keeps none (SGD) a private count, since the kernel must know a first step (SGD's
+        momentum buffer <- grad) even when GradScaler skipped the last one."""
+        if not self._step_keys:
+            counters = self.__dict__.setdefault("_own_steps", {})
+            counter = counters.get(p)
+            if counter is None:  # a state loaded from a state_dict has started
+                started = any(self.state[p].get(s.key) is not None for s in self._spec.states)
+                counter = counters[p] = torch.full((), float(started), dtype=torch.float32, device=_local(p).device)
+            return counter
         state = self.state[p]
         step = state.get("step")
         if step is None:
@@ -448,16 +428,20 @@ class FusedOptimizer:
         return self.master_weights and p.dtype != torch.float32
 
     def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
-        """Create p's state, or repair it for the kernel (state dtype, p's device and layout)."""
-        self._step_counter(p)  # first, so the state's keys come in torch's order
+        """Create p's state (zeros, or the spec's fill), or repair it for the kernel (state dtype,
+        p's device and layout)."""
+        keys = [k for k in self._state_keys(group) if k is not None]
         state = self.state[p]
+        if not self._step_keys and any(state.get(k) is None for k in keys):
+            self.__dict__.get("_own_steps", {}).pop(p, None)  # a new state starts a new count
+        self._step_counter(p)  # first, so the state's keys come in torch's order
         local = _local(p)
-        for key in self._state_keys(group):
-            if key is None:
-                continue
+        for key in keys:
             buf = state.get(key)
             if buf is None:
-                state[key] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
+                fill = self._spec.fill_of(key)
+                state[key] = torch.full_like(p, 0.0 if fill is None else group[fill], dtype=self.state_dtype,
+                                             memory_format=torch.preserve_format)
             elif (buf.dtype != self.state_dtype or _local(buf).device != local.device
                   or _local(buf).stride() != local.stride()):
                 fixed = torch.empty_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
@@ -478,13 +462,15 @@ class FusedOptimizer:
         return (*keys, MASTER_KEY) if self._uses_master(p) else keys
 
     def _own_counters(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Step counters the optimizer keeps outside ``state`` (SGD), or None."""
-        return None
+        """Step counters the optimizer keeps outside ``state`` (where torch's state has none), or None."""
+        if self._step_keys:
+            return None
+        counters = self.__dict__.get("_own_steps", {})
+        return [counters.get(p) for p in params]
 
     def _signature(self, group: dict) -> tuple:
         """Everything besides the tensors that decides a group's table rows and kernels."""
-        return (self._state_keys(group), self.state_dtype, self.master_weights, self.stochastic_rounding,
-                self._rounding_seed)
+        return (self._state_keys(group), *(getattr(self, name) for name in _options.NAMES), self._rounding_seed)
 
     def _hyper(self, value, device: torch.device):
         """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float
@@ -494,9 +480,14 @@ class FusedOptimizer:
         return value
 
     def _hypers(self, group: dict, device: torch.device) -> dict:
-        """The group's hyperparameters (``_hyper_keys``) as the launch passes them."""
-        return {key: tuple(self._hyper(b, device) for b in group[key]) if key == "betas"
-                else self._hyper(group[key], device) for key in self._hyper_keys}
+        """The group's hyperparameters as the launch's keyword arguments (the spec's ``hypers``)."""
+        arguments = {}
+        for key, names in self._spec.hypers.items():
+            if isinstance(names, tuple):
+                arguments.update(zip(names, (self._hyper(v, device) for v in group[key]), strict=True))
+            else:
+                arguments[names] = self._hyper(group[key], device)
+        return arguments
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -737,8 +728,7 @@ class FusedOptimizer:
         saved_state = state_dict["state"]
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         super().load_state_dict(state_dict)  # ends in __setstate__, which drops the caches
-        for name in self._own_attrs:  # counters of the old state: remade from the loaded one
-            self.__dict__.pop(name, None)
+        self.__dict__.pop("_own_steps", None)  # counters of the old state: remade from the loaded one
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
@@ -748,127 +738,24 @@ class FusedOptimizer:
                     self.state[p][key] = value.to(device=_local(p).device)
 
 
-def _state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
-    """Why ``state`` cannot serve param ``p``, or None. With ``local``, DTensors (FSDP2) are
-    compared by their local shards (the optimizer's view), otherwise by their global shapes
-    (a state_dict's)."""
-    shape = _local(p).shape if local else p.shape
-    for key, value in state.items():
-        if key == "step":
-            expected = "'step' must be a number or a one-element real tensor, not"
-            if torch.is_tensor(value):
-                if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                    return f"{expected} {value.dtype} {tuple(value.shape)}"
-            elif not isinstance(value, (int, float)) or isinstance(value, bool):
-                return f"{expected} {type(value).__name__}"
-        elif key in ELEMENT_KEYS and value is not None:  # None: absent, as torch's SGD reads it
-            if not torch.is_tensor(value):
-                return f"{key!r} is a {type(value).__name__}, not a tensor"
-            if not (value.is_floating_point() or (value.is_complex() and p.is_complex())):
-                return (f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor "
-                        "(complex for a complex param)")
-            t = _local(value)
-            if local and (t.layout is not torch.strided or t.is_nested or t.device.type == "meta"):
-                kind = "nested" if t.is_nested else str(t.layout)
-                return f"{key!r} is a {kind} tensor on {t.device}; it must be a dense tensor with data"
-            value_shape = t.shape if local else value.shape
-            if value_shape != shape:
-                return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(shape)}"
-            if local:  # what the kernel will read: real memory behind every element
-                if not _storage_holds(t):
-                    return f"{key!r}'s storage holds {t.untyped_storage().nbytes()} bytes, too few for its elements"
-    return None
+def _constructor(spec: OptimizerSpec) -> Callable:
+    """The ``__init__`` of the optimizer of ``spec``: torch's twin's arguments, in its order and with
+    its defaults and validation, then mechgpu's keyword-only ``options.Options``."""
+    torch_init = spec.torch_class.__init__
+    torch_signature = inspect.signature(torch_init)
+    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(_options.DEFAULTS, name))
+            for name in _options.NAMES]
 
+    def __init__(self, params, *args, **kwargs) -> None:
+        options = _options.Options(**{name: kwargs.pop(name) for name in _options.NAMES if name in kwargs})
+        bound = torch_signature.bind(self, params, *args, **kwargs)  # TypeError for an unknown argument
+        if bound.arguments.get("differentiable"):
+            raise NotImplementedError(
+                f"mechgpu.optim.{spec.name} does not support differentiable=True (differentiating through the "
+                f"optimizer step); use torch.optim.{spec.name}(..., differentiable=True) for that")
+        torch_init(*bound.args, **bound.kwargs)
+        self._init_mechgpu(options)
 
-def _storage_holds(t: torch.Tensor) -> bool:
-    """The tensor's storage really holds every element it addresses (a resized-away storage does not)."""
-    if t.numel() == 0:
-        return True
-    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
-
-
-def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Check that ``state_dict`` fits ``optimizer``'s params; raise ValueError naming the param.
-
-    Works for any torch optimizer and changes nothing. The group checks and their messages
-    are torch's; mechgpu adds the per-param ones: every per-element state (``exp_avg``,
-    ``momentum_buffer``, ...) must be a floating-point tensor of its param's shape, and
-    ``step`` a number or one-element tensor.
-    """
-    try:
-        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-    except (KeyError, TypeError):
-        raise ValueError("loaded state dict must be a dict with 'state' and 'param_groups'") from None
-    groups = optimizer.param_groups
-    if len(groups) != len(saved_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
-                         "optimizer's group")
-    loaded_groups = _groups_as_loaded(optimizer, saved_groups)
-    for group_index, (group, saved, loaded) in enumerate(zip(groups, saved_groups, loaded_groups)):
-        missing = [k for k in optimizer.defaults if k not in loaded]  # the hyperparameters its step reads
-        if missing:
-            raise ValueError(f"loaded state dict: param group {group_index} lacks {missing}, which "
-                             f"{type(optimizer).__name__} needs (saved by another optimizer?)")
-        required = _required_state_keys(optimizer, loaded)
-        for i, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
-            entry = saved_state.get(saved_id)
-            if entry is None:
-                continue
-            if not isinstance(entry, dict):
-                raise ValueError(f"loaded state dict: the state of param {i} of group {group_index} is a "
-                                 f"{type(entry).__name__}, not a dict")
-            problem = _state_problem(entry, p, local=False)
-            if problem is None and entry:
-                absent = [k for k in required if entry.get(k) is None]
-                if absent:
-                    problem = f"it has no {absent} (it has {sorted(entry)}; saved by another optimizer?)"
-            if problem is None:
-                stored = [(k, v) for k, v in entry.items() if torch.is_tensor(v) and not has_data(v)]
-                if stored:
-                    k, v = stored[0]
-                    problem = f"{k!r} is a {v.layout} tensor on {v.device}, with no data to load"
-            if problem is not None:
-                raise ValueError(f"loaded state dict does not fit param {i} of group {group_index} "
-                                 f"(shape {tuple(p.shape)}): {problem}")
-
-
-def _groups_as_loaded(optimizer: torch.optim.Optimizer, saved_groups: list) -> list[dict]:
-    """The saved param groups as ``optimizer.load_state_dict`` would leave them: each replaces
-    the group, then the optimizer's ``__setstate__`` fills the keys an older torch did not save.
-    Run on a bare instance, so nothing of ``optimizer`` changes."""
-    probe = object.__new__(type(optimizer))
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in saved_groups]
-    torch.optim.Optimizer.__setstate__(probe, {"defaults": dict(optimizer.defaults), "state": {},
-                                               "param_groups": groups})
-    for cls in type(optimizer).__mro__:  # the optimizer's own defaults for old groups (torch's, not ours)
-        if cls.__module__.startswith("torch.optim") and "__setstate__" in cls.__dict__ \
-                and cls is not torch.optim.Optimizer:
-            cls.__setstate__(probe, probe.__dict__)
-            break
-    return probe.param_groups
-
-
-def _required_state_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple[str, ...]:
-    """The state entries a started param must have under ``group``'s options, as torch's step
-    reads them (KeyError without): from mechgpu's twin of a torch optimizer, else none known."""
-    from . import SGD, Adam, AdamW, RMSprop
-
-    twins = {torch.optim.Adam: Adam, torch.optim.AdamW: AdamW, torch.optim.RMSprop: RMSprop, torch.optim.SGD: SGD}
-    twin = next((twins[c] for c in type(optimizer).__mro__ if c in twins), None)
-    if twin is None:
-        return ()
-    try:
-        return object.__new__(twin)._required_keys(group)
-    except (KeyError, TypeError):  # options the rule reads are missing: reported as missing group keys
-        return ()
-
-
-def reject_differentiable(name: str, differentiable: bool) -> None:
-    if differentiable:
-        raise NotImplementedError(
-            f"mechgpu.optim.{name} does not support differentiable=True (differentiating through the "
-            f"optimizer step); use torch.optim.{name}(..., differentiable=True) for that"
-        )
+    __init__.__signature__ = torch_signature.replace(parameters=[*torch_signature.parameters.values(), *ours])
+    __init__.__qualname__ = f"{spec.name}.__init__"
+    return __init__

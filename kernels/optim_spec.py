@@ -1,0 +1,149 @@
+"""The optimizer rules, declared once: one record per torch optimizer that mechgpu steps.
+
+A record (``OptimizerSpec``) says everything the rest of mechgpu derives from: the torch
+twin, the state entries in table-column order with the option that makes each exist, the
+group entries passed to the kernel and under which argument names, the kernel's feature
+flags and how a param group sets them. ``mechgpu.optim`` builds its classes, validation and
+messages from it; ``optim.py`` its launch and AOT variants; ``mechgpu.traffic`` its bytes per
+element; the check cases their option variants. The update formula itself lives in the kernel
+(``optim.py``), one ``*_update`` function per rule, reading the state columns in this order.
+
+Adding a rule: a record here, its formula in ``optim.py``, a case in ``mechgpu.testing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+#: The kernel's RULE constexpr: which update formula a launch runs
+ADAM, RMSPROP, SGD, ADAGRAD = range(4)
+#: State columns per table row: the most any rule keeps
+STATE_COLUMNS = 3
+
+
+def _truthy(value) -> bool:
+    return bool(value)
+
+
+def _positive(value) -> bool:
+    return value is not None and value > 0
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A kernel feature flag (a constexpr) and the group option that sets it."""
+
+    name: str  # the kernel's constexpr, e.g. "AMSGRAD"
+    option: str  # the param group entry it is read from
+    meaning: str  # how a message names it: "amsgrad=True"
+    test: Callable[[object], bool] = _truthy  # the entry's value -> the flag
+
+    def of(self, group: dict) -> bool:
+        return self.test(group.get(self.option))
+
+
+@dataclass(frozen=True)
+class State:
+    """One per-element state entry (torch's key) and the flag that makes it exist (None: always)."""
+
+    key: str
+    flag: str | None = None
+    fill: str | None = None  # the group entry a new state is filled with (None: zeros)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything mechgpu knows about one torch optimizer, bar its update formula."""
+
+    name: str  # torch.optim's class name, and ours
+    rule: int  # the kernel's RULE
+    states: tuple[State, ...]  # in the table's state-column order
+    #: group entry -> kernel argument(s): ``launch``'s keyword, or a tuple of them for a tuple entry
+    hypers: dict[str, str | tuple[str, ...]]
+    flags: tuple[Flag, ...]
+    #: the state entry the step is counted in (None: torch keeps none, the optimizer counts privately)
+    step_key: str | None = "step"
+    #: torch's step makes a missing state entry (SGD's momentum buffer, from the grad)
+    makes_missing_states: bool = False
+    #: the group options of the "everything on" variant that the AOT report compiles
+    aot_options: dict = field(default_factory=dict)
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        return getattr(torch.optim, self.name)
+
+    @property
+    def sparse_message(self) -> str:
+        return f"mechgpu.optim.{self.name} does not support sparse gradients"
+
+    def kernel_flags(self, group: dict) -> dict[str, bool]:
+        return {flag.name: flag.of(group) for flag in self.flags}
+
+    def _flag(self, name: str) -> Flag:
+        return next(f for f in self.flags if f.name == name)
+
+    def state_keys(self, group: dict) -> tuple[str | None, ...]:
+        """Per state column, the state entry the group's options make, or None."""
+        return tuple(s.key if s.flag is None or self._flag(s.flag).of(group) else None for s in self.states)
+
+    def needed_by(self, key: str) -> str | None:
+        """The option that makes state ``key`` exist, for messages ("amsgrad=True"), or None."""
+        state = next((s for s in self.states if s.key == key), None)
+        return None if state is None or state.flag is None else self._flag(state.flag).meaning
+
+    def fill_of(self, key: str) -> str | None:
+        return next(s.fill for s in self.states if s.key == key)
+
+    def state_count(self, options: dict) -> int:
+        """State buffers a step with these torch options reads and writes (each the state dtype)."""
+        return sum(k is not None for k in self.state_keys(options))
+
+
+_MAXIMIZE = Flag("MAXIMIZE", "maximize", "maximize=True")
+_ADAM = OptimizerSpec(
+    "Adam", ADAM,
+    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", flag="AMSGRAD")),
+    hypers={"lr": "lr", "betas": ("beta1", "beta2"), "eps": "eps", "weight_decay": "weight_decay"},
+    flags=(Flag("AMSGRAD", "amsgrad", "amsgrad=True"), _MAXIMIZE,
+           Flag("DECOUPLED_WD", "decoupled_weight_decay", "decoupled_weight_decay=True")),
+    aot_options={"amsgrad": True, "decoupled_weight_decay": True},
+)
+_HAS_MOMENTUM = "HAS_MOMENTUM"
+#: Every optimizer mechgpu steps, by torch's class name
+SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
+    _ADAM,
+    replace(_ADAM, name="AdamW"),
+    OptimizerSpec(
+        "RMSprop", RMSPROP,
+        states=(State("square_avg"), State("momentum_buffer", flag=_HAS_MOMENTUM),
+                State("grad_avg", flag="CENTERED")),
+        hypers={"lr": "lr", "alpha": "beta2", "eps": "eps", "weight_decay": "weight_decay",
+                "momentum": "momentum"},
+        flags=(Flag("CENTERED", "centered", "centered=True"),
+               Flag(_HAS_MOMENTUM, "momentum", "momentum > 0", _positive), _MAXIMIZE),
+        aot_options={"centered": True, "momentum": 0.9},
+    ),
+    OptimizerSpec(
+        "SGD", SGD,
+        states=(State("momentum_buffer", flag=_HAS_MOMENTUM),),
+        hypers={"lr": "lr", "momentum": "momentum", "dampening": "dampening", "weight_decay": "weight_decay"},
+        flags=(Flag(_HAS_MOMENTUM, "momentum", "momentum != 0"), Flag("NESTEROV", "nesterov", "nesterov=True"),
+               _MAXIMIZE),
+        step_key=None, makes_missing_states=True,
+        aot_options={"momentum": 0.9, "nesterov": True},
+    ),
+    OptimizerSpec(
+        "Adagrad", ADAGRAD,
+        states=(State("sum", fill="initial_accumulator_value"),),
+        hypers={"lr": "lr", "lr_decay": "lr_decay", "eps": "eps", "weight_decay": "weight_decay"},
+        flags=(_MAXIMIZE,),
+        aot_options={"maximize": True},
+    ),
+)}
+#: Every flag some rule sets, each False for the rules that do not
+ALL_FLAGS = tuple(dict.fromkeys(f.name for spec in SPECS.values() for f in spec.flags))
+#: Every per-element state entry a rule keeps (torch's keys)
+STATE_KEYS = tuple(dict.fromkeys(s.key for spec in SPECS.values() for s in spec.states))

@@ -1,0 +1,65 @@
+"""mechgpu's own optimizer options, declared once: names, defaults, meaning and checks.
+
+Every mechgpu optimizer takes torch's arguments plus these, keyword-only, and keeps each as a
+plain attribute of the same name (a user may set it between steps; every step checks again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Options:
+    """The keyword-only options every mechgpu optimizer adds to its torch twin's.
+
+    * ``max_grad_norm``: clip the global grad norm (2-norm over all params of all groups)
+      inside the step: one norm launch, then the update kernel multiplies each grad by
+      the clip coefficient in registers. Unlike ``torch.nn.utils.clip_grad_norm_``, the
+      grads themselves are not rescaled. The norm before clipping is ``last_grad_norm``.
+    * ``skip_nonfinite``: with ``max_grad_norm``, a step whose grad norm is inf or NaN
+      leaves params and states untouched (and is not counted), without a host sync.
+    * ``master_weights``: bf16/fp16 params get an fp32 master copy in the optimizer state
+      (``master_param``); the kernel updates it and writes the rounded param in one pass.
+      The param is read too (2 B per element): where it was edited since the last step (a
+      hook's clamp, ``load_state_dict``, steps with master_weights off), the edit seeds the master.
+    * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
+    * ``stochastic_rounding``: bf16 params without master weights are rounded
+      stochastically, so small updates are not lost to round-to-nearest.
+    * ``track_update_norm``: ``last_update_norm``, ||p_after - p_before|| over every param the
+      step updated (in fp32 master space where there are masters), summed by the update
+      kernel from the values it has in registers: no extra pass, no host sync.
+    * ``telemetry``: the same sums give ``last_telemetry``, per param group: ||p|| before the
+      update, ||p_after - p_before|| and their ratio, the non-finite grads (counted even when
+      the step is then skipped), and for params stored in bf16/fp16 without masters the
+      fraction of changed elements whose update was lost to rounding.
+    """
+
+    max_grad_norm: float | None = None
+    skip_nonfinite: bool = False
+    master_weights: bool = False
+    state_dtype: torch.dtype = torch.float32
+    stochastic_rounding: bool = False
+    track_update_norm: bool = False
+    telemetry: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option that is out of range or contradicts another."""
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}")
+        if self.skip_nonfinite and self.max_grad_norm is None:
+            raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {self.state_dtype}; use torch.float32 or torch.bfloat16")
+        if self.stochastic_rounding and self.master_weights:
+            raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
+                             "with master_weights=True the params are rounded from an fp32 copy")
+
+
+#: The options' names, in declaration order (the constructors' keyword-only tail)
+NAMES = tuple(f.name for f in dataclasses.fields(Options))
+DEFAULTS = Options()
