@@ -36,9 +36,7 @@ from .rounding import round_like
 
 #: One row per tensor: its address, element count and dtype code (DTYPE_CODES).
 TABLE = TableLayout("address", "numel", "dtype_code")
-_COL_ADDRESS = TABLE.constexpr("address")
-_COL_NUMEL = TABLE.constexpr("numel")
-_COL_DTYPE_CODE = TABLE.constexpr("dtype_code")
+_COL_ADDRESS, _COL_NUMEL, _COL_DTYPE_CODE = TABLE.constexprs("address", "numel", "dtype_code")
 _NCOL = tl.constexpr(TABLE.width)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

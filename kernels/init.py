@@ -71,14 +71,8 @@ _TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
 
 #: The table of a multi-tensor fill: one row per tensor, two fp32 parameters packed per column.
 TABLE = TableLayout("ptr", "stream", "loc_scale", "lo_hi", "cdf_lo_sf_hi", "cdf_hi_mass", "numel", "kind")
-_COL_PTR = TABLE.constexpr("ptr")
-_COL_STREAM = TABLE.constexpr("stream")
-_COL_LOC_SCALE = TABLE.constexpr("loc_scale")
-_COL_LO_HI = TABLE.constexpr("lo_hi")
-_COL_CDF_LO_SF_HI = TABLE.constexpr("cdf_lo_sf_hi")
-_COL_CDF_HI_MASS = TABLE.constexpr("cdf_hi_mass")
-_COL_NUMEL = TABLE.constexpr("numel")
-_COL_KIND = TABLE.constexpr("kind")
+(_COL_PTR, _COL_STREAM, _COL_LOC_SCALE, _COL_LO_HI, _COL_CDF_LO_SF_HI, _COL_CDF_HI_MASS, _COL_NUMEL,
+ _COL_KIND) = TABLE.constexprs("ptr", "stream", "loc_scale", "lo_hi", "cdf_lo_sf_hi", "cdf_hi_mass", "numel", "kind")
 _NCOL = tl.constexpr(TABLE.width)
 
 

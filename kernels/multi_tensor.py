@@ -70,6 +70,10 @@ class TableLayout:
     def constexpr(self, name: str) -> tl.constexpr:
         return tl.constexpr(self._index[name])
 
+    def constexprs(self, *names: str) -> tuple[tl.constexpr, ...]:
+        """``constexpr(name)`` of each name, for a kernel module's column constants."""
+        return tuple(map(self.constexpr, names))
+
     def row(self, **values: int) -> list[int]:
         unknown = set(values) - set(self._index)
         if unknown:

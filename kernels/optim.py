@@ -46,14 +46,8 @@ _STATE_COLUMNS = tuple(f"state{i}" for i in range(STATE_COLUMNS))
 #: One row per tensor: its param, grad, the rule's states (in its spec's ``states`` order;
 #: 0 where its options make none), its fp32 step counter, its element count and its fp32 master.
 TABLE = TableLayout("param", "grad", *_STATE_COLUMNS, "step", "numel", "master")
-_COL_PARAM = TABLE.constexpr("param")
-_COL_GRAD = TABLE.constexpr("grad")
-_COL_STATE0 = TABLE.constexpr("state0")
-_COL_STATE1 = TABLE.constexpr("state1")
-_COL_STATE2 = TABLE.constexpr("state2")
-_COL_STEP = TABLE.constexpr("step")
-_COL_NUMEL = TABLE.constexpr("numel")
-_COL_MASTER = TABLE.constexpr("master")
+_COL_PARAM, _COL_GRAD, _COL_STATE0, _COL_STATE1, _COL_STATE2, _COL_STEP, _COL_NUMEL, _COL_MASTER = TABLE.constexprs(
+    "param", "grad", "state0", "state1", "state2", "step", "numel", "master")
 _NCOL = tl.constexpr(TABLE.width)
 
 
@@ -207,11 +201,8 @@ def _store_param(param_ptr, master_ptr, p, offs, mask, seed,
 #: grads, elements whose update the stored dtype lost (it kept p though the fp32 result p_new != p),
 #: and elements with p_new != p.
 TELEMETRY_FIELDS = TableLayout("param_sq", "update_sq", "nonfinite_grads", "lost_updates", "changed")
-_T_PARAM_SQ = TELEMETRY_FIELDS.constexpr("param_sq")
-_T_UPDATE_SQ = TELEMETRY_FIELDS.constexpr("update_sq")
-_T_NONFINITE = TELEMETRY_FIELDS.constexpr("nonfinite_grads")
-_T_LOST = TELEMETRY_FIELDS.constexpr("lost_updates")
-_T_CHANGED = TELEMETRY_FIELDS.constexpr("changed")
+_T_PARAM_SQ, _T_UPDATE_SQ, _T_NONFINITE, _T_LOST, _T_CHANGED = TELEMETRY_FIELDS.constexprs(
+    "param_sq", "update_sq", "nonfinite_grads", "lost_updates", "changed")
 _NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 
@@ -436,10 +427,8 @@ def _state_ptr(row, COL: tl.constexpr, USED: tl.constexpr, fallback, DTYPE: tl.c
 #: Per tensor, the fp32 scalars the step prologue writes for the update kernel: the step
 #: before and after this one, and Adam's step size lr / (1 - beta1^t) and sqrt(1 - beta2^t).
 STEP_SCALARS = TableLayout("step", "new_step", "step_size", "bias_correction2_sqrt")
-_SCALAR_STEP = STEP_SCALARS.constexpr("step")
-_SCALAR_NEW_STEP = STEP_SCALARS.constexpr("new_step")
-_SCALAR_STEP_SIZE = STEP_SCALARS.constexpr("step_size")
-_SCALAR_BC2_SQRT = STEP_SCALARS.constexpr("bias_correction2_sqrt")
+_SCALAR_STEP, _SCALAR_NEW_STEP, _SCALAR_STEP_SIZE, _SCALAR_BC2_SQRT = STEP_SCALARS.constexprs(
+    "step", "new_step", "step_size", "bias_correction2_sqrt")
 _NSCALARS = tl.constexpr(STEP_SCALARS.width)
 PROLOGUE_TENSORS, PROLOGUE_WARPS = 128, 4  # tensors per program of the prologue, one per thread
 

@@ -79,11 +79,13 @@ ADAM_STEP = optimizer_step_bytes("Adam")
 ADAM_AMSGRAD_STEP = optimizer_step_bytes("Adam", amsgrad=True)
 SGD_MOMENTUM_STEP = optimizer_step_bytes("SGD", momentum=0.9)
 RMSPROP_STEP = optimizer_step_bytes("RMSprop")
+ADAGRAD_STEP = optimizer_step_bytes("Adagrad")
 GRAD_NORM = grad_norm_bytes()
 GRAD_SCALE = grad_scale_bytes()
 
 #: Bytes per element moved by one optimizer step over fp32 params, by optimizer name.
-STEP_BYTES = {"Adam": ADAM_STEP, "AdamW": ADAM_STEP, "SGD": SGD_MOMENTUM_STEP, "RMSprop": RMSPROP_STEP}
+STEP_BYTES = {"Adam": ADAM_STEP, "AdamW": ADAM_STEP, "SGD": SGD_MOMENTUM_STEP, "RMSprop": RMSPROP_STEP,
+              "Adagrad": ADAGRAD_STEP}
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ TABLE: tuple[Traffic, ...] = (
             "foreach: mul_(buf) 8 + add_(buf, g) 12 + add_(p, buf) 12"),
     Traffic("RMSprop step", RMSPROP_STEP, None, 56,
             "torch has no fused RMSprop; foreach: mul_ 8 + addcmul_ 16 + sqrt 8 + add_ 8 + addcdiv_ 16"),
+    Traffic("Adagrad step", ADAGRAD_STEP, None, 56,
+            "torch's fused Adagrad is CPU-only; foreach: addcmul_ 16 + sqrt 8 + add_ 8 + mul 8 + addcdiv_ 16"),
     Traffic("AdamW + clip to max norm", ADAM_STEP + GRAD_NORM, ADAM_STEP + GRAD_NORM + GRAD_SCALE,
             TORCH_FOREACH_ADAM + 8 + GRAD_NORM + GRAD_SCALE,
             "`max_grad_norm=`: the norm reads g once and the step scales g in registers; torch's "

@@ -164,7 +164,7 @@ def test_skip_nonfinite_leaves_everything_untouched(name, opts, device):
     opt.step()
     before_params = [p.detach().clone() for p in params]
     before_state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
-    counters = getattr(opt, "_sgd_steps", {})
+    counters = getattr(opt, "_own_steps", {})
     before_counters = {k: v.clone() for k, v in counters.items()}
     for bad in (math.inf, math.nan):
         for p in params:

@@ -142,7 +142,7 @@ def _copy(v):
 def snapshot(opt, params):
     """Everything a step may write: params, every state entry, SGD's own step counters."""
     states = [{k: _copy(v) for k, v in opt.state.get(p, {}).items()} for p in params]
-    counters = {id(p): c.clone() for p, c in opt.__dict__.get("_sgd_steps", {}).items()}
+    counters = {id(p): c.clone() for p, c in opt.__dict__.get("_own_steps", {}).items()}
     return [p.detach().clone() for p in params], states, counters
 
 
