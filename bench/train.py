@@ -3,7 +3,7 @@ against the torch baseline (torch.optim.AdamW, torch.nn.GELU, no checkpointing).
 
 What it measures
 ----------------
-One run trains the ``mechgpu train`` model (``mechgpu.train.gpt.CharGPT``; 24 blocks of
+One run trains the ``mechgpu train`` model (``mechgpu.tools.gpt.CharGPT``; 24 blocks of
 width 1024, context 512, micro-batch 16 on a GPU) under each configuration from the same
 init and data, and records, per row: peak memory (``torch.cuda.max_memory_allocated``),
 saved-activation bytes of one micro-batch (``saved_tensors_hooks``) and what the memory
@@ -28,9 +28,9 @@ from __future__ import annotations
 import _common as common
 import torch
 
+from mechgpu._text import format_bytes
+from mechgpu.tools.gpt import CharCorpus
 from mechgpu.tools.jobs import TrainConfig, build
-from mechgpu.train.checkpointing import format_bytes
-from mechgpu.train.gpt import CharCorpus
 
 FULL = dict(dim=1024, depth=24, heads=16, context=512, micro_batch=16, accum_steps=1, steps=30, lr=3e-4)
 SMOKE = dict(dim=16, depth=4, heads=2, context=8, micro_batch=2, accum_steps=1, steps=2, lr=1e-2)

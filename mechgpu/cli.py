@@ -2,11 +2,10 @@
 
 Values are checked as they are parsed (argparse ``type=``), so a bad one ends in a one-line
 usage error and exit code 2 before anything runs. A few checks come after parsing, still before
-anything runs: the checkpoint policy and the memory budget, whose parser lives in
-``mechgpu.train`` (which imports triton, so only once the device is chosen and TRITON_INTERPRET
-set), ``--heads`` dividing ``--dim`` and ``--micro`` dividing ``--global-batch``, whose defaults
-depend on the device. A budget that no configuration fits is known only once the model is
-measured, and is a usage error too.
+anything runs: the checkpoint policy and the memory budget (sizes read by
+``mechgpu._text.parse_bytes``), ``--heads`` dividing ``--dim`` and ``--micro`` dividing
+``--global-batch``, whose defaults depend on the device. A budget that no configuration fits is
+known only once the model is measured, and is a usage error too.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from ._text import parse_bytes
 
 DEVICE_HELP = "default: cuda when available, else cpu with the kernels in triton's interpreter"
 TOUR_DESCRIPTION = (
@@ -105,10 +106,8 @@ def steps_to_confirm(text: str) -> int:
 
 
 def memory_problem(spec: str) -> str | None:
-    """None when ``spec`` is a memory budget above 0 bytes, as ``mechgpu.train.checkpointing.parse_bytes``
-    reads it (2GiB, 300MB, 65536), else why not. Imports triton: call it after ``_select_device``."""
-    from .train.checkpointing import parse_bytes
-
+    """None when ``spec`` is a memory budget above 0 bytes, as ``parse_bytes`` reads it (2GiB, 300MB,
+    65536), else why not."""
     try:
         budget = parse_bytes(spec)
     except ValueError as error:
@@ -118,10 +117,7 @@ def memory_problem(spec: str) -> str | None:
 
 def checkpoint_problem(spec: str) -> str | None:
     """None when ``mechgpu.train.checkpointing.make_plan`` accepts ``spec`` (none, all, sqrt, a
-    number of segments >= 1, a memory budget above 0 read by its ``parse_bytes``), else why not.
-    Imports triton: call it after ``_select_device``."""
-    from .train.checkpointing import parse_bytes
-
+    number of segments >= 1, a memory budget above 0 read by ``parse_bytes``), else why not."""
     if spec in ("none", "all", "sqrt"):
         return None
     if spec.isdigit():
@@ -360,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 def _fit(args: argparse.Namespace, cfg, this: argparse.ArgumentParser) -> int:
     """``mechgpu fit`` once ``cfg`` is resolved: the global batch defaults to train's micro-batch x
     accumulation steps; a budget no configuration fits is a usage error."""
+    from .tools.jobs import run_fit
     from .train.checkpointing import BudgetTooSmall
-    from .train.fit import run_fit
 
     global_batch = args.global_batch or cfg.micro_batch * cfg.accum_steps
     if wrong := [m for m in args.micro or () if global_batch % m]:

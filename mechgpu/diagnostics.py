@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .init import ACTIVATION_MODULES, WEIGHT_LAYERS, text_table
+from ._text import text_table
+from .init import ACTIVATION_MODULES, WEIGHT_LAYERS
 
 __all__ = ["LayerSignal", "SignalRecorder", "default_layers", "plot_signals", "signal_ratios", "signal_table"]
 

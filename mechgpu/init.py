@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out
 
 from ._backend import is_dense, kernels_run_on, warn_fallback_once
+from ._text import text_table
 from .kernels import init as init_kernels
 
 __all__ = [
@@ -391,15 +392,6 @@ class InitTable(list):
                   f"{self.launches} kernel launch{'es' if self.launches != 1 else ''}; "
                   f"{len(self.untouched)} other parameter tensors left as they were")
         return text_table(header, rows) + "\n" + footer
-
-
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    """A plain-text table: a header, a rule, then one line per row, columns left-aligned."""
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
 
 
 class _ModelFiller:

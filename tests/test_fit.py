@@ -16,10 +16,10 @@ from torch import nn
 
 import mechgpu.optim as mo
 from mechgpu.cli import main
+from mechgpu.tools.gpt import CharGPT, TokenLoss, init_gpt
 from mechgpu.traffic import optimizer_state_bytes
 from mechgpu.train import BlockProfile, BudgetTooSmall, Trainer, make_plan, plan_frontier, predict
 from mechgpu.train.fit import choose, confirm, probe
-from mechgpu.train.gpt import CharGPT, TokenLoss, init_gpt
 
 VOCAB, CONTEXT, DIM, DEPTH, HEADS = 11, 8, 16, 3, 2
 GLOBAL_BATCH = 4
@@ -208,7 +208,8 @@ def test_cli_budget_below_static_is_a_usage_error(capsys):
 
 
 def test_table_shows_per_size_the_least_memory_the_fastest_fitting_and_no_checkpointing():
-    from mechgpu.train.checkpointing import describe_segments, format_bytes
+    from mechgpu._text import format_bytes
+    from mechgpu.train.checkpointing import describe_segments
     from mechgpu.train.fit import MicroProbe, Probes
 
     gen = torch.Generator().manual_seed(0)

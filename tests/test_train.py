@@ -21,6 +21,7 @@ import torch
 from conftest import Recorder
 from torch import nn
 
+from mechgpu.tools.gpt import TokenLoss
 from mechgpu.train import (
     ActivationMeter,
     BlockProfile,
@@ -33,7 +34,6 @@ from mechgpu.train import (
     predict,
     profile_blocks,
 )
-from mechgpu.train.gpt import TokenLoss
 
 F_IN, VOCAB, T = 5, 7, 6
 
@@ -289,7 +289,7 @@ def test_saved_bytes_drop_by_predicted_factor(policy):
 
 def _gpt_trainer(tmp_path, checkpoint="sqrt"):
     import mechgpu.optim as mo
-    from mechgpu.train.gpt import CharGPT, init_gpt
+    from mechgpu.tools.gpt import CharGPT, init_gpt
 
     torch.manual_seed(0)
     model = CharGPT(vocab=11, context=8, dim=16, depth=3, heads=2, dropout=0.2)

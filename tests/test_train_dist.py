@@ -27,8 +27,8 @@ TIMEOUT_S = 300
 
 def _curve(kind: str | None, rank: int, world: int) -> dict:
     import mechgpu.optim as mo
+    from mechgpu.tools.gpt import CharBatches, CharGPT, TokenLoss, init_gpt
     from mechgpu.tools.jobs import _wrap
-    from mechgpu.train.gpt import CharBatches, CharGPT, TokenLoss, init_gpt
     from mechgpu.train.trainer import Trainer
 
     torch.manual_seed(0)

@@ -3,6 +3,8 @@
 
 * ``check``: the correctness case database and ``mechgpu check``, its runner;
 * ``bench``: ``mechgpu bench``, the benchmark runner, its merged results and the README section;
-* ``jobs``: ``mechgpu train`` (the main job) and ``mechgpu profile``;
+* ``tour``: ``mechgpu tour``, the main job;
+* ``jobs``: ``mechgpu train``, ``mechgpu profile`` and ``mechgpu fit``, on ``gpt``'s character GPT
+  and stdlib corpus;
 * ``demo`` and ``flow``: ``mechgpu demo`` and ``mechgpu flow``.
 """

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._text import format_bytes
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
@@ -299,8 +301,6 @@ def plot_train(merged: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..train.checkpointing import format_bytes
 
     rows = train_rows(merged)
     peak = all(r.get("peak_bytes") for r in rows)

@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from ..train.gpt import stdlib_text
+from .gpt import stdlib_text
 
 CONTEXT = 8
 

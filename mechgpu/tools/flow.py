@@ -3,7 +3,7 @@
 The network has ``depth`` hidden layers, each ``Linear(width, width)`` followed by the
 activation, then a ``Linear(width, 256)`` head that predicts the next byte. The batch is
 real text, with nothing to download: windows of ``width`` consecutive bytes of the Python
-standard library's own source (``mechgpu.train.gpt.stdlib_text``), standardised to mean 0 and
+standard library's own source (``mechgpu.tools.gpt.stdlib_text``), standardised to mean 0 and
 std 1, with the byte that follows each window as the target. One forward and one backward
 pass (cross-entropy) run under a ``SignalRecorder`` on the activation modules, for each
 initialisation asked for; the per-layer tables, a summary and one PNG overlaying the runs
@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import init as mi
 from ..diagnostics import LayerSignal, SignalRecorder, plot_signals, signal_ratios, signal_table
-from ..train.gpt import stdlib_text
+from .gpt import stdlib_text
 
 ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
                "gelu": nn.GELU, "silu": nn.SiLU, "selu": nn.SELU, "linear": nn.Identity}

@@ -1,12 +1,15 @@
-"""``mechgpu train`` and ``mechgpu profile``: the character GPT on stdlib source.
+"""``mechgpu train``, ``mechgpu profile`` and ``mechgpu fit``: the character GPT on stdlib source.
 
+``build_model`` and ``build_optimizer`` make the model and optimizer that every job trains;
 ``run_train`` trains one configuration and prints what it cost; ``run_profile`` sweeps
 checkpoint policy x accumulation steps x micro-batch size beside a torch baseline
-(``torch.optim.AdamW``, ``torch.nn.GELU``, no checkpointing) and writes a table and a plot.
+(``torch.optim.AdamW``, ``torch.nn.GELU``, no checkpointing) and writes a table and a plot;
+``run_fit`` finds the fastest configuration within a memory budget (``mechgpu.train.fit``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,9 +20,10 @@ from typing import Any
 
 import torch
 
-from ..train.checkpointing import format_bytes
-from ..train.gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
+from .._text import format_bytes, parse_bytes
+from ..train.fit import FitResult, fit
 from ..train.trainer import Trainer
+from .gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
 
 #: the defaults, by device: a CPU run goes through triton's interpreter (~10 us per element of
 #: an activation, ~2.5 us per parameter of an Adam step), so it is kept small.
@@ -103,35 +107,43 @@ def _wrap(model: torch.nn.Module, kind: str | None, device: str) -> torch.nn.Mod
     return model
 
 
+def build_model(cfg: TrainConfig, vocab: int, device: str) -> torch.nn.Module:
+    """The character GPT of ``cfg`` (resolved): seeded, initialised by ``init_gpt``, on ``device``,
+    wrapped for ``cfg.distributed``."""
+    torch.manual_seed(cfg.seed)
+    model = CharGPT(vocab, cfg.context, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
+                    torch_baseline=cfg.torch_baseline).to(device)
+    init_gpt(model, cfg.seed)
+    return _wrap(model, cfg.distributed, device)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with betas (0.9, 0.95), weight decay 0.1 on the matrices and none on the vectors:
+    torch's with ``cfg.torch_baseline`` (the Trainer then clips), else mechgpu's with clipping
+    to ``cfg.max_grad_norm`` fused into the step and step-size telemetry summed in the kernel."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    if cfg.torch_baseline:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    from ..optim import AdamW
+
+    return AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm, telemetry=True)
+
+
 def build(cfg: TrainConfig, corpus: CharCorpus | None = None, rank: int = 0, world: int = 1,
           device: str | None = None):
     """(trainer, train data, corpus) for one configuration."""
     device = device or cfg.device
     corpus = corpus or CharCorpus()
-    torch.manual_seed(cfg.seed)
-    model = CharGPT(corpus.vocab, cfg.context, cfg.dim, cfg.depth, cfg.heads, cfg.dropout,
-                    torch_baseline=cfg.torch_baseline).to(device)
-    init_gpt(model, cfg.seed)
-    model = _wrap(model, cfg.distributed, device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.torch_baseline:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-        clip = cfg.max_grad_norm
-    else:
-        from ..optim import AdamW
-
-        optimizer = AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), max_grad_norm=cfg.max_grad_norm,
-                          telemetry=True)  # update norm and step-size telemetry, summed in the kernel
-        clip = None  # fused into the step
+    model = build_model(cfg, corpus.vocab, device)
+    optimizer = build_optimizer(cfg, model)
     data = CharBatches(corpus.train, cfg.micro_batch, cfg.context, batches=10**9 if cfg.accum_steps != "all" else 8,
                        seed=cfg.seed, device=device, rank=rank, world=world)
     eval_data = list(CharBatches(corpus.val, cfg.micro_batch, cfg.context, batches=4, seed=cfg.seed + 1,
                                  device=device, rank=rank, world=world)) if cfg.eval_every else None
     trainer = Trainer(model, TokenLoss(), optimizer, scheduler=_lr_schedule(optimizer, cfg.steps),
                       accum_steps=cfg.accum_steps, checkpoint=cfg.checkpoint, blocks="blocks",
-                      max_grad_norm=clip, autocast="bf16" if cfg.bf16 else None, eval_data=eval_data,
+                      max_grad_norm=cfg.max_grad_norm, autocast="bf16" if cfg.bf16 else None, eval_data=eval_data,
                       eval_every=cfg.eval_every, log_every=max(1, cfg.steps // 20), log_dir=cfg.log_dir,
                       progress=cfg.progress and rank == 0, predict=True)
     return trainer, data, corpus
@@ -216,6 +228,31 @@ def plot_telemetry(history: list[dict], out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------------------------ fit
+def run_fit(cfg: TrainConfig, memory: str, global_batch: int, micro_batches: list[int] | None, steps: int,
+            out: Path) -> FitResult:
+    """``mechgpu fit``: ``mechgpu.train.fit`` on the model and optimizer of ``mechgpu train``
+    (``cfg``, resolved), printing the report and writing ``out/fit.json``."""
+    corpus = CharCorpus()
+    model = build_model(cfg, corpus.vocab, cfg.device)
+    draws = itertools.count()
+
+    def sample_batch(micro: int):
+        batches = CharBatches(corpus.train, micro, cfg.context, batches=1, seed=cfg.seed, device=cfg.device)
+        batches.set_epoch(next(draws))  # a fresh draw each call
+        return next(iter(batches))
+
+    print(f"mechgpu fit: the character GPT ({cfg.depth} blocks of width {cfg.dim}, context {cfg.context}) with a "
+          f"global batch of {global_batch} sequences in {format_bytes(parse_bytes(memory))}: probing each "
+          f"micro-batch size, then {steps} steps with the fastest configuration that fits\n")
+    result = fit(model, TokenLoss(), lambda m: build_optimizer(cfg, m), sample_batch, memory=memory,
+                 global_batch=global_batch, micro_batches=micro_batches, steps=steps, blocks="blocks",
+                 max_grad_norm=cfg.max_grad_norm, autocast="bf16" if cfg.bf16 else None)
+    print(result.report())
+    print(f"\nwrote {result.write(out)}")
+    return result
 
 
 # -------------------------------------------------------------------------------- profile

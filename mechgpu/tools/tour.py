@@ -24,7 +24,8 @@ import math
 import time
 from typing import Any
 
-from ..train.checkpointing import format_bytes, predict
+from .._text import format_bytes
+from ..train.checkpointing import predict
 from .jobs import TrainConfig, build
 
 #: steps of the short no-checkpointing run (the first is left out of its timing)
@@ -100,7 +101,7 @@ def unigram_entropy() -> float:
     """The cross-entropy, in nats, of predicting each character from its frequency alone."""
     from collections import Counter
 
-    from ..train.gpt import CharCorpus
+    from .gpt import CharCorpus
 
     counts = Counter(CharCorpus().train.tolist())
     total = sum(counts.values())

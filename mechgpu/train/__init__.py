@@ -3,11 +3,10 @@ repeated blocks (with a memory-budget planner), measurement of memory and throug
 
 ``Trainer`` is the loop; ``mechgpu.train.checkpointing`` holds the policies, the planner
 and the saved-activation meter; ``fit`` (``mechgpu.train.fit``) chooses the fastest
-micro-batch x accumulation x checkpoint plan within a memory budget; ``mechgpu.train.gpt``
-the small character-level GPT and the stdlib corpus that ``mechgpu train``, ``mechgpu
-profile`` and ``mechgpu fit`` use.
+micro-batch x accumulation x checkpoint plan within a memory budget.
 """
 
+from .._text import parse_bytes
 from .checkpointing import (
                             ActivationMeter,
                             BlockProfile,
@@ -17,7 +16,6 @@ from .checkpointing import (
                             clear_checkpointing,
                             find_blocks,
                             make_plan,
-                            parse_bytes,
                             plan_budget,
                             plan_frontier,
                             predict,

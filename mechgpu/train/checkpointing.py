@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,28 +38,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+from .._text import format_bytes, parse_bytes
 
 Segment = tuple[int, int]
-
-
-def parse_bytes(value: str | int) -> int:
-    """``"2GiB"`` -> 2147483648, ``"300MB"`` -> 300000000, ``123`` -> 123."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", value.lower())
-    if not match:
-        raise ValueError(f"cannot read {value!r} as a size in bytes (examples: '2GiB', '300MB', '65536')")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

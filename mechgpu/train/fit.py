@@ -38,11 +38,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from .._text import format_bytes, parse_bytes
 from .checkpointing import (
     BlockProfile,
     BudgetTooSmall,
@@ -50,17 +51,12 @@ from .checkpointing import (
     clear_checkpointing,
     describe_segments,
     find_blocks,
-    format_bytes,
-    parse_bytes,
     plan_frontier,
     predict,
     profile_blocks,
     unwrap,
 )
-from .trainer import Trainer, _world
-
-if TYPE_CHECKING:
-    from ..tools.jobs import TrainConfig
+from .trainer import Trainer
 
 STATIC_KEYS = ("params_bytes", "grads_bytes", "optimizer_state_bytes")
 
@@ -248,7 +244,7 @@ def probe(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.M
         trainer_options: passed to ``Trainer`` (``autocast``, ``max_grad_norm``, ``count_fn``,
             ``forward_fn``, ...).
     """
-    world = _world()
+    world = Trainer.world_size()
     if not isinstance(global_batch, int) or global_batch < 1 or global_batch % world:
         raise ValueError(f"global_batch={global_batch!r} must be a positive multiple of the world size {world}")
     per_rank = global_batch // world
@@ -275,7 +271,7 @@ def probe(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.M
         for i, micro in enumerate(sizes):
             batch = first if i == 0 else sample_batch(micro)
             try:
-                profile = profile_blocks(inner, block_list, lambda b=batch: trainer._micro_loss(b, 1.0, inner))
+                profile = profile_blocks(inner, block_list, lambda b=batch: trainer.micro_batch_loss(b, model=inner))
                 forward_s, backward_s = _forward_backward_s(trainer, batch, repeats)
             except torch.cuda.OutOfMemoryError:
                 skipped.update({m: "out of device memory without checkpointing" for m in sizes[i:]})
@@ -381,9 +377,9 @@ def _forward_backward_s(trainer: Trainer, batch, repeats: int) -> tuple[float, f
     """The fastest of ``repeats`` forward and backward passes on ``batch``, without checkpointing."""
     forward = backward = math.inf
     for _ in range(max(1, repeats)):
-        with trainer._sync_context(last=False):  # no gradient all-reduce
+        with trainer.gradient_sync(False):
             start = _clock(trainer.device)
-            loss = trainer._micro_loss(batch, 1.0)
+            loss = trainer.micro_batch_loss(batch)
             middle = _clock(trainer.device)
             loss.backward()
             end = _clock(trainer.device)
@@ -391,37 +387,3 @@ def _forward_backward_s(trainer: Trainer, batch, repeats: int) -> tuple[float, f
         trainer.optimizer.zero_grad(set_to_none=True)
         forward, backward = min(forward, middle - start), min(backward, end - middle)
     return forward, backward
-
-
-# ---------------------------------------------------------------------------- mechgpu fit
-def run_fit(cfg: TrainConfig, memory: str, global_batch: int, micro_batches: list[int] | None, steps: int,
-            out: Path) -> FitResult:
-    """``mechgpu fit``: ``fit`` on the character GPT of ``mechgpu train`` (``cfg``, resolved) with
-    mechgpu's AdamW (clipping fused), printing the report and writing ``out/fit.json``."""
-    from ..optim import AdamW
-    from .gpt import CharBatches, CharCorpus, CharGPT, TokenLoss, init_gpt
-
-    corpus = CharCorpus()
-    torch.manual_seed(cfg.seed)
-    model = CharGPT(corpus.vocab, cfg.context, cfg.dim, cfg.depth, cfg.heads, cfg.dropout).to(cfg.device)
-    init_gpt(model, cfg.seed)
-    draws = itertools.count()
-
-    def sample_batch(micro: int):
-        batches = CharBatches(corpus.train, micro, cfg.context, batches=1, seed=cfg.seed, device=cfg.device)
-        batches.set_epoch(next(draws))  # a fresh draw each call
-        return next(iter(batches))
-
-    def optimizer(model: nn.Module) -> torch.optim.Optimizer:
-        return AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                     max_grad_norm=cfg.max_grad_norm, track_update_norm=True)
-
-    print(f"mechgpu fit: the character GPT ({cfg.depth} blocks of width {cfg.dim}, context {cfg.context}) with a "
-          f"global batch of {global_batch} sequences in {format_bytes(_budget(memory))}: probing each micro-batch "
-          f"size, then {steps} steps with the fastest configuration that fits\n")
-    result = fit(model, TokenLoss(), optimizer, sample_batch, memory=memory, global_batch=global_batch,
-                 micro_batches=micro_batches, steps=steps, blocks="blocks",
-                 autocast="bf16" if cfg.bf16 else None)
-    print(result.report())
-    print(f"\nwrote {result.write(out)}")
-    return result

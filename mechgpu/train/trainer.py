@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ from torch import nn
 
 from .._backend import has_data
 from .._backend import local as _local
+from .._text import format_bytes
 from .checkpointing import (
     ActivationMeter,
     Plan,
     checkpoint_blocks,
     find_blocks,
-    format_bytes,
     make_plan,
     profile_blocks,
     unwrap,
@@ -56,10 +56,6 @@ def default_count(batch) -> int:
 
 def _is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if _is_distributed() else 1
 
 
 class Trainer:
@@ -158,7 +154,7 @@ class Trainer:
             inner = unwrap(self.model)  # not through DDP: a forward without backward upsets its reducer
             cuda = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):  # the profile's dropout draws leave no trace
-                profile = profile_blocks(inner, blocks, lambda: self._micro_loss(sample_batch, 1.0, inner))
+                profile = profile_blocks(inner, blocks, lambda: self.micro_batch_loss(sample_batch, model=inner))
         self.plan = make_plan(self.policy, len(blocks), profile)
         checkpoint_blocks(blocks, self.plan.segments)
         return self.plan
@@ -169,9 +165,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_loss(self, batch, scale: float, model: nn.Module | None = None,
-                    count: int | None = None) -> torch.Tensor:
-        """The micro-batch's summed loss times ``scale`` (a mean loss times its ``count`` of items)."""
+    @staticmethod
+    def world_size() -> int:
+        """Ranks training together: torch.distributed's world size once its process group is
+        initialised, else 1."""
+        return torch.distributed.get_world_size() if _is_distributed() else 1
+
+    def micro_batch_loss(self, batch, scale: float = 1.0, *, model: nn.Module | None = None,
+                         count: int | None = None) -> torch.Tensor:
+        """One micro-batch's loss summed over its items, times ``scale``, ready for backward:
+        ``forward_fn`` and ``loss_fn`` under the trainer's autocast (a half-precision loss comes
+        back in float32), a mean loss multiplied by its ``count`` of items (``count_fn(batch)``
+        when None). ``model`` runs in place of the trainer's (the module inside a DDP wrapper, for
+        a forward without backward). The loop's ``scale`` is world size / the window's global count."""
         if self.loss_reduction is None:
             self.loss_reduction = self._find_reduction(batch)
         with self._autocast():
@@ -211,17 +217,26 @@ class Trainer:
         raise ValueError(f"Trainer: loss_fn neither sums nor averages over the micro-batch (on the batch "
                          f"repeated twice it gave {float(twice):.6g} against {float(once):.6g}); {ask}")
 
-    def _sync_context(self, last: bool):
-        """No gradient all-reduce on all but the last micro-batch of a window."""
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Within: backward all-reduces the gradients over ranks only if ``enabled`` (DDP's
+        ``no_sync``; FSDP2's ``set_requires_gradient_sync``, switched back on at exit); nothing
+        changes in one process. The loop enables it for the last micro-batch of a window only."""
         if hasattr(self.model, "no_sync"):  # DDP
-            return contextlib.nullcontext() if last else self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
+            with contextlib.nullcontext() if enabled else self.model.no_sync():
+                yield
+        elif hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(enabled)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
 
     def _global_count(self, counts: list[int]) -> int:
         count = sum(counts)
-        if _is_distributed() and _world() > 1:
+        if self.world_size() > 1:
             t = torch.tensor([count], dtype=torch.float64, device=self._comm_device())
             torch.distributed.all_reduce(t)
             count = int(t.item())
@@ -238,24 +253,24 @@ class Trainer:
         self.last_global_items = n_items
         if n_items == 0:
             raise ValueError("a window of micro-batches with no items to count (all targets ignored?)")
-        scale = _world() / n_items
+        scale = self.world_size() / n_items
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         meter = ActivationMeter(self.model) if measure else None
         for i, batch in enumerate(window):
             last = i == len(window) - 1
-            with self._sync_context(last):
+            with self.gradient_sync(last):
                 with meter if (meter is not None and i == 0) else contextlib.nullcontext():
-                    loss = self._micro_loss(batch, scale, count=counts[i])
+                    loss = self.micro_batch_loss(batch, scale, count=counts[i])
                 loss.backward()
             loss_total += loss.detach().double()
             del loss
         if meter is not None:
             self.measured_saved = meter.bytes
-        if _is_distributed() and _world() > 1:
+        if self.world_size() > 1:
             loss_total = loss_total.to(self._comm_device())
             torch.distributed.all_reduce(loss_total)
             loss_total = loss_total.to(self.device)
-        loss_mean = loss_total / _world()
+        loss_mean = loss_total / self.world_size()
 
         grad_norm = None if self.fused_clip else self._grad_norm()
         # a mechgpu optimizer with track_update_norm sums the update's squares in its kernel;
@@ -367,7 +382,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for batch in data:
-            total += self._micro_loss(batch, 1.0).double()
+            total += self.micro_batch_loss(batch).double()
             count += int(self.count_fn(batch))
         self.model.train(was_training)
         return (total / max(count, 1)).item()
@@ -400,7 +415,7 @@ class Trainer:
                 t_start = time.perf_counter()
             result = self.train_step(window, measure=measure)
             items = self.last_global_items  # over all ranks
-            samples = _world() * sum(int(b[0].shape[0]) for b in window)  # ranks' micro-batches are alike
+            samples = self.world_size() * sum(int(b[0].shape[0]) for b in window)  # ranks' micro-batches are alike
             if t_start is not None:
                 items_timed += items
                 samples_timed += samples
