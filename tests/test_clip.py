@@ -12,8 +12,8 @@ from conftest import DEVICES, HAS_CUDA, count_atomics
 
 import mechgpu
 import mechgpu.optim as mo
+from mechgpu.testing.compare import norm_tolerance
 from mechgpu.testing.optim_cases import FEATURED
-from mechgpu.tools import check
 
 
 def make_params(sizes, device, dtype=torch.float32, seed=0, scale=1.0):
@@ -286,7 +286,7 @@ def test_norm_atomics_do_not_grow_with_elements(norm_type, monkeypatch):
         start = atomics()
         ours = mechgpu.get_total_norm(grads, norm_type)
         counts[len(sizes)] = atomics() - start
-        rtol, atol, _ = check.norm_tolerance(torch.float32)
+        rtol, atol, _ = norm_tolerance(torch.float32)
         torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
     assert counts == {2: _launch.CPU_PROGRAMS, 5: _launch.CPU_PROGRAMS}
 
@@ -301,7 +301,7 @@ def test_norm_over_more_programs_than_one_partials_read(norm_type, monkeypatch):
     monkeypatch.setattr(_launch, "CPU_PROGRAMS", 1100)
     gen = torch.Generator().manual_seed(8)
     grads = [torch.randn(1 + i % 5, generator=gen) for i in range(1100)]
-    rtol, atol, _ = check.norm_tolerance(torch.float32)
+    rtol, atol, _ = norm_tolerance(torch.float32)
     torch.testing.assert_close(mechgpu.get_total_norm(grads, norm_type),
                                torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
     grads[-1][0] = -math.inf
