@@ -227,7 +227,7 @@ def free_memory() -> None:
 def environment(device: torch.device) -> dict:
     """``mechgpu check``'s environment reader (device, driver, CUDA runtime, library versions,
     date), with ``device`` the name the result files go by: the GPU's, or "cpu"."""
-    from mechgpu.tools.check import environment as read_environment
+    from mechgpu.testing.environment import environment as read_environment
 
     env = read_environment(device)
     return {**env, "device": env["device_name"] if device.type == "cuda" else "cpu"}

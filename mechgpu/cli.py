@@ -134,8 +134,8 @@ def checkpoint_problem(spec: str) -> str | None:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the subcommands' parsers, by name."""
     from . import __version__
+    from .testing import check as check_cli
     from .tools import bench as bench_cli
-    from .tools import check as check_cli
 
     parser = argparse.ArgumentParser(
         prog="mechgpu", description="Fused Triton kernels for the mechanics of training deep networks, as "
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "check":
-        from .tools import check as check_cli
+        from .testing import check as check_cli
 
         return check_cli.run(args, select_device=_select_device)
     if args.command == "bench":

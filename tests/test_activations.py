@@ -3,7 +3,7 @@
 On CPU the real Triton kernels run in triton's interpreter (see conftest.py).
 
 The float64 oracles, their conditioning and the per-dtype tolerances are the case
-database's (``mechgpu.tools.check``: ``ACTIVATIONS``, ``activation_ulps``, whose docstring
+database's (``mechgpu.testing.activation_cases``: ``ACTIVATIONS``, ``activation_ulps``, whose docstring
 gives the rules); its dense value sweeps and special values run in tests/test_cases.py.
 Here: layouts and shapes, masked-off gradients, every element written, saved bytes, in
 place, modules, torch.compile. NaN and ±inf must match exactly, and so must the sign of a
@@ -30,7 +30,7 @@ from mechgpu.kernels import activation as kernels
 
 import mechgpu.nn as mnn
 from mechgpu.nn import functional as MF
-from mechgpu.tools import check
+from mechgpu.testing import activation_cases, compare
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POISON = -7777.0  # no activation or gradient here produces it
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 # ----------------------------------------------------------------------------------
 # the activations: float64 oracles, conditioning and tolerances from the case database
-# (mechgpu.tools.check, whose full value sweeps tests/test_cases.py runs)
+# (mechgpu.testing, whose full value sweeps tests/test_cases.py runs)
 # ----------------------------------------------------------------------------------
 @dataclass
 class Act:
@@ -49,7 +49,7 @@ class Act:
     kind: str  # the kernel's kind
     ours: Callable  # (x) -> y through mechgpu.nn.functional
     torch_fn: Callable  # torch's own op, any dtype
-    oracle: check.Activation  # the database's float64 oracles and conditioning
+    oracle: activation_cases.Activation  # the database's float64 oracles and conditioning
     slope: float = 0.0
 
     @property
@@ -64,12 +64,12 @@ class Act:
         return self.name
 
 
-DB = {a.name: a for a in check.ACTIVATIONS}
+DB = {a.name: a for a in activation_cases.ACTIVATIONS}
 
 
 def _leaky(slope):
     """leaky_relu with its own slope: torch's op in float64 is the oracle."""
-    oracle = check.Activation(f"leaky_relu({slope})", lambda mf, x: mf.leaky_relu(x, slope),
+    oracle = activation_cases.Activation(f"leaky_relu({slope})", lambda mf, x: mf.leaky_relu(x, slope),
                               lambda x: F.leaky_relu(x, slope),
                               lambda g, x, y: torch.ops.aten.leaky_relu_backward(g, x, slope, False))
     return Act(oracle.name, "leaky_relu", lambda x: MF.leaky_relu(x, slope), lambda x: F.leaky_relu(x, slope),
@@ -80,7 +80,7 @@ ACTS = [
     Act("sigmoid", "sigmoid", MF.sigmoid, torch.sigmoid, DB["sigmoid"]),
     Act("tanh", "tanh", MF.tanh, torch.tanh, DB["tanh"]),
     Act("relu", "relu", MF.relu, F.relu, DB["relu"]),
-    _leaky(check.LEAKY_SLOPE),
+    _leaky(activation_cases.LEAKY_SLOPE),
     _leaky(-0.3),
     Act("gelu", "gelu", MF.gelu, F.gelu, DB["gelu"]),
     Act("gelu_tanh", "gelu_tanh", lambda x: MF.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh"),
@@ -126,11 +126,11 @@ def assert_matches(actual, expected, dtype, ulps, what, inputs=None, oracle=None
         assert not len(bad), f"{what}: sign of zero differs at {bad[0].item()}: got {got[bad[0]].item()}, " \
                              f"expected {rounded[bad[0]].item()}"
     finite = ~nan & ~inf
-    tol = ulps * ulp(exp, dtype) + check.ACTIVATION_ABS_FLOOR
+    tol = ulps * ulp(exp, dtype) + compare.ACTIVATION_ABS_FLOOR
     if oracle is not None:
         x = inputs.detach().double().cpu().reshape(-1)
         for sign in (1.0, -1.0):
-            moved = oracle(x * (1 + sign * check.FP32_ULP)).reshape(-1)
+            moved = oracle(x * (1 + sign * compare.FP32_ULP)).reshape(-1)
             tol = tol + torch.nan_to_num((moved - exp).abs(), nan=0.0, posinf=0.0)
     err = torch.where(finite, (got - exp).abs() / tol, torch.zeros_like(got))
     if err.numel() and err.max() > 1:
@@ -144,7 +144,7 @@ def assert_matches(actual, expected, dtype, ulps, what, inputs=None, oracle=None
 def check_forward(act, x, y):
     x64 = x.detach().double()
     dtype = x.dtype
-    assert_matches(y, act.forward64(x64), dtype, check.activation_ulps(act.oracle, dtype, "forward"),
+    assert_matches(y, act.forward64(x64), dtype, activation_cases.activation_ulps(act.oracle, dtype, "forward"),
                    f"{act.name} forward {dtype}", inputs=x,
                    oracle=act.forward64 if act.oracle.ill_conditioned_forward else None, check_zero_sign=True)
 
@@ -152,7 +152,7 @@ def check_forward(act, x, y):
 def check_backward(act, x, y, g, dx):
     x64, y64, g64 = x.detach().double(), y.detach().double(), g.detach().double()
     dtype = x.dtype
-    ulps = check.activation_ulps(act.oracle, dtype, "backward")
+    ulps = activation_cases.activation_ulps(act.oracle, dtype, "backward")
     oracle = (lambda xm: act.backward64(g64.reshape(-1), xm, None)) if act.oracle.ill_conditioned_backward else None
     assert_matches(dx, act.backward64(g64, x64, y64), dtype, ulps, f"{act.name} backward {dtype}",
                    inputs=x, oracle=oracle)
@@ -225,7 +225,7 @@ def test_expanded_upstream_gradient(act, device):
 def test_oracles_agree_with_torch_float64():
     """Our float64 gelu oracles equal torch's float64 ops wherever those are accurate, and at
     every special value; below x = -8 torch's own float64 cancels to 0 and ours does not."""
-    x = torch.cat([torch.linspace(-3, 20, 2001, dtype=torch.float64), check.special_values(torch.float32)])
+    x = torch.cat([torch.linspace(-3, 20, 2001, dtype=torch.float64), activation_cases.special_values(torch.float32)])
     g = torch.linspace(-2, 2, x.numel(), dtype=torch.float64)
     for act, approximate in ((BY_NAME["gelu"], "none"), (BY_NAME["gelu_tanh"], "tanh")):
         for ours, theirs in ((act.forward64(x), F.gelu(x, approximate=approximate)),

@@ -1,4 +1,4 @@
-"""Every case of the correctness database (mechgpu.tools.check: configs, inputs, float64 or torch
+"""Every case of the correctness database (mechgpu.testing: configs, inputs, float64 or torch
 oracles, per-dtype tolerances), run by pytest at full size, one test per case.
 
 `mechgpu check` runs the same cases on a user's device; the other test files keep the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import KERNEL_DEVICE
 
-from mechgpu.tools import check
+from mechgpu.testing import check
 
 SEED = check.fresh_seed()  # fresh inputs every run; a failure names the seed that repeats it
 

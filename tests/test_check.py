@@ -19,7 +19,9 @@ import torch
 from conftest import KERNEL_DEVICE, long
 
 from mechgpu.cli import _select_device
-from mechgpu.tools import check
+from mechgpu.testing import check, compare, oracles
+from mechgpu.testing.environment import triton_version_problem
+from mechgpu.testing.registry import Case
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -59,7 +61,7 @@ def test_quick_check_passes_end_to_end():
 # ----------------------------------------------------------------------------------
 # a planted error makes the affected checks fail, and only those
 # ----------------------------------------------------------------------------------
-def _by_check(rows: list[check.Row]) -> dict[tuple[str, str, str], bool]:
+def _by_check(rows: list[compare.Row]) -> dict[tuple[str, str, str], bool]:
     return {(r.case, r.check, r.dtype): r.passed for r in rows}
 
 
@@ -130,10 +132,10 @@ def test_wrong_grad_norm_fails(monkeypatch):
 
 def test_a_case_that_raises_is_a_failure_not_a_crash(monkeypatch):
     def half_done(ctx):
-        yield ctx.row("first", torch.float32, check.Errors(), "exact")
+        yield ctx.row("first", torch.float32, compare.Errors(), "exact")
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setitem(check.CASES, "zz.raises", half_done)
+    monkeypatch.setitem(check.CASES, "zz.raises", Case("zz.raises", half_done))
     rows = check.run_checks(KERNEL_DEVICE, only=["zz.raises"], seed=0)
     assert [(r.check, r.passed) for r in rows] == [("first", True), ("raised an exception", False)]
     assert rows[1].note.startswith("ZeroDivisionError: planted")
@@ -178,12 +180,12 @@ def test_list_prints_every_case(capsys):
 # what cannot run: old or missing triton, CUDA asked for but absent
 # ----------------------------------------------------------------------------------
 def test_triton_version_gate():
-    assert check.triton_version_problem("3.2.0") is None
-    assert check.triton_version_problem("3.9.0+git1234abcd") is None
-    too_old = check.triton_version_problem("3.1.0")
+    assert triton_version_problem("3.2.0") is None
+    assert triton_version_problem("3.9.0+git1234abcd") is None
+    too_old = triton_version_problem("3.1.0")
     assert "triton 3.1.0 is too old" in too_old and "triton>=3.2" in too_old
-    assert "too old" in check.triton_version_problem("2.3.1")
-    assert "triton is not installed" in check.triton_version_problem(None)
+    assert "too old" in triton_version_problem("2.3.1")
+    assert "triton is not installed" in triton_version_problem(None)
 
 
 @pytest.mark.parametrize("version,message", [("3.1.0", "too old"), (None, "not installed")])
@@ -205,37 +207,37 @@ def test_cuda_asked_for_without_cuda(capsys):
 # ----------------------------------------------------------------------------------
 def test_measure_pass_rule():
     one = torch.tensor([1.0, -2.0, math.nan, math.inf])
-    assert check.measure(one, one.double(), rtol=0.0, atol=0.0).passed
-    assert not check.measure(one, torch.tensor([1.0, -2.0, 0.0, math.inf]).double(), rtol=1.0, atol=1.0).passed
-    assert not check.measure(one, torch.tensor([1.0, -2.0, math.nan, -math.inf]).double(), rtol=1, atol=1).passed
+    assert compare.measure(one, one.double(), rtol=0.0, atol=0.0).passed
+    assert not compare.measure(one, torch.tensor([1.0, -2.0, 0.0, math.inf]).double(), rtol=1.0, atol=1.0).passed
+    assert not compare.measure(one, torch.tensor([1.0, -2.0, math.nan, -math.inf]).double(), rtol=1, atol=1).passed
     # one bf16 ulp passes at rtol = eps, two do not
     x = torch.tensor([1.0], dtype=torch.bfloat16)
     eps = torch.finfo(torch.bfloat16).eps
-    ok = check.measure(x + eps, x.double(), rtol=eps, atol=0.0, dtype=torch.bfloat16)
+    ok = compare.measure(x + eps, x.double(), rtol=eps, atol=0.0, dtype=torch.bfloat16)
     assert ok.passed and ok.err_over_tol == pytest.approx(1.0) and ok.max_rel == pytest.approx(eps)
-    assert not check.measure(x + 2 * eps, x.double(), rtol=eps, atol=0.0).passed
-    assert not check.measure(x, x.double(), rtol=eps, atol=0.0, dtype=torch.float16).passed  # wrong dtype
+    assert not compare.measure(x + 2 * eps, x.double(), rtol=eps, atol=0.0).passed
+    assert not compare.measure(x, x.double(), rtol=eps, atol=0.0, dtype=torch.float16).passed  # wrong dtype
     # below |ref| = atol/rtol the relative error is taken against that floor
-    small = check.measure(torch.tensor([2e-6]), torch.tensor([1e-6]).double(), rtol=1e-3, atol=1e-6)
+    small = compare.measure(torch.tensor([2e-6]), torch.tensor([1e-6]).double(), rtol=1e-3, atol=1e-6)
     assert small.passed and small.max_rel == pytest.approx(1e-3)
 
 
 def test_sample_errors_catch_wrong_spread_and_unwritten_elements():
     gen = torch.Generator().manual_seed(0)
-    normal = check.Target(0.0, 1.0, check.NORMAL_KURTOSIS)
-    assert check.sample_errors(torch.randn(20000, generator=gen), normal).passed
-    assert not check.sample_errors(1.05 * torch.randn(20000, generator=gen), normal).passed
+    normal = oracles.Target(0.0, 1.0, oracles.NORMAL_KURTOSIS)
+    assert compare.sample_errors(torch.randn(20000, generator=gen), normal).passed
+    assert not compare.sample_errors(1.05 * torch.randn(20000, generator=gen), normal).passed
     poisoned = torch.randn(20000, generator=gen)
     poisoned[123] = math.nan
-    assert "1 of 20000 elements not written" in check.sample_errors(poisoned, normal).failures[0]
-    uniform = check.uniform_target(-1.0, 1.0)
-    assert not check.sample_errors(torch.rand(20000, generator=gen) * 2 - 1 + 1e-3, uniform).passed  # out of bounds
+    assert "1 of 20000 elements not written" in compare.sample_errors(poisoned, normal).failures[0]
+    uniform = oracles.uniform_target(-1.0, 1.0)
+    assert not compare.sample_errors(torch.rand(20000, generator=gen) * 2 - 1 + 1e-3, uniform).passed  # out of bounds
     # the targets against large samples of torch's own: the truncated normal, and a bf16 uniform
     # whose upper bound rounds down (bf16(1.3) = 1.296875): torch sends draws that round to it
     # to the lower bound, so the mean is 12 standard errors below (a + b) / 2 at this size
     torch.manual_seed(0)
     sample = torch.nn.init.trunc_normal_(torch.empty(200_000), 0.3, 1.0, -1.2, 1.5)
-    assert check.sample_errors(sample, check.truncated_normal_target(0.3, 1.0, -1.2, 1.5)).passed
+    assert compare.sample_errors(sample, oracles.truncated_normal_target(0.3, 1.0, -1.2, 1.5)).passed
     sample = torch.nn.init.uniform_(torch.empty(1 << 20, dtype=torch.bfloat16), -0.7, 1.3)
-    assert check.sample_errors(sample, check.uniform_target(-0.7, 1.3, torch.bfloat16)).passed
-    assert not check.sample_errors(sample, check.uniform_target(-0.7, 1.3)).passed
+    assert compare.sample_errors(sample, oracles.uniform_target(-0.7, 1.3, torch.bfloat16)).passed
+    assert not compare.sample_errors(sample, oracles.uniform_target(-0.7, 1.3)).passed

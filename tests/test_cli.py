@@ -145,7 +145,7 @@ def test_device_dependent_defaults_in_help_match_the_config():
 
 # ---------------------------------------------------------------------- check --only
 def test_check_only_ignores_case():
-    from mechgpu.tools.check import CASES, select_cases
+    from mechgpu.testing.check import CASES, select_cases
 
     assert select_cases(["adam"]) == [name for name in CASES if "adam" in name.lower()]
     assert "optim.Adam" in select_cases(["adam"]) and "optim.AdamW" in select_cases(["ADAMW"])

@@ -1,6 +1,6 @@
 """mechgpu's clipping against torch.nn.utils: awkward inputs (inf, NaN, None and empty grads),
 torch's errors, unaligned grads, clip-in-step. The norm of every norm type in every dtype, and
-1e30-sized grads, are cases of the database (mechgpu.tools.check) that tests/test_cases.py runs."""
+1e30-sized grads, are cases of the database (mechgpu.testing) that tests/test_cases.py runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from conftest import DEVICES, HAS_CUDA, count_atomics
 
 import mechgpu
 import mechgpu.optim as mo
-from mechgpu.tools import check
+from mechgpu.testing.compare import norm_tolerance
+from mechgpu.testing.optim_cases import FEATURED
 
 
 def make_params(sizes, device, dtype=torch.float32, seed=0, scale=1.0):
@@ -125,20 +126,18 @@ def test_unaligned_grads(device):
 # ----------------------------------------------------------------------------------
 # clip-in-step: the norm and the coefficient stay on the device, grads are not rescaled
 # ----------------------------------------------------------------------------------
-OPTIMIZERS = [("Adam", {}), ("AdamW", {"amsgrad": True}), ("RMSprop", {"momentum": 0.9}),
-              ("SGD", {"momentum": 0.9, "nesterov": True})]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,opts", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
-def test_clip_in_step_matches_torch_clip_then_step(name, opts, device):
+@pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
+def test_clip_in_step_matches_torch_clip_then_step(case, device):
     gen = torch.Generator().manual_seed(3)
     ours = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in (7, 1000, 4097)]
     ref = [p.detach().clone().requires_grad_() for p in ours]
     half = {"params": ours[2:], "lr": 5e-3}
-    opt = getattr(mo, name)([{"params": ours[:2]}, half], lr=1e-2, max_grad_norm=1.5, **opts)
-    ref_opt = getattr(torch.optim, name)([{"params": ref[:2]}, {"params": ref[2:], "lr": 5e-3}], lr=1e-2,
-                                         **opts)
+    opt = getattr(mo, case.optimizer)([{"params": ours[:2]}, half], lr=1e-2, max_grad_norm=1.5, **case.options)
+    ref_opt = getattr(torch.optim, case.optimizer)([{"params": ref[:2]}, {"params": ref[2:], "lr": 5e-3}], lr=1e-2,
+                                                   **case.options)
     for step in range(6):
         scale = 0.01 if step == 2 else 1.0  # one step whose norm is under max_norm: no clipping
         grads = [scale * torch.randn(a.shape, generator=gen).to(device) for a in ours]
@@ -155,10 +154,10 @@ def test_clip_in_step_matches_torch_clip_then_step(name, opts, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,opts", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
-def test_skip_nonfinite_leaves_everything_untouched(name, opts, device):
+@pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
+def test_skip_nonfinite_leaves_everything_untouched(case, device):
     params = [torch.randn(n, device=device, requires_grad=True) for n in (5, 1000)]
-    opt = getattr(mo, name)(params, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, **opts)
+    opt = getattr(mo, case.optimizer)(params, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, **case.options)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -287,7 +286,7 @@ def test_norm_atomics_do_not_grow_with_elements(norm_type, monkeypatch):
         start = atomics()
         ours = mechgpu.get_total_norm(grads, norm_type)
         counts[len(sizes)] = atomics() - start
-        rtol, atol, _ = check.norm_tolerance(torch.float32)
+        rtol, atol, _ = norm_tolerance(torch.float32)
         torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
     assert counts == {2: _launch.CPU_PROGRAMS, 5: _launch.CPU_PROGRAMS}
 
@@ -302,7 +301,7 @@ def test_norm_over_more_programs_than_one_partials_read(norm_type, monkeypatch):
     monkeypatch.setattr(_launch, "CPU_PROGRAMS", 1100)
     gen = torch.Generator().manual_seed(8)
     grads = [torch.randn(1 + i % 5, generator=gen) for i in range(1100)]
-    rtol, atol, _ = check.norm_tolerance(torch.float32)
+    rtol, atol, _ = norm_tolerance(torch.float32)
     torch.testing.assert_close(mechgpu.get_total_norm(grads, norm_type),
                                torch.nn.utils.get_total_norm(grads, norm_type), rtol=rtol, atol=atol)
     grads[-1][0] = -math.inf

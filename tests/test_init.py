@@ -25,7 +25,7 @@ from scipy import integrate, stats
 from torch import nn
 
 import mechgpu.init as mi
-from mechgpu.tools import check
+from mechgpu.testing import compare, oracles
 
 FUNCTIONS = ["calculate_gain", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
              "kaiming_uniform_", "kaiming_normal_"]
@@ -56,8 +56,8 @@ def torch_gain(nonlinearity, param):
 
 def check_moments(x: torch.Tensor, mean: float, std: float, kurtosis: float, what: str) -> None:
     """Every element written and the sample mean and variance within the case database's
-    standard errors of (mean, std^2) (``check.sample_errors``)."""
-    errs = check.sample_errors(x, check.Target(mean, std, kurtosis), what)
+    standard errors of (mean, std^2) (``compare.sample_errors``)."""
+    errs = compare.sample_errors(x, oracles.Target(mean, std, kurtosis), what)
     assert errs.passed, "; ".join(errs.failures)
 
 
@@ -133,14 +133,14 @@ def test_kaiming(device, shape, mode, nonlinearity, param):
     torch.manual_seed(0)
     w = mi.kaiming_normal_(poisoned(shape, device), a=a, mode=mode, nonlinearity=nonlinearity)
     check_all_written(w, "kaiming_normal_")
-    check_moments(w, 0.0, std, check.NORMAL_KURTOSIS, f"kaiming_normal_ {shape} {mode} {nonlinearity}")
+    check_moments(w, 0.0, std, oracles.NORMAL_KURTOSIS, f"kaiming_normal_ {shape} {mode} {nonlinearity}")
     check_ks(w, stats.norm(0, std).cdf, "kaiming_normal_")
     u = mi.kaiming_uniform_(poisoned(shape, device), a=a, mode=mode, nonlinearity=nonlinearity)
     check_all_written(u, "kaiming_uniform_")
     assert -bound <= u.min().item() and u.max().item() < bound
     gap = 20 * 2 * bound / u.numel()  # P(no value within gap of an end) = e^-20
     assert u.min().item() < -bound + gap and u.max().item() > bound - gap
-    check_moments(u, 0.0, std, check.UNIFORM_KURTOSIS, f"kaiming_uniform_ {shape} {mode} {nonlinearity}")
+    check_moments(u, 0.0, std, oracles.UNIFORM_KURTOSIS, f"kaiming_uniform_ {shape} {mode} {nonlinearity}")
     check_ks(u, stats.uniform(-bound, 2 * bound).cdf, "kaiming_uniform_")
     if nonlinearity not in ("gelu", "silu") and shape == LINEAR:
         kwargs = dict(a=a, mode=mode, nonlinearity=nonlinearity)
@@ -158,13 +158,13 @@ def test_xavier(device, shape, gain):
     torch.manual_seed(0)
     w = mi.xavier_normal_(poisoned(shape, device), gain=gain)
     check_all_written(w, "xavier_normal_")
-    check_moments(w, 0.0, std, check.NORMAL_KURTOSIS, f"xavier_normal_ {shape} gain {gain}")
+    check_moments(w, 0.0, std, oracles.NORMAL_KURTOSIS, f"xavier_normal_ {shape} gain {gain}")
     check_ks(w, stats.norm(0, std).cdf, "xavier_normal_")
     check_ks_2samp(w, torch_sample("xavier_normal_", shape, gain=gain), "xavier_normal_")
     u = mi.xavier_uniform_(poisoned(shape, device), gain=gain)
     check_all_written(u, "xavier_uniform_")
     assert -bound <= u.min().item() and u.max().item() < bound
-    check_moments(u, 0.0, std, check.UNIFORM_KURTOSIS, f"xavier_uniform_ {shape} gain {gain}")
+    check_moments(u, 0.0, std, oracles.UNIFORM_KURTOSIS, f"xavier_uniform_ {shape} gain {gain}")
     check_ks(u, stats.uniform(-bound, 2 * bound).cdf, "xavier_uniform_")
     check_ks_2samp(u, torch_sample("xavier_uniform_", shape, gain=gain), "xavier_uniform_")
 
@@ -177,7 +177,7 @@ def test_uniform(device, a, b):
     check_all_written(x, "uniform_")
     assert a <= x.min().item() and x.max().item() < b
     width = b - a
-    check_moments(x, (a + b) / 2, width / math.sqrt(12), check.UNIFORM_KURTOSIS, f"uniform_({a}, {b})")
+    check_moments(x, (a + b) / 2, width / math.sqrt(12), oracles.UNIFORM_KURTOSIS, f"uniform_({a}, {b})")
     check_ks(x, stats.uniform(a, width).cdf, f"uniform_({a}, {b})")
     check_ks_2samp(x, torch_sample("uniform_", LINEAR, a, b), f"uniform_({a}, {b})")
 
@@ -188,7 +188,7 @@ def test_normal(device, mean, std):
     torch.manual_seed(0)
     x = mi.normal_(poisoned(LINEAR, device), mean, std)
     check_all_written(x, "normal_")
-    check_moments(x, mean, std, check.NORMAL_KURTOSIS, f"normal_({mean}, {std})")
+    check_moments(x, mean, std, oracles.NORMAL_KURTOSIS, f"normal_({mean}, {std})")
     check_ks(x, stats.norm(mean, std).cdf, f"normal_({mean}, {std})")
     check_ks_2samp(x, torch_sample("normal_", LINEAR, mean, std), f"normal_({mean}, {std})")
     # both tails reach past 3.5 sigma in 33k draws (P(not) < 1e-6 each), and no further than
@@ -368,7 +368,7 @@ def test_non_contiguous_transposed_and_unaligned(device):
     mi.kaiming_normal_(view)
     check_all_written(view, "strided view")
     assert torch.isnan(base[:, 1::2]).all(), "wrote outside the view"
-    check_moments(view, 0.0, math.sqrt(2.0 / 100), check.NORMAL_KURTOSIS, "strided view")
+    check_moments(view, 0.0, math.sqrt(2.0 / 100), oracles.NORMAL_KURTOSIS, "strided view")
     t = poisoned((200, 300), device).t()  # dense, transposed: filled in place
     ptr = t.data_ptr()
     mi.xavier_normal_(t)
@@ -573,7 +573,7 @@ def test_init_model_fills_everything_in_one_launch(device, distribution, monkeyp
         expected = {"kaiming": math.sqrt(2 / 256), "xavier": (5 / 3) * math.sqrt(2 / 256)}
         std = math.sqrt(2 / 138) if row.name == "4" else expected[row.rule]
         assert row.std == pytest.approx(std)
-        kurtosis = check.NORMAL_KURTOSIS if distribution == "normal" else check.UNIFORM_KURTOSIS
+        kurtosis = oracles.NORMAL_KURTOSIS if distribution == "normal" else oracles.UNIFORM_KURTOSIS
         check_moments(layer.weight, 0.0, std, kurtosis, f"layer {row.name}")
         assert (layer.bias == 0).all()
     # streams: equal shapes, independent values

@@ -4,7 +4,7 @@ section, run as written.
 
 Models are built from tiny configs (nothing is downloaded); on CPU the kernels run in triton's
 interpreter. The activation oracles are the originals themselves, evaluated in float64, with the
-case database's fp32 tolerances (``mechgpu.tools.check``).
+case database's fp32 tolerances (``mechgpu.testing``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mechgpu.kernels import activation as kernels
 
 import mechgpu.nn as mnn
 import mechgpu.optim as mo
-from mechgpu.tools import check
+from mechgpu.testing import activation_cases, compare
 from mechgpu.train import ActivationMeter
 
 # The test extra installs these three; CI must run these tests, while a machine without a package
@@ -53,14 +53,14 @@ def fresh_accelerate_state():
 # ----------------------------------------------------------------------------------
 # activation modules: each original against its mechgpu twin
 # ----------------------------------------------------------------------------------
-DB = {a.name: a for a in check.ACTIVATIONS}
+DB = {a.name: a for a in activation_cases.ACTIVATIONS}
 OURS_IN_DB = {mnn.SiLU: "silu", mnn.ReLU: "relu", mnn.LeakyReLU: "leaky_relu", mnn.Sigmoid: "sigmoid",
               mnn.Tanh: "tanh"}
 # the originals' float64 evaluations cancel in their tails (1 + erf, 1 + tanh) to about 1e-15
 ORACLE_ATOL = 1e-14
 
 
-def database_activation(module: torch.nn.Module) -> check.Activation:
+def database_activation(module: torch.nn.Module) -> activation_cases.Activation:
     """The case database's entry for one of our modules: its fp32 tolerances apply."""
     if isinstance(module, mnn.GELU):
         return DB["gelu" if module.approximate == "none" else "gelu_tanh"]
@@ -89,14 +89,14 @@ def assert_same_function(ours: torch.nn.Module, original: torch.nn.Module) -> No
     reference = copy.deepcopy(original).double()
     x64, g64 = x.detach().double(), g.double()
     y64, dx64 = float64_value_and_grad(reference, x64, g64)
-    moved = [float64_value_and_grad(reference, x64 * (1 + sign * check.FP32_ULP), g64) for sign in (1, -1)]
+    moved = [float64_value_and_grad(reference, x64 * (1 + sign * compare.FP32_ULP), g64) for sign in (1, -1)]
     act = database_activation(ours)
     if act.name in kernels.OUTPUT_KINDS:  # the backward reads the saved output, rounded as torch's does
         dx64 = act.backward64(g64, x64, y.detach().double())
     for direction, got, want, allowance in (("forward", y, y64, sum((m[0] - y64).abs() for m in moved)),
                                             ("backward", dx, dx64, sum((m[1] - dx64).abs() for m in moved))):
-        rtol = check.activation_ulps(act, torch.float32, direction) * check.eps(torch.float32)
-        err = check.measure(got, want, rtol=rtol, atol=ORACLE_ATOL, dtype=torch.float32, extra=allowance,
+        rtol = activation_cases.activation_ulps(act, torch.float32, direction) * compare.eps(torch.float32)
+        err = compare.measure(got, want, rtol=rtol, atol=ORACLE_ATOL, dtype=torch.float32, extra=allowance,
                             what=f"{type(original).__name__} {direction}")
         assert err.passed, err.failures
 
@@ -363,8 +363,8 @@ def test_lightning_mixed_precision_with_clipping_in_the_step(tmp_path, precision
     assert all(norm > MAX_NORM for norm in module.torch_norms)  # every step clipped
     torch.testing.assert_close(opt.last_grad_norm.cpu(), module.torch_norms[-1], rtol=1e-5, atol=0)
     for ours, reference in zip(module.net.parameters(), module.shadow):
-        torch.testing.assert_close(ours.detach().cpu(), reference.detach(), rtol=check.FP32_PARAM_RTOL,
-                                   atol=check.FP32_PARAM_ATOL)
+        torch.testing.assert_close(ours.detach().cpu(), reference.detach(), rtol=compare.FP32_PARAM_RTOL,
+                                   atol=compare.FP32_PARAM_ATOL)
     assert module.losses[-1] < 0.8 * module.losses[0]
 
 

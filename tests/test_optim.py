@@ -22,12 +22,11 @@ from conftest import (
 )
 
 import mechgpu.optim as mo
-from mechgpu.tools import check
+from mechgpu.testing.optim_cases import VARIANTS, state_errors
 
 # The optimizer configs, learning rates and state tolerance come from the case database
-# (mechgpu.tools.check), whose trajectories against torch.optim tests/test_cases.py runs.
-CONFIGS = {label: (name, opts) for label, name, opts in check.OPTIMIZER_CONFIGS}
-LR = check.LR
+# (mechgpu.testing.optim_cases), whose trajectories against torch.optim tests/test_cases.py runs.
+ROUND_TRIPS = ("Adam-amsgrad", "AdamW", "RMSprop-centered-momentum", "SGD-nesterov")
 STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg"}
 
 
@@ -40,10 +39,10 @@ def clone_params(params, dtype=None):
     return [p.detach().clone().to(dtype or p.dtype).requires_grad_() for p in params]
 
 
-def two_groups(params, name):
+def two_groups(params, lr):
     """Two param groups with different hyperparameters, for both optimizers alike."""
     half = len(params) // 2
-    return [{"params": params[:half]}, {"params": params[half:], "lr": LR[name] * 0.5, "weight_decay": 0.05}]
+    return [{"params": params[:half]}, {"params": params[half:], "lr": lr * 0.5, "weight_decay": 0.05}]
 
 
 def set_random_grads(param_lists, gen, dtype=None):
@@ -55,7 +54,7 @@ def set_random_grads(param_lists, gen, dtype=None):
 
 def assert_states_close(ours, ours_params, ref, ref_params):
     """Every state against the other optimizer's, with the database's state tolerance."""
-    errs = check.state_errors(ours, ours_params, ref, ref_params)
+    errs = state_errors(ours, ours_params, ref, ref_params)
     assert errs.passed, "; ".join(errs.failures[:3])
 
 
@@ -105,16 +104,15 @@ def test_lr_schedulers(name, device):
 # state_dict, groups, closures, None grads
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("direction", ["torch-to-mechgpu", "mechgpu-to-torch"])
-@pytest.mark.parametrize("config", ["Adam-amsgrad", "AdamW", "RMSprop-centered-momentum", "SGD-nesterov"])
-def test_state_dict_round_trip(config, direction):
+@pytest.mark.parametrize("case", [c for c in VARIANTS if c.name in ROUND_TRIPS], ids=lambda c: c.name)
+def test_state_dict_round_trip(case, direction):
     """Save after 5 steps in one implementation, load into the other, and continue identically."""
-    name, opts = CONFIGS[config]
-    first_cls, second_cls = getattr(torch.optim, name), getattr(mo, name)
+    first_cls, second_cls = getattr(torch.optim, case.optimizer), getattr(mo, case.optimizer)
     if direction == "mechgpu-to-torch":
         first_cls, second_cls = second_cls, first_cls
     params = make_params((3, 1000, 4097), KERNEL_DEVICE)
     cont_p = clone_params(params)
-    first = first_cls(two_groups(params, name), lr=LR[name], **opts)
+    first = first_cls(two_groups(params, case.lr), lr=case.lr, **case.options)
     gen = torch.Generator().manual_seed(5)
     for _ in range(5):
         set_random_grads([params], gen)
@@ -127,7 +125,7 @@ def test_state_dict_round_trip(config, direction):
     with torch.no_grad():
         for c, p in zip(cont_p, params):
             c.copy_(p)
-    second = second_cls(two_groups(cont_p, name), lr=LR[name], **opts)
+    second = second_cls(two_groups(cont_p, case.lr), lr=case.lr, **case.options)
     second.load_state_dict(sd)
     for _ in range(5):
         set_random_grads([params, cont_p], gen)

@@ -22,6 +22,7 @@ import torch
 from conftest import HAS_CUDA, KERNEL_DEVICE, run_without_interpreter
 
 import mechgpu.optim as mo
+from mechgpu.testing.optim_cases import MUTATED
 
 CHILD_TIMEOUT_S = 600
 
@@ -67,35 +68,37 @@ def isolated(fn, *args):
 # a pair of optimizers, mechgpu's and torch's, stepped alike
 # ----------------------------------------------------------------------------------
 SIZES = ((0, 1, 3, 1000), (4097, 5))  # two groups: empty, tiny, odd, more than one block
-CONFIGS = {
-    "Adam": ("Adam", {"weight_decay": 0.1}),
-    "Adam-amsgrad": ("Adam", {"amsgrad": True}),
-    "AdamW": ("AdamW", {"weight_decay": 0.3}),
-    "RMSprop": ("RMSprop", {"alpha": 0.9}),
-    "RMSprop-centered-momentum": ("RMSprop", {"centered": True, "momentum": 0.5}),
-    "SGD": ("SGD", {}),
-    "SGD-momentum": ("SGD", {"momentum": 0.9, "nesterov": True}),
-}
-LR = {"Adam": 1e-2, "AdamW": 1e-2, "RMSprop": 1e-3, "SGD": 1e-2}
+CONFIGS = {c.name: c for c in MUTATED}  # the case database's configurations to mutate, by name
+
+
+def with_option(option: str) -> list[str]:
+    """The configurations with ``option`` on."""
+    return [c.name for c in MUTATED if c.has(option)]
+
+
+def without_option(option: str) -> list[str]:
+    """The configurations with ``option`` off whose optimizer takes it."""
+    return [c.name for c in MUTATED if c.accepts(option) and not c.has(option)]
 
 
 class Pair:
     """mechgpu's optimizer and torch's twin over equal params, in two groups."""
 
     def __init__(self, config: str, seed: int = 0, **mechgpu_options) -> None:
-        self.name, self.opts = CONFIGS[config]
+        case = CONFIGS[config]
+        self.name, self.opts, self.lr = case.optimizer, case.options, case.lr
         gen = torch.Generator().manual_seed(seed)
         self.gen = gen
         self.ours_p = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for g in SIZES for n in g]
         self.ref_p = [p.detach().clone().requires_grad_() for p in self.ours_p]
-        self.ours = getattr(mo, self.name)(self._groups(self.ours_p), lr=LR[self.name], **self.opts,
+        self.ours = getattr(mo, self.name)(self._groups(self.ours_p), lr=self.lr, **self.opts,
                                            **mechgpu_options)
-        self.ref = getattr(torch.optim, self.name)(self._groups(self.ref_p), lr=LR[self.name], **self.opts)
+        self.ref = getattr(torch.optim, self.name)(self._groups(self.ref_p), lr=self.lr, **self.opts)
         self.steps = 0
 
     def _groups(self, params):
         k = len(SIZES[0])
-        return [{"params": params[:k]}, {"params": params[k:], "lr": LR[self.name] * 0.5}]
+        return [{"params": params[:k]}, {"params": params[k:], "lr": self.lr * 0.5}]
 
     def grads(self):
         """New grad tensors on even steps, the same grad tensors refilled on odd ones."""
@@ -266,10 +269,10 @@ LEGAL = {  # mutation -> configs it applies to (None: all)
     "grads_set_to_none": (grads_set_to_none, None),
     "torch_state_dict_loaded": (torch_state_dict_loaded, None),
     "momentum_on": (option_flipped("momentum", 0.9), ["SGD"]),
-    "momentum_off": (option_flipped("momentum", 0.0), ["SGD-momentum", "RMSprop-centered-momentum"]),
-    "amsgrad_off": (option_flipped("amsgrad", False), ["Adam-amsgrad"]),
-    "centered_off": (option_flipped("centered", False), ["RMSprop-centered-momentum"]),
-    "nesterov_off": (option_flipped("nesterov", False), ["SGD-momentum"]),
+    "momentum_off": (option_flipped("momentum", 0.0), with_option("momentum")),
+    "amsgrad_off": (option_flipped("amsgrad", False), with_option("amsgrad")),
+    "centered_off": (option_flipped("centered", False), with_option("centered")),
+    "nesterov_off": (option_flipped("nesterov", False), with_option("nesterov")),
     "param_group_added": (param_group_added, ["Adam", "RMSprop", "SGD-momentum"]),
     "momentum_buffer_none": (momentum_buffer_none, ["SGD-momentum"]),
     "tensor_beta1": (tensor_beta1, ["Adam", "AdamW"]),
@@ -354,9 +357,9 @@ def _meta_weight_decay(opt, params):
 
 
 REJECTED = {  # mutation -> (configs, exception, message)
-    "amsgrad_on": (option_flipped("amsgrad", True), ["Adam", "AdamW"], KeyError,
+    "amsgrad_on": (option_flipped("amsgrad", True), without_option("amsgrad"), KeyError,
                    "has no 'max_exp_avg_sq', which amsgrad=True needs"),
-    "centered_on": (option_flipped("centered", True), ["RMSprop"], KeyError,
+    "centered_on": (option_flipped("centered", True), without_option("centered"), KeyError,
                     "has no 'grad_avg', which centered=True needs"),
     "rmsprop_momentum_on": (option_flipped("momentum", 0.9), ["RMSprop"], KeyError,
                             "has no 'momentum_buffer', which momentum > 0 needs"),
@@ -409,7 +412,7 @@ def test_rejected_mutation_raises_and_writes_nothing(mutation, config):
 
 def run_mismatched_state_dict(config: str) -> str:
     """A state saved for other sizes is refused at load_state_dict, naming the param."""
-    name, opts = CONFIGS[config]
+    name, opts = CONFIGS[config].optimizer, CONFIGS[config].options
     small = [torch.randn(10, device=KERNEL_DEVICE, requires_grad=True)]
     first = getattr(mo, name)(small, lr=0.1, **opts)
     small[0].grad = torch.randn_like(small[0])
@@ -481,10 +484,10 @@ def test_random_mutation_sequences_match_torch(config):
 # deepcopy and pickle
 # ----------------------------------------------------------------------------------
 def run_copies(config: str) -> str:
-    name, opts = CONFIGS[config]
+    case = CONFIGS[config]
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (3, 1000)]
-    opt = getattr(mo, name)(params, lr=LR[name], max_grad_norm=0.5, track_update_norm=True, **opts)
+    opt = getattr(mo, case.optimizer)(params, lr=case.lr, max_grad_norm=0.5, track_update_norm=True, **case.options)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE)
     opt.step()
@@ -558,6 +561,7 @@ def test_master_weights_through_mutations(mutation):
 FALLBACK_SCRIPT = r"""
 import copy, math, torch, mechgpu
 import mechgpu.optim as mo
+from mechgpu.testing.optim_cases import MUTATED
 from mechgpu import _backend
 from mechgpu.train import Trainer
 assert not _backend.INTERPRETED
@@ -602,12 +606,12 @@ def test_cpu_fallback_amp_with_clipping_and_update_norm():
 def run_swapped_module(config: str) -> str:
     import weakref
 
-    name, opts = CONFIGS[config]
+    case = CONFIGS[config]
     torch.manual_seed(3)
     ours_m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 5)).to(KERNEL_DEVICE)
     ref_m = copy.deepcopy(ours_m)
-    pairs = [(ours_m, getattr(mo, name)(ours_m.parameters(), lr=LR[name], **opts)),
-             (ref_m, getattr(torch.optim, name)(ref_m.parameters(), lr=LR[name], **opts))]
+    pairs = [(ours_m, getattr(mo, case.optimizer)(ours_m.parameters(), lr=case.lr, **case.options)),
+             (ref_m, getattr(torch.optim, case.optimizer)(ref_m.parameters(), lr=case.lr, **case.options))]
     x = torch.randn(6, 3, 6, 6, device=KERNEL_DEVICE)
 
     def step(swap_after_backward: bool) -> None:

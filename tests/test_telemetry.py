@@ -9,9 +9,8 @@ import torch
 from conftest import KERNEL_DEVICE
 
 import mechgpu.optim as mo
+from mechgpu.testing.optim_cases import VARIANTS
 
-CASES = [("Adam", {}), ("AdamW", {"weight_decay": 0.1, "amsgrad": True}),
-         ("RMSprop", {"momentum": 0.5, "centered": True}), ("SGD", {"momentum": 0.9, "nesterov": True})]
 PRECISIONS = [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"master_weights": True}),
               (torch.float16, {"master_weights": True})]
 SIZES = (1, 1000, 4097, 3, 0)
@@ -24,14 +23,14 @@ def _stored(opt, p) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("name, options", CASES, ids=lambda v: str(v))
-def test_telemetry_matches_float64(name, options, dtype, precision):
+@pytest.mark.parametrize("case", VARIANTS, ids=lambda c: c.name)
+def test_telemetry_matches_float64(case, dtype, precision):
     """Per group: ||p|| before, ||p_after - p_before|| and their ratio from the stored values, and the
     non-finite grads (two inf and a NaN in the last step), against float64."""
     gen = torch.Generator().manual_seed(5)
     params = [torch.randn(n, generator=gen).to(device=KERNEL_DEVICE, dtype=dtype).requires_grad_() for n in SIZES]
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}]
-    opt = getattr(mo, name)(groups, lr=1e-2, telemetry=True, **options, **precision)
+    opt = getattr(mo, case.optimizer)(groups, lr=1e-2, telemetry=True, **case.options, **precision)
     for step in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(p)

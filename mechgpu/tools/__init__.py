@@ -1,7 +1,6 @@
 """mechgpu's tools, apart from the library (optim, nn, clip, init, diagnostics, train): the
-``mechgpu`` commands' implementations.
+``mechgpu`` commands' implementations (``mechgpu check`` is ``mechgpu.testing.check``).
 
-* ``check``: the correctness case database and ``mechgpu check``, its runner;
 * ``bench``: ``mechgpu bench``, the benchmark runner, its merged results and the README section;
 * ``tour``: ``mechgpu tour``, the main job;
 * ``jobs``: ``mechgpu train``, ``mechgpu profile`` and ``mechgpu fit``, on ``gpt``'s character GPT
