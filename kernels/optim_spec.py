@@ -95,7 +95,7 @@ class OptimizerSpec:
         return None if state is None or state.flag is None else self._flag(state.flag).meaning
 
     def fill_of(self, key: str) -> str | None:
-        return next(s.fill for s in self.states if s.key == key)
+        return next((s.fill for s in self.states if s.key == key), None)
 
     def state_count(self, options: dict) -> int:
         """State buffers a step with these torch options reads and writes (each the state dtype)."""

@@ -248,6 +248,15 @@ class FusedOptimizer:
         self._rounding_seed = int(torch.randint(0, 2**30, ())) if options.stochastic_rounding else 0
         self._check_options()
         self._reset_buffers()
+        for group in self.param_groups:  # states torch's constructor made (Adagrad's), in the param's dtype
+            for p in group["params"]:
+                if p.dtype not in SUPPORTED_DTYPES:  # stepped by torch, in torch's state
+                    continue
+                for key in self.state.get(p, ()):
+                    fill = key in ELEMENT_KEYS and self._spec.fill_of(key)
+                    if fill:  # made again from the exact fill value, in mechgpu's state dtype
+                        self.state[p][key] = torch.full_like(p, group[fill], dtype=self.state_dtype,
+                                                             memory_format=torch.preserve_format)
 
     def _options(self) -> _options.Options:
         return _options.Options(**{name: getattr(self, name) for name in _options.NAMES})

@@ -102,6 +102,11 @@ OPTIMIZERS = (
         "SGD-dampening": {"momentum": 0.5, "dampening": 0.3, "weight_decay": 0.01},
     }, featured=("SGD-nesterov", {"momentum": 0.9, "nesterov": True}),
         mutated={"SGD": {}, "SGD-momentum": {"momentum": 0.9, "nesterov": True}}),
+    OptimInfo("Adagrad", 1e-2, variants={
+        "Adagrad": {},
+        "Adagrad-decay": {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
+        "Adagrad-maximize": {"maximize": True, "eps": 1e-6, "initial_accumulator_value": 0.5},
+    }, featured=("Adagrad", {}), mutated={"Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1}}),
 )
 VARIANTS = tuple(c for info in OPTIMIZERS for c in info.cases(info.variants))
 FEATURED = tuple(c for info in OPTIMIZERS for c in info.cases(dict([info.featured])))
@@ -188,11 +193,13 @@ def _set_grads(ctx: Context, gen, param_lists: list[list[torch.Tensor]], scale: 
 
 
 def _low_precision_options(case: OptimCase) -> dict:
-    """The options for the bf16/fp16 runs: Adam's and RMSprop's coupled weight decay is left to
-    the fp32 runs. Their first step divides g + wd p by about |g + wd p| + eps, and on the coarse
+    """The options for the bf16/fp16 runs: coupled weight decay (Adam's, RMSprop's, Adagrad's) is left
+    to the fp32 runs. Their first step divides g + wd p by about |g + wd p| + eps, and on the coarse
     bf16/fp16 grids a grad often cancels wd p exactly (g = -0.168, p = 1.68): the step then turns
-    on how fp32 rounds g + wd p (with an fma or not), not on the kernel being right."""
-    coupled = case.optimizer == "RMSprop" or (case.optimizer == "Adam" and not case.has("decoupled_weight_decay"))
+    on how fp32 rounds g + wd p (with an fma or not), not on the kernel being right. SGD's step does
+    not divide, and AdamW's decay is decoupled."""
+    decoupled = case.optimizer == "AdamW" or case.has("decoupled_weight_decay")
+    coupled = case.optimizer != "SGD" and not decoupled
     return {k: v for k, v in case.options.items() if not (coupled and k == "weight_decay")}
 
 
