@@ -8,7 +8,20 @@ messages from it; ``optim.py`` its launch and AOT variants; ``mechgpu.traffic`` 
 element; the check cases their option variants. The update formula itself lives in the kernel
 (``optim.py``), one ``*_update`` function per rule, reading the state columns in this order.
 
-Adding a rule: a record here, its formula in ``optim.py``, a case in ``mechgpu.testing``.
+How to extend it:
+
+* a rule (a torch optimizer): a record here (``SPECS``), its ``*_update`` formula and its
+  ``RULE`` branch in ``optim.py``'s ``_rule_block``, and one ``OptimInfo`` in
+  ``mechgpu/testing/optim_cases.py`` (every conformance, safety, byte and telemetry test reads
+  that table), plus its row in ``mechgpu.traffic.TABLE`` for the README;
+* a feature flag of a rule (an option of the torch twin that changes the code): a ``Flag`` in
+  the record (and a ``State`` if it makes a state entry), the constexpr in ``optim_kernel``'s
+  signature and the formula, and a variant in the rule's ``OptimInfo``;
+* a hyperparameter (a runtime number): the group entry -> kernel argument in ``hypers``, the
+  argument in ``kernel_arguments`` and the kernel, and its use in the formula;
+* one of mechgpu's own options (``max_grad_norm``, ``telemetry``, ...): a field of
+  ``mechgpu.optim.options.Options`` with its check in ``Options.check``, and the code that acts
+  on it; constructors, pickling, the cache signature and the docs' signature follow.
 """
 
 from __future__ import annotations
