@@ -15,7 +15,7 @@ How to extend it:
   ``mechgpu/testing/optim_cases.py`` (every conformance, safety, byte and telemetry test reads
   that table), plus its row in ``mechgpu.traffic.TABLE`` for the README;
 * a feature flag of a rule (an option of the torch twin that changes the code): a ``Flag`` in
-  the record (and a ``State`` if it makes a state entry), the constexpr in ``optim_kernel``'s
+  the record (and a ``State`` if it makes a state entry), the constexpr in ``optimizer_kernel``'s
   signature and the formula, and a variant in the rule's ``OptimInfo``;
 * a hyperparameter (a runtime number): the group entry -> kernel argument in ``hypers``, the
   argument in ``kernel_arguments`` and the kernel, and its use in the formula;
