@@ -57,6 +57,18 @@ def multi_tensor_warps(block: int) -> int:
     return max(2, min(8, block // 256))
 
 
+#: Resident CTAs per SM a multi-tensor update keeps at least (kernels/aot.py checks it)
+MIN_RESIDENT_CTAS = 2
+REGISTERS_PER_SM = 65536
+
+
+def register_budget(num_warps: int) -> int:
+    """Registers per thread that keep MIN_RESIDENT_CTAS CTAs of ``num_warps`` warps resident: passed
+    to ptxas as ``.maxnreg``. Without it ptxas may hold a kernel at 64 registers for occupancy and
+    spill what its slow-path sqrt and division calls keep live (Adagrad over unaligned tensors did)."""
+    return REGISTERS_PER_SM // (MIN_RESIDENT_CTAS * num_warps * 32)
+
+
 # Grid-stride multi-tensor launches (optimizer steps, norms, scaling): each program walks
 # blocks pid, pid + P, pid + 2P, ... of the block table, so its prologue (grad control,
 # hyperparameters) and its share of a reduction are paid once per program, not per block.

@@ -9,6 +9,7 @@ prints it; ``tests/test_compile.py`` checks it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pkgutil
@@ -34,6 +35,7 @@ class KernelVariant:
     expect_ldg128: bool = True  # must the SASS contain LDG.E.128?
     expect_stg128: bool = True  # must the SASS contain STG.E.128?
     num_warps: int = 4
+    maxnreg: int | None = None  # the launcher's register budget (ptx .maxnreg), if it sets one
 
 
 @dataclass
@@ -112,9 +114,10 @@ def launched_variant(name: str, fn, arguments: dict, aligned: bool, **expect) ->
     signature typed from the runtime values, the constexprs as given. ``expect`` as ``variant``'s."""
     arguments = dict(arguments)
     num_warps = arguments.pop("num_warps")
+    maxnreg = arguments.pop("maxnreg", None)
     constexprs = {p.name: arguments[p.name] for p in fn.params if p.is_constexpr}
     signature = {p.name: _runtime_type(arguments[p.name]) for p in fn.params if not p.is_constexpr}
-    return variant(name, fn, signature, constexprs, aligned, num_warps, **expect)
+    return dataclasses.replace(variant(name, fn, signature, constexprs, aligned, num_warps, **expect), maxnreg=maxnreg)
 
 
 def all_variants() -> list[KernelVariant]:
@@ -154,8 +157,10 @@ def compile_variant(variant: KernelVariant, arch: int):
     arg_names = variant.fn.arg_names
     attrs = {(arg_names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned_args}
     src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": variant.num_warps})
+    options = {"num_warps": variant.num_warps}
+    if variant.maxnreg is not None:
+        options["maxnreg"] = variant.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _assemble(variant: KernelVariant, arch: int):

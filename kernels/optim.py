@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TL_DTYPES, device_guard
+from ._launch import TL_DTYPES, device_guard, register_budget
 from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
 from .optim_spec import ADAGRAD, ADAM, ALL_FLAGS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
@@ -380,12 +380,15 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     beta2^t), first step). Returns the block's ``_block_telemetry`` with TELEMETRY, else zeros."""
     param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr = ptrs
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening = hypers
-    step_size, bias_correction2_sqrt, first = scalars
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
     s0 = _load_state(state0_ptr, offs, mask, STATE0, g)
     s1 = _load_state(state1_ptr, offs, mask, STATE1, g)
     s2 = _load_state(state2_ptr, offs, mask, STATE2, g)
+    # the tensor's scalars from the step prologue, read after the data loads are issued
+    first = tl.load(scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the buffer to the grad
+    step_size = tl.load(scalars + _SCALAR_STEP_SIZE)
+    bias_correction2_sqrt = tl.load(scalars + _SCALAR_BC2_SQRT)
     if RULE == _ADAM:
         p, s0, s1, s2 = adam_update(p, g, m=s0, v=s1, vmax=s2, lr=lr, beta1_weight=beta1_weight, beta2=beta2,
                                     one_minus_beta2=one_minus_beta2, eps=eps, weight_decay=weight_decay,
@@ -544,20 +547,17 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         state2_ptr = _state_ptr(row, _COL_STATE2, STATE2, grad_ptr, STATE_DTYPE, ALIGNED)
         master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
         tensor_scalars = scalars_ptr + tensor_idx * _NSCALARS
-        first = tl.load(tensor_scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the buffer to the grad
-        step_size = tl.load(tensor_scalars + _SCALAR_STEP_SIZE)
-        bias_correction2_sqrt = tl.load(tensor_scalars + _SCALAR_BC2_SQRT)
         block_seed = _rounding_seed(seed, tensor_idx, tl.load(tensor_scalars + _SCALAR_NEW_STEP))
         ptrs = (param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr)
         hypers = (lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening)
-        scalars = (step_size, bias_correction2_sqrt, first)
         if full:  # unmasked, so full vectors
-            stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, scalars, RULE=RULE, STATE0=STATE0,
-                                STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD, DECOUPLED_WD=DECOUPLED_WD,
-                                CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM, NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+            stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
+                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD,
+                                DECOUPLED_WD=DECOUPLED_WD, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
+                                NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER,
+                                STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         else:
-            stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, scalars, RULE=RULE,
+            stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD,
                                 DECOUPLED_WD=DECOUPLED_WD, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
                                 NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER,
@@ -680,7 +680,7 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
         CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
         UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
         MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,
-        ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+        ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps, maxnreg=register_budget(plan.num_warps),
     )
     return prologue, update
 
