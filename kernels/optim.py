@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard, register_budget
 from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
-from .optim_spec import ADAGRAD, ADAM, ALL_FLAGS, RMSPROP, SGD, STATE_COLUMNS
+from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
 
 _STATE_COLUMNS = tuple(f"state{i}" for i in range(STATE_COLUMNS))
@@ -249,12 +249,16 @@ _ADAM = tl.constexpr(ADAM)
 _RMSPROP = tl.constexpr(RMSPROP)
 _SGD = tl.constexpr(SGD)
 _ADAGRAD = tl.constexpr(ADAGRAD)
+# The rules' feature flags: bits of the FLAGS constexpr (optim_spec's ``Flag``s), tested as _NAME & FLAGS
+_AMSGRAD, _DECOUPLED_WD, _CENTERED, _HAS_MOMENTUM, _NESTEROV, _MAXIMIZE = (
+    tl.constexpr(FLAG_BITS[name]) for name in ("AMSGRAD", "DECOUPLED_WD", "CENTERED", "HAS_MOMENTUM", "NESTEROV",
+                                               "MAXIMIZE"))
 
 
 @triton.jit
 def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay,
                 step_size, bias_correction2_sqrt,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr):
+                FLAGS: tl.constexpr):
     """One Adam element update, fp32, in torch.optim's order of operations.
 
     g <- -g if maximize;  p <- p(1 - lr wd) (decoupled) or g <- g + wd p
@@ -262,16 +266,16 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
     p <- p - step_size * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps),
     step_size = lr / (1 - beta1^t)
     """
-    if MAXIMIZE:
+    if _MAXIMIZE & FLAGS:
         g = -g
     if weight_decay != 0.0:
-        if DECOUPLED_WD:
+        if _DECOUPLED_WD & FLAGS:
             p = p * (1.0 - lr * weight_decay)
         else:
             g = g + weight_decay * p
     m = _lerp(m, g, beta1_weight)
     v = v * beta2 + one_minus_beta2 * (g * g)
-    if AMSGRAD:
+    if _AMSGRAD & FLAGS:
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
     else:
@@ -282,7 +286,7 @@ def adam_update(p, g, m, v, vmax, lr, beta1_weight, beta2, one_minus_beta2, eps,
 
 @triton.jit
 def rmsprop_update(p, g, sq, buf, g_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr):
+                   FLAGS: tl.constexpr):
     """One RMSprop element update, fp32, in torch.optim's order of operations.
 
     g <- -g if maximize;  g <- g + wd p
@@ -290,17 +294,17 @@ def rmsprop_update(p, g, sq, buf, g_avg, lr, alpha, one_minus_alpha, eps, weight
     avg <- sqrt(sq - g_avg^2 if centered else sq) + eps
     buf <- momentum buf + g / avg;  p <- p - lr buf   (or p <- p - lr g / avg)
     """
-    if MAXIMIZE:
+    if _MAXIMIZE & FLAGS:
         g = -g
     if weight_decay != 0.0:
         g = g + weight_decay * p
     sq = sq * alpha + one_minus_alpha * (g * g)
-    if CENTERED:
+    if _CENTERED & FLAGS:
         g_avg = _lerp(g_avg, g, one_minus_alpha)
         avg = tl.sqrt_rn(sq - g_avg * g_avg) + eps
     else:
         avg = tl.sqrt_rn(sq) + eps
-    if HAS_MOMENTUM:
+    if _HAS_MOMENTUM & FLAGS:
         buf = buf * momentum + tl.div_rn(g, avg)
         p = p - lr * buf
     else:
@@ -310,23 +314,23 @@ def rmsprop_update(p, g, sq, buf, g_avg, lr, alpha, one_minus_alpha, eps, weight
 
 @triton.jit
 def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+               FLAGS: tl.constexpr):
     """One SGD element update, fp32, in torch.optim's order of operations.
 
     g <- -g if maximize;  g <- g + wd p
     buf <- g on the first step, else momentum buf + (1 - dampening) g
     g <- g + momentum buf (nesterov) or buf;  p <- p - lr g
     """
-    if MAXIMIZE:
+    if _MAXIMIZE & FLAGS:
         g = -g
     if weight_decay != 0.0:
         g = g + weight_decay * p
-    if HAS_MOMENTUM:
+    if _HAS_MOMENTUM & FLAGS:
         if first:
             buf = g
         else:
             buf = buf * momentum + one_minus_dampening * g
-        if NESTEROV:
+        if _NESTEROV & FLAGS:
             g = g + momentum * buf
         else:
             g = buf
@@ -335,13 +339,13 @@ def sgd_update(p, g, buf, first, lr, weight_decay, momentum, one_minus_dampening
 
 
 @triton.jit
-def adagrad_update(p, g, state_sum, clr, eps, weight_decay, MAXIMIZE: tl.constexpr):
+def adagrad_update(p, g, state_sum, clr, eps, weight_decay, FLAGS: tl.constexpr):
     """One Adagrad element update, fp32, in torch.optim's (single-tensor) order of operations.
 
     g <- -g if maximize;  g <- g + wd p;  sum <- sum + g^2
     p <- p - clr * g / (sqrt(sum) + eps),  clr = lr / (1 + (t - 1) lr_decay)
     """
-    if MAXIMIZE:
+    if _MAXIMIZE & FLAGS:
         g = -g
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -371,9 +375,8 @@ def _store_state(ptr, value, offs, mask, USED: tl.constexpr):
 @triton.jit
 def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                 RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
-                AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
-                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, TELEMETRY: tl.constexpr):
+                FLAGS: tl.constexpr, SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                TELEMETRY: tl.constexpr):
     """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec),
     update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2, master), ``hypers``
     the kernel's runtime hyperparameters and ``scalars`` the tensor's (step size, sqrt(1 -
@@ -393,19 +396,17 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
         p, s0, s1, s2 = adam_update(p, g, m=s0, v=s1, vmax=s2, lr=lr, beta1_weight=beta1_weight, beta2=beta2,
                                     one_minus_beta2=one_minus_beta2, eps=eps, weight_decay=weight_decay,
                                     step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
-                                    AMSGRAD=AMSGRAD, MAXIMIZE=MAXIMIZE, DECOUPLED_WD=DECOUPLED_WD)
+                                    FLAGS=FLAGS)
     elif RULE == _RMSPROP:
         p, s0, s1, s2 = rmsprop_update(p, g, sq=s0, buf=s1, g_avg=s2, lr=lr, alpha=beta2,
                                        one_minus_alpha=one_minus_beta2, eps=eps, weight_decay=weight_decay,
-                                       momentum=momentum, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
-                                       MAXIMIZE=MAXIMIZE)
+                                       momentum=momentum, FLAGS=FLAGS)
     elif RULE == _SGD:
         p, s0 = sgd_update(p, g, buf=s0, first=first, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                           one_minus_dampening=one_minus_dampening, HAS_MOMENTUM=HAS_MOMENTUM, NESTEROV=NESTEROV,
-                           MAXIMIZE=MAXIMIZE)
+                           one_minus_dampening=one_minus_dampening, FLAGS=FLAGS)
     elif RULE == _ADAGRAD:
         p, s0 = adagrad_update(p, g, state_sum=s0, clr=step_size, eps=eps, weight_decay=weight_decay,
-                               MAXIMIZE=MAXIMIZE)
+                               FLAGS=FLAGS)
     else:
         tl.static_assert(False, "optimizer_kernel: unknown RULE")
     _store_state(state0_ptr, s0, offs, mask, STATE0)
@@ -490,8 +491,7 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
                      RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
                      PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
                      LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr, WD_IS_PTR: tl.constexpr,
-                     AMSGRAD: tl.constexpr, DECOUPLED_WD: tl.constexpr, CENTERED: tl.constexpr,
-                     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                     FLAGS: tl.constexpr,
                      CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr, UNSCALE: tl.constexpr,
                      FOUND_INF: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                      TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
@@ -552,16 +552,12 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         hypers = (lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening)
         if full:  # unmasked, so full vectors
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
-                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD,
-                                DECOUPLED_WD=DECOUPLED_WD, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
-                                NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER,
-                                STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         else:
             stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
-                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, AMSGRAD=AMSGRAD,
-                                DECOUPLED_WD=DECOUPLED_WD, CENTERED=CENTERED, HAS_MOMENTUM=HAS_MOMENTUM,
-                                NESTEROV=NESTEROV, MAXIMIZE=MAXIMIZE, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER,
-                                STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         if TELEMETRY:
             param_sq += stats[0].to(tl.float64)
             update_sq += stats[1].to(tl.float64)
@@ -631,12 +627,13 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     """The keyword arguments, launch options included, of one step's prologue and update kernel.
 
     ``states`` says which state columns the rule's options use and ``flags`` sets its feature
-    flags (``optim_spec``: ``state_keys`` and ``kernel_flags``; ``ALL_FLAGS`` not given are off).
+    flags (``optim_spec``: ``state_keys`` and ``kernel_flags``; the flags not given are off), passed
+    as the bits of the one FLAGS constexpr.
     ``lr``, ``weight_decay`` and the betas may be 0-d device tensors (read in the kernel).
     """
-    unknown = set(flags) - set(ALL_FLAGS)
+    unknown = set(flags) - set(FLAG_BITS)
     if unknown or len(states) > STATE_COLUMNS:
-        raise KeyError(f"optimizer_kernel has no flag {sorted(unknown)} (its flags: {', '.join(ALL_FLAGS)}) or "
+        raise KeyError(f"optimizer_kernel has no flag {sorted(unknown)} (its flags: {', '.join(FLAG_BITS)}) or "
                        f"more than {STATE_COLUMNS} states ({len(states)})")
     used = (*states, *(False,) * (STATE_COLUMNS - len(states)))
     control = control or StepControl()
@@ -676,7 +673,7 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
         RULE=rule, **dict(zip(("STATE0", "STATE1", "STATE2"), used, strict=True)),
         PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
         LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr,
-        **{name: bool(flags.get(name, False)) for name in ALL_FLAGS},
+        FLAGS=sum(FLAG_BITS[name] for name, on in flags.items() if on),
         CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
         UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
         MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,

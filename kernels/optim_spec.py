@@ -10,18 +10,27 @@ element; the check cases their option variants. The update formula itself lives 
 
 How to extend it:
 
-* a rule (a torch optimizer): a record here (``SPECS``), its ``*_update`` formula and its
-  ``RULE`` branch in ``optim.py``'s ``_rule_block``, and one ``OptimInfo`` in
-  ``mechgpu/testing/optim_cases.py`` (every conformance, safety, byte and telemetry test reads
-  that table), plus its row in ``mechgpu.traffic.TABLE`` for the README;
-* a feature flag of a rule (an option of the torch twin that changes the code): a ``Flag`` in
-  the record (and a ``State`` if it makes a state entry), the constexpr in ``optimizer_kernel``'s
-  signature and the formula, and a variant in the rule's ``OptimInfo``;
-* a hyperparameter (a runtime number): the group entry -> kernel argument in ``hypers``, the
-  argument in ``kernel_arguments`` and the kernel, and its use in the formula;
+* a rule (a torch optimizer): a record here (``SPECS``); in ``optim.py`` its ``*_update``
+  formula and its ``RULE`` branch in ``_rule_block`` (plus, if it needs a per-tensor scalar, its
+  branch in ``step_prologue_kernel``); one ``OptimInfo`` in ``mechgpu/testing/optim_cases.py``
+  (every conformance, safety, byte and telemetry test reads that table); its row in
+  ``mechgpu.traffic.TABLE`` for the README;
+* a feature flag of a rule (an option torch's twin accepts that changes the code): a ``Flag`` in
+  the record (and a ``State`` if it makes a state entry); in ``optim.py`` its bit constant beside
+  ``_MAXIMIZE`` and ``if _NAME & FLAGS:`` in the rule's formula (the launch packs every flag into
+  the one FLAGS constexpr); a variant in the rule's ``OptimInfo``. mechgpu's constructors take
+  torch's arguments only, so a flag torch lacks could be set only as a param-group entry, and
+  torch's fallback step would ignore it;
+* a hyperparameter (a runtime number): group entry -> kernel argument in the record's ``hypers``;
+  in ``optim.py`` the argument of ``kernel_arguments`` and of ``optimizer_kernel``, the
+  ``hypers`` tuple the kernel passes to ``_rule_block``, and its use in the formula;
 * one of mechgpu's own options (``max_grad_norm``, ``telemetry``, ...): a field of
-  ``mechgpu.optim.options.Options`` with its check in ``Options.check``, and the code that acts
-  on it; constructors, pickling, the cache signature and the docs' signature follow.
+  ``mechgpu.optim.options.Options``, its line in that docstring and its check in
+  ``Options.check``; constructors (``inspect.signature`` included), pickling, deepcopy, the
+  per-step check and the cache signature follow. What acts on it is new code on both paths of
+  ``FusedOptimizer.step``: the kernel's (through ``StepControl`` or ``Precision``, or a launch
+  argument as for a hyperparameter) and ``_torch_step``'s (CPU without the interpreter,
+  float64 and complex params); a case in ``mechgpu/testing/optim_cases.py``.
 """
 
 from __future__ import annotations
@@ -158,5 +167,7 @@ SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
 )}
 #: Every flag some rule sets, each False for the rules that do not
 ALL_FLAGS = tuple(dict.fromkeys(f.name for spec in SPECS.values() for f in spec.flags))
+#: Each flag's bit in the kernel's one FLAGS constexpr
+FLAG_BITS = {name: 1 << i for i, name in enumerate(ALL_FLAGS)}
 #: Every per-element state entry a rule keeps (torch's keys)
 STATE_KEYS = tuple(dict.fromkeys(s.key for spec in SPECS.values() for s in spec.states))
