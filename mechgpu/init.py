@@ -117,20 +117,22 @@ def _fill(tensor: Tensor, fill: init_kernels.Fill, generator: torch.Generator | 
     return tensor
 
 
-def _uniform(tensor: Tensor, a: float, b: float, generator, caller: str) -> Tensor:
+def _draw(tensor: Tensor, method: str, args: tuple, fill, generator, caller: str) -> Tensor:
+    """``tensor.<method>(*args)``: torch's own where the kernels do not run, else ``fill`` after
+    torch's checks and messages."""
     if not _use_kernels(tensor, caller):
         with torch.no_grad():
-            return tensor.uniform_(a, b, generator=generator)
-    torch.empty(0, dtype=tensor.dtype).uniform_(a, b)  # torch's own checks and messages
-    return _fill(tensor, init_kernels.Fill.uniform(a, b), generator)
+            return getattr(tensor, method)(*args, generator=generator)
+    getattr(torch.empty(0, dtype=tensor.dtype), method)(*args)  # torch's own checks and messages
+    return _fill(tensor, fill, generator)
+
+
+def _uniform(tensor: Tensor, a: float, b: float, generator, caller: str) -> Tensor:
+    return _draw(tensor, "uniform_", (a, b), init_kernels.Fill.uniform(a, b), generator, caller)
 
 
 def _normal(tensor: Tensor, mean: float, std: float, generator, caller: str) -> Tensor:
-    if not _use_kernels(tensor, caller):
-        with torch.no_grad():
-            return tensor.normal_(mean, std, generator=generator)
-    torch.empty(0, dtype=tensor.dtype).normal_(mean, std)  # torch's own checks and messages
-    return _fill(tensor, init_kernels.Fill.normal(mean, std), generator)
+    return _draw(tensor, "normal_", (mean, std), init_kernels.Fill.normal(mean, std), generator, caller)
 
 
 # ----------------------------------------------------------------------------------

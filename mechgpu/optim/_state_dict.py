@@ -61,8 +61,8 @@ def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None
     """Check that ``state_dict`` fits ``optimizer``'s params; raise ValueError naming the param.
 
     Works for any torch optimizer and changes nothing. The group checks and their messages
-    are torch's; mechgpu adds the per-param ones: every per-element state (``exp_avg``,
-    ``momentum_buffer``, ...) must be a floating-point tensor of its param's shape, and
+    are torch's; mechgpu adds the per-param ones: every per-element state (``ELEMENT_KEYS``: the rules'
+    states and the fp32 master) must be a floating-point tensor of its param's shape, and
     ``step`` a number or one-element tensor.
     """
     try:
