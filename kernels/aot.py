@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import pkgutil
 import re
@@ -115,8 +116,9 @@ def launched_variant(name: str, fn, arguments: dict, aligned: bool, **expect) ->
     arguments = dict(arguments)
     num_warps = arguments.pop("num_warps")
     maxnreg = arguments.pop("maxnreg", None)
-    constexprs = {p.name: arguments[p.name] for p in fn.params if p.is_constexpr}
-    signature = {p.name: _runtime_type(arguments[p.name]) for p in fn.params if not p.is_constexpr}
+    parameters = inspect.signature(fn.fn).parameters  # the Python function, jit-compiled or interpreted
+    constexprs = {name: arguments[name] for name, p in parameters.items() if "constexpr" in str(p.annotation)}
+    signature = {name: _runtime_type(arguments[name]) for name in parameters if name not in constexprs}
     return dataclasses.replace(variant(name, fn, signature, constexprs, aligned, num_warps, **expect), maxnreg=maxnreg)
 
 
