@@ -147,9 +147,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         return sub.add_parser(name, help=help, description=description)
 
     demo = command("demo", "train a small model with each mechgpu optimizer beside its torch.optim twin",
-                   "Train a small character-level MLP with each mechgpu optimizer (Adam, AdamW, RMSprop, SGD, "
-                   "with their options) beside its torch.optim twin on the same batches, and print both "
-                   "losses and the largest parameter difference.")
+                   "Train a small character-level MLP with each mechgpu optimizer, with some of its options, "
+                   "beside its torch.optim twin on the same batches, and print both losses and the largest "
+                   "parameter difference.")
     demo.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per run (default %(default)s)")
     demo.add_argument("--batch", type=positive_int, default=64, help="sequences per batch (default %(default)s)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)

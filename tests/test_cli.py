@@ -21,13 +21,19 @@ COMMANDS = ["demo", "flow", "tour", "train", "profile", "fit", "check", "bench"]
 
 
 def test_demo_runs_and_matches_torch():
+    """One row per optimizer in mechgpu's optim_spec, each under its tuned label."""
+    from mechgpu.kernels.optim_spec import SPECS
+
+    from mechgpu.tools.demo import TUNED, _optimizer_pairs
+
+    assert set(TUNED) <= set(SPECS), "settings for an optimizer mechgpu does not have"
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "mechgpu", "demo", "--steps", "4", "--batch", "8"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines()
-            if re.match(r"^(Adam|AdamW amsgrad|RMSprop centered|SGD nesterov) ", line)]
-    assert len(rows) == 4, out.stdout
+    labels = [label for label, *_ in _optimizer_pairs()]
+    rows = [line for line in out.stdout.splitlines() if any(line.startswith(f"{label} ") for label in labels)]
+    assert len(rows) == len(SPECS), out.stdout
     for row in rows:
         ours_loss, torch_loss, diff = (float(x) for x in row.split()[-5:-2])
         assert abs(ours_loss - torch_loss) < 1e-4 and diff < 1e-5, row

@@ -17,6 +17,8 @@ import pytest
 from conftest import HAS_CUDA, long, run_without_interpreter
 from mechgpu.kernels import aot
 
+from mechgpu.testing.optim_cases import FEATURED, one_per_rule
+
 # Ahead-of-time compilation needs no GPU: CI does it on CPU, so a GPU host does not spend
 # its (lent, limited) time on it.
 # One xdist worker runs the whole module, so the compile fixture below runs once per session.
@@ -89,12 +91,12 @@ import mechgpu.optim as mo
 from mechgpu.kernels import optim as kernels
 from mechgpu.kernels._launch import compiled_variants
 
-name = {name!r}
+name, options = {name!r}, {options!r}
 kernel, prologue = kernels.optimizer_kernel, kernels.step_prologue_kernel
 params = [torch.randn(n, requires_grad=True) for n in (1000, 4097)]
 for p in params:
     p.grad = torch.randn_like(p)
-opt = getattr(mo, name)(params, lr=1e-3, max_grad_norm=1.0, **({{}} if name == "Adam" else {{"momentum": 0.9}}))
+opt = getattr(mo, name)(params, lr=1e-3, max_grad_norm=1.0, **options)
 counts = {{}}
 opt.step()
 counts["first step"] = compiled_variants(kernel)
@@ -119,10 +121,10 @@ print(json.dumps(counts))
 """
 
 
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_new_lr_never_recompiles_counted_in_triton_cache(name):
+@pytest.mark.parametrize("case", one_per_rule(FEATURED), ids=lambda c: c.optimizer)
+def test_new_lr_never_recompiles_counted_in_triton_cache(case):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = COMPILE_ONLY_STEPS.format(tests=os.path.join(ROOT, "tests"), name=name)
+    script = COMPILE_ONLY_STEPS.format(tests=os.path.join(ROOT, "tests"), name=case.optimizer, options=case.options)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])

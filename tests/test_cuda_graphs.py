@@ -1,26 +1,32 @@
-"""The whole step, clip-in-step included, captured in a CUDA graph and replayed (GPU only)."""
+"""The whole step, clip-in-step included, captured in a CUDA graph and replayed (GPU only).
+
+The captured step is compared with mechgpu's own eager steps, so every optimizer is captured,
+Adagrad too (torch's own Adagrad cannot be: it has no ``capturable``).
+"""
 
 import pytest
 import torch
 from conftest import gpu, requires_cuda
 
 import mechgpu.optim as mo
+from mechgpu.testing.optim_cases import FEATURED
 
 
 @gpu
 @requires_cuda
-@pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_captured_step_with_clip_and_tensor_lr_scheduler(name):
+@pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
+def test_captured_step_with_clip_and_tensor_lr_scheduler(case):
     torch.manual_seed(0)
     sizes = (1000, 4097, 3)
     params = [torch.randn(n, device="cuda", requires_grad=True) for n in sizes]
     ref = [p.detach().clone().requires_grad_() for p in params]
     for p in params:
         p.grad = torch.zeros_like(p)  # static grads the graph reads
-    kwargs = {"momentum": 0.9} if name == "SGD" else {"capturable": True}
+    # torch's capturable (its step counter on the device), where torch's twin has one
+    kwargs = {**case.options, **({"capturable": True} if case.torch_takes("capturable") else {})}
     lr = torch.tensor(0.05, device="cuda")
-    opt = getattr(mo, name)(params, lr=lr, max_grad_norm=1.0, **kwargs)
-    ref_opt = getattr(mo, name)(ref, lr=torch.tensor(0.05, device="cuda"), max_grad_norm=1.0, **kwargs)
+    opt = getattr(mo, case.optimizer)(params, lr=lr, max_grad_norm=1.0, **kwargs)
+    ref_opt = getattr(mo, case.optimizer)(ref, lr=torch.tensor(0.05, device="cuda"), max_grad_norm=1.0, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
     grads = [[torch.randn(n, device="cuda") for n in sizes] for _ in range(9)]

@@ -7,8 +7,14 @@ import io
 import pytest
 import torch
 from conftest import DEVICES
+from mechgpu.kernels.optim_spec import SPECS
 
 import mechgpu.optim as mo
+from mechgpu.testing.optim_cases import FEATURED, VARIANTS, one_per_rule
+
+# The optimizers and their options come from the case database (mechgpu.testing.optim_cases):
+# FEATURED is one configuration per optimizer; one_per_rule keeps one per kernel rule.
+by_name = pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
 
 
 def tiny_model(dtype, device, seed=0):
@@ -40,22 +46,31 @@ def amp_run(model, opt, device, dtype, steps, init_scale, seed=1):
     return trace
 
 
+def torch_fused_runs(case, device: str) -> bool:
+    """Whether the case's torch twin takes fused=True and torch's dispatcher has its fused kernel
+    for ``device`` (a fused kernel may exist for some devices only)."""
+    kernel = f"aten::_fused_{case.optimizer.lower()}_"
+    return case.torch_takes("fused") and torch._C._dispatch_has_kernel_for_dispatch_key(kernel, device.upper())
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
-def test_grad_scaler_matches_torch_fused_fp32(name, device):
+@by_name
+def test_grad_scaler_matches_torch_fused_fp32(case, device):
     """fp32 params, a scale so large that the first steps overflow: step for step as torch.
 
-    Adam/AdamW: against torch's fused AMP path. SGD: against GradScaler's path for unfused
-    optimizers (unscale, then skip the step on inf), because torch's fused SGD allocates its
-    momentum buffers with empty_like on a first step that GradScaler then skips, and later
-    steps read that uninitialised memory.
+    Against torch's fused AMP path where torch has one for the device; else against GradScaler's
+    path for unfused optimizers (unscale, then skip the step on inf). Also the unfused path for a
+    rule whose torch step makes a missing state (SGD's momentum buffer): torch's fused SGD
+    allocates its momentum buffers with empty_like on a first step that GradScaler then skips,
+    and later steps read that uninitialised memory.
     """
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    spec = SPECS[case.optimizer]
+    fused = torch_fused_runs(case, device) and not spec.makes_missing_states
     ours_model = tiny_model(torch.float32, device)
     ref_model = twin(ours_model)
-    ours = getattr(mo, name)(ours_model.parameters(), lr=1e-2, **kwargs)
-    ref = getattr(torch.optim, name)(ref_model.parameters(), lr=1e-2, fused=name != "SGD",
-                                     foreach=False if name == "SGD" else None, **kwargs)
+    ours = getattr(mo, case.optimizer)(ours_model.parameters(), lr=1e-2, **case.options)
+    path = {"fused": True} if fused else {"foreach": False}
+    ref = getattr(torch.optim, case.optimizer)(ref_model.parameters(), lr=1e-2, **path, **case.options)
     trace_ours = amp_run(ours_model, ours, device, torch.float32, 8, init_scale=2.0**127)
     trace_ref = amp_run(ref_model, ref, device, torch.float32, 8, init_scale=2.0**127)
     assert [t[2] for t in trace_ours] == [t[2] for t in trace_ref]
@@ -65,33 +80,39 @@ def test_grad_scaler_matches_torch_fused_fp32(name, device):
         assert l_ours == pytest.approx(l_ref, rel=1e-5)
     for a, b in zip(ours_model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    if name != "SGD":  # skipped steps are not counted
+    if spec.step_key:  # skipped steps are not counted
         skipped = sum(t[2] > 0 for t in trace_ours)
         for p, q in zip(ours_model.parameters(), ref_model.parameters()):
-            assert ours.state[p]["step"].item() == ref.state[q]["step"].item() == 8 - skipped
+            assert ours.state[p][spec.step_key].item() == ref.state[q][spec.step_key].item() == 8 - skipped
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,kwargs", [("SGD", {"momentum": 0.9, "dampening": 0.5}), ("Adam", {}),
-                                         ("RMSprop", {"momentum": 0.5})])
-def test_steps_skipped_before_any_state_leave_none_through_a_state_dict(name, kwargs, device):
-    """GradScaler skips the first steps (inf grads): torch's step never runs, so no state is made.
-    mechgpu leaves none either (no zero momentum buffer that a state_dict would carry as started),
-    and after a torch.save round trip of both optimizers the runs go on alike."""
+# maximize ascends this loss: its growth (10^9 in 7 SGD steps) makes fp32 rounding outgrow the tolerance
+@pytest.mark.parametrize("case", [c for c in VARIANTS if not c.has("maximize")], ids=lambda c: c.name)
+def test_steps_skipped_before_any_state_leave_none_through_a_state_dict(case, device):
+    """GradScaler skips the first steps (inf grads): torch's step never runs, so no state is made
+    but what torch's constructor makes (Adagrad's). mechgpu makes the same and no more (no zero
+    momentum buffer that a state_dict would carry as started), and after a torch.save round trip
+    of both optimizers the runs go on alike (SGD's dampening shows a buffer carried as started)."""
     ours_model = tiny_model(torch.float32, device)
     ref_model = twin(ours_model)
-    ours = getattr(mo, name)(ours_model.parameters(), lr=1e-2, **kwargs)
-    ref = getattr(torch.optim, name)(ref_model.parameters(), lr=1e-2, foreach=False, **kwargs)
+    classes = getattr(mo, case.optimizer), getattr(torch.optim, case.optimizer)
+    ours, ref = (cls(model.parameters(), lr=1e-2, foreach=False, **case.options)
+                 for cls, model in zip(classes, (ours_model, ref_model)))
+    constructed = {i: {k: v.clone() for k, v in s.items()} for i, s in ref.state_dict()["state"].items()}
     trace_ours = amp_run(ours_model, ours, device, torch.float32, 2, init_scale=2.0**127)
     trace_ref = amp_run(ref_model, ref, device, torch.float32, 2, init_scale=2.0**127)
     assert [t[2] > 0 for t in trace_ours] == [t[2] > 0 for t in trace_ref] == [True, True]
-    assert ours.state_dict()["state"] == ref.state_dict()["state"] == {}
+    for saved in (ours.state_dict()["state"], ref.state_dict()["state"]):
+        assert saved.keys() == constructed.keys()
+        for i, state in constructed.items():
+            assert saved[i].keys() == state.keys() and all(torch.equal(saved[i][k], v) for k, v in state.items()), i
     reloaded = []
-    for model, opt, cls in ((ours_model, ours, getattr(mo, name)), (ref_model, ref, getattr(torch.optim, name))):
+    for model, opt, cls in zip((ours_model, ref_model), (ours, ref), classes):
         buffer = io.BytesIO()
         torch.save(opt.state_dict(), buffer)
         buffer.seek(0)
-        fresh = cls(model.parameters(), lr=1e-2, foreach=False, **kwargs)  # mechgpu's take foreach and ignore it
+        fresh = cls(model.parameters(), lr=1e-2, foreach=False, **case.options)  # mechgpu's take foreach, ignore it
         fresh.load_state_dict(torch.load(buffer))
         reloaded.append(fresh)
     amp_run(ours_model, reloaded[0], device, torch.float32, 5, init_scale=2.0**10, seed=2)
@@ -157,16 +178,16 @@ def test_master_weights_track_fp32_more_closely(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["AdamW", "RMSprop", "SGD"])
-def test_state_dict_keeps_masters_and_resumes_identically(name, device):
-    kwargs = {"momentum": 0.9} if name != "AdamW" else {}
+@by_name
+def test_state_dict_keeps_masters_and_resumes_identically(case, device):
+    cls, kwargs = getattr(mo, case.optimizer), case.options
     start, target = regression_problem(device, n=1000)
     straight = start.to(torch.bfloat16).requires_grad_()
-    opt = getattr(mo, name)([straight], lr=1e-3, master_weights=True, **kwargs)
+    opt = cls([straight], lr=1e-3, master_weights=True, **kwargs)
     run_quadratic(straight, opt, target, 6)
 
     first = start.to(torch.bfloat16).requires_grad_()
-    opt1 = getattr(mo, name)([first], lr=1e-3, master_weights=True, **kwargs)
+    opt1 = cls([first], lr=1e-3, master_weights=True, **kwargs)
     run_quadratic(first, opt1, target, 3)
     buffer = io.BytesIO()
     torch.save({"param": first.detach(), "opt": opt1.state_dict()}, buffer)
@@ -174,7 +195,7 @@ def test_state_dict_keeps_masters_and_resumes_identically(name, device):
     saved = torch.load(buffer)
     assert saved["opt"]["state"][0]["master_param"].dtype == torch.float32
     resumed = saved["param"].clone().requires_grad_()
-    opt2 = getattr(mo, name)([resumed], lr=1e-3, master_weights=True, **kwargs)
+    opt2 = cls([resumed], lr=1e-3, master_weights=True, **kwargs)
     opt2.load_state_dict(saved["opt"])
     assert opt2.state[resumed]["master_param"].dtype == torch.float32
     run_quadratic(resumed, opt2, target, 3)
@@ -184,15 +205,14 @@ def test_state_dict_keeps_masters_and_resumes_identically(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_bf16_states(name, device):
+@pytest.mark.parametrize("case", one_per_rule(FEATURED), ids=lambda c: c.optimizer)
+def test_bf16_states(case, device):
     """state_dtype=bf16: states are stored in bf16; the trajectory stays near torch's fp32 one."""
-    kwargs = {"momentum": 0.9} if name != "Adam" else {}
     start, target = regression_problem(device, n=1000)
     ours = start.clone().requires_grad_()
     ref = start.clone().requires_grad_()
-    opt = getattr(mo, name)([ours], lr=1e-2, state_dtype=torch.bfloat16, **kwargs)
-    ref_opt = getattr(torch.optim, name)([ref], lr=1e-2, **kwargs)
+    opt = getattr(mo, case.optimizer)([ours], lr=1e-2, state_dtype=torch.bfloat16, **case.options)
+    ref_opt = getattr(torch.optim, case.optimizer)([ref], lr=1e-2, **case.options)
     run_quadratic(ours, opt, target, 10)
     run_quadratic(ref, ref_opt, target, 10)
     for key, value in opt.state[ours].items():

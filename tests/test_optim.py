@@ -20,14 +20,16 @@ from conftest import (
     requires_cuda,
     run_without_interpreter,
 )
+from mechgpu.kernels.optim_spec import SPECS, STATE_KEYS
 
 import mechgpu.optim as mo
-from mechgpu.testing.optim_cases import VARIANTS, state_errors
+from mechgpu.testing.optim_cases import FEATURED, VARIANTS, one_per_rule, state_errors
 
-# The optimizer configs, learning rates and state tolerance come from the case database
-# (mechgpu.testing.optim_cases), whose trajectories against torch.optim tests/test_cases.py runs.
-ROUND_TRIPS = ("Adam-amsgrad", "AdamW", "RMSprop-centered-momentum", "SGD-nesterov")
-STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg"}
+# The optimizers, their configs, learning rates and state tolerance come from the case database
+# (mechgpu.testing.optim_cases), whose trajectories against torch.optim tests/test_cases.py runs:
+# FEATURED is one configuration per optimizer; one_per_rule keeps one per kernel rule.
+by_name = pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
+by_rule = pytest.mark.parametrize("case", one_per_rule(FEATURED), ids=lambda c: c.optimizer)
 
 
 def make_params(sizes, device, dtype=torch.float32, seed=0):
@@ -80,13 +82,15 @@ def test_tensor_lr_and_betas_with_scheduler(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_lr_schedulers(name, device):
-    ours_p, kwargs = make_params((7, 300), device), {"momentum": 0.9} if name == "SGD" else {}
+@by_name
+def test_lr_schedulers(case, device):
+    ours_p = make_params((7, 300), device)
     ref_p = clone_params(ours_p)
-    ours = getattr(mo, name)(ours_p, lr=0.1, **kwargs)
-    ref = getattr(torch.optim, name)(ref_p, lr=0.1, **kwargs)
-    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=8)
+    ours = getattr(mo, case.optimizer)(ours_p, lr=0.1, **case.options)
+    ref = getattr(torch.optim, case.optimizer)(ref_p, lr=0.1, **case.options)
+    # OneCycleLR cycles the momentum (or beta1) too, where the optimizer has one
+    cycle_momentum = case.torch_takes("momentum") or case.torch_takes("betas")
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=8, cycle_momentum=cycle_momentum)
     scheds = [make(ours), make(ref)]
     gen = torch.Generator().manual_seed(4)
     for _ in range(8):
@@ -104,7 +108,7 @@ def test_lr_schedulers(name, device):
 # state_dict, groups, closures, None grads
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("direction", ["torch-to-mechgpu", "mechgpu-to-torch"])
-@pytest.mark.parametrize("case", [c for c in VARIANTS if c.name in ROUND_TRIPS], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", VARIANTS, ids=lambda c: c.name)
 def test_state_dict_round_trip(case, direction):
     """Save after 5 steps in one implementation, load into the other, and continue identically."""
     first_cls, second_cls = getattr(torch.optim, case.optimizer), getattr(mo, case.optimizer)
@@ -121,7 +125,7 @@ def test_state_dict_round_trip(case, direction):
     torch.save(first.state_dict(), buffer)  # a real checkpoint: no tensors shared with `first`
     buffer.seek(0)
     sd = torch.load(buffer)
-    assert set(sd["state"][0]) <= STATE_KEYS
+    assert all(set(state) <= {"step", *STATE_KEYS} for state in sd["state"].values())  # plain SGD keeps none
     with torch.no_grad():
         for c, p in zip(cont_p, params):
             c.copy_(p)
@@ -186,11 +190,11 @@ def test_add_param_group_closure_zero_grad_and_none_grads():
     assert all(p.grad is None for p in ours_p)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
-def test_signature_matches_torch(name):
+@by_name
+def test_signature_matches_torch(case):
     """torch's parameters, in torch's order, then mechgpu's keyword-only options."""
-    ours = inspect.signature(getattr(mo, name).__init__).parameters
-    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    ours = inspect.signature(getattr(mo, case.optimizer).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, case.optimizer).__init__).parameters
     assert list(ours) == list(theirs) + list(mo.MECHGPU_OPTIONS)
     for key in mo.MECHGPU_OPTIONS:
         assert ours[key].kind == inspect.Parameter.KEYWORD_ONLY
@@ -199,31 +203,32 @@ def test_signature_matches_torch(name):
         assert ours[key].default == theirs[key].default, key
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
-def test_constructor_validation_and_flags(name):
+@by_name
+def test_constructor_validation_and_flags(case):
     p = make_params((3,), "cpu")
+    cls = getattr(mo, case.optimizer)
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):
-        getattr(mo, name)(p, lr=-1.0)
+        cls(p, lr=-1.0)
     with pytest.raises(NotImplementedError, match="differentiable=True"):
-        getattr(mo, name)(p, differentiable=True)
-    opt = getattr(mo, name)(p, foreach=True)  # accepted, no effect
-    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, getattr(torch.optim, name))
-    if name != "RMSprop":
-        getattr(mo, name)(p, fused=True)
-    if name == "Adam":
+        cls(p, differentiable=True)
+    opt = cls(p, foreach=True)  # accepted, no effect
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, getattr(torch.optim, case.optimizer))
+    if case.torch_takes("fused"):
+        cls(p, fused=True)
+    if case.torch_takes("betas"):
         with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.0"):
-            mo.Adam(p, betas=(0.9, 1.0))
-    if name == "SGD":
+            cls(p, betas=(0.9, 1.0))
+    if case.torch_takes("nesterov"):
         with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
-            mo.SGD(p, nesterov=True)
+            cls(p, nesterov=True)
 
 
 # ----------------------------------------------------------------------------------
 # memory layout: unaligned views, permuted params
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_unaligned_and_permuted_params(name, device):
+@by_rule
+def test_unaligned_and_permuted_params(case, device):
     """Views at odd storage offsets (no 16-byte alignment) and transposed params stay correct."""
     base = torch.randn(5000, device=device)
     def params():
@@ -235,9 +240,8 @@ def test_unaligned_and_permuted_params(name, device):
         ]
     ours_p, ref_p = params(), params()
     assert ours_p[1].data_ptr() % 16 != 0 and not ours_p[3].is_contiguous()
-    kwargs = {"momentum": 0.9} if name != "Adam" else {}
-    ours = getattr(mo, name)(ours_p, lr=1e-2, **kwargs)
-    ref = getattr(torch.optim, name)(ref_p, lr=1e-2, **kwargs)
+    ours = getattr(mo, case.optimizer)(ours_p, lr=1e-2, **case.options)
+    ref = getattr(torch.optim, case.optimizer)(ref_p, lr=1e-2, **case.options)
     gen = torch.Generator().manual_seed(8)
     for _ in range(4):
         for a, b in zip(ours_p, ref_p):
@@ -283,18 +287,17 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=str)
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
-def test_dtypes_the_kernel_does_not_take_step_with_torch(name, dtype, monkeypatch):
+@by_name
+def test_dtypes_the_kernel_does_not_take_step_with_torch(case, dtype, monkeypatch):
     """A float64 or complex group is stepped by torch.optim's own code (one warning), beside a
     float32 group on the kernel; both follow torch."""
     from mechgpu import _backend
 
     monkeypatch.setattr(_backend, "_warned", set())
-    kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
     ours_p = [make_params((100,), KERNEL_DEVICE, seed=3), make_params((5, 24), KERNEL_DEVICE, dtype, seed=4)]
     ref_p = [clone_params(group) for group in ours_p]
-    ours = getattr(mo, name)([{"params": g} for g in ours_p], lr=0.1, **kwargs)
-    ref = getattr(torch.optim, name)([{"params": g} for g in ref_p], lr=0.1, **kwargs)
+    ours = getattr(mo, case.optimizer)([{"params": g} for g in ours_p], lr=0.1, **case.options)
+    ref = getattr(torch.optim, case.optimizer)([{"params": g} for g in ref_p], lr=0.1, **case.options)
     gen = torch.Generator().manual_seed(5)
     with pytest.warns(UserWarning, match="a dtype the kernels do not take") as caught:
         for _ in range(3):
@@ -309,13 +312,12 @@ def test_dtypes_the_kernel_does_not_take_step_with_torch(name, dtype, monkeypatc
         assert a.dtype == dtype and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "SGD"])
+@by_name
 @pytest.mark.parametrize("spoil,exc,message", _bad_inputs(), ids=lambda x: getattr(x, "__name__", ""))
-def test_bad_input_raises_and_changes_nothing(name, spoil, exc, message):
+def test_bad_input_raises_and_changes_nothing(case, spoil, exc, message):
     good = make_params((100, 7), KERNEL_DEVICE, seed=9)
     bad = make_params((5, 24), KERNEL_DEVICE, seed=10)
-    kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
-    opt = getattr(mo, name)([{"params": good}, {"params": bad}], lr=0.1, **kwargs)
+    opt = getattr(mo, case.optimizer)([{"params": good}, {"params": bad}], lr=0.1, **case.options)
     for p in good + bad:
         p.grad = torch.ones_like(p)
     opt.step()  # states exist; the next step must not touch them either
@@ -324,8 +326,8 @@ def test_bad_input_raises_and_changes_nothing(name, spoil, exc, message):
     for p in good + bad:
         p.grad = torch.ones_like(p)
     spoil(bad[1])
-    if name == "SGD" and spoil.__name__ == "sparse":
-        message = "mechgpu.optim.SGD does not support sparse gradients"
+    if spoil.__name__ == "sparse":  # named as mechgpu's: torch's SGD and Adagrad do take sparse grads
+        message = SPECS[case.optimizer].sparse_message
     with pytest.raises(exc, match=message):
         opt.step()
     for p, b in zip(good + [bad[0]], before[:2] + before[2:3]):
@@ -350,16 +352,15 @@ def test_params_on_different_devices_in_one_group():
 # ----------------------------------------------------------------------------------
 # two launches per (group, dtype), whatever the number of tensors
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_launches_per_step_do_not_grow_with_tensors(name, monkeypatch):
+@by_rule
+def test_launches_per_step_do_not_grow_with_tensors(case, monkeypatch):
     launches = count_launches(monkeypatch)
     counts = {}
     for n_tensors in (3, 40):
         fp32 = make_params([5 + i for i in range(n_tensors)], KERNEL_DEVICE)
         bf16 = make_params([5 + i for i in range(n_tensors)], KERNEL_DEVICE, torch.bfloat16)
         last = make_params((9,), KERNEL_DEVICE)
-        opt = getattr(mo, name)([{"params": fp32 + bf16}, {"params": last}], lr=0.1, momentum=0.9) \
-            if name != "Adam" else mo.Adam([{"params": fp32 + bf16}, {"params": last}])
+        opt = getattr(mo, case.optimizer)([{"params": fp32 + bf16}, {"params": last}], lr=case.lr, **case.options)
         gen = torch.Generator().manual_seed(11)
         for _ in range(3):
             set_random_grads([[p for g in opt.param_groups for p in g["params"]]], gen)
@@ -403,13 +404,13 @@ print("ok")
 # ----------------------------------------------------------------------------------
 @gpu
 @requires_cuda
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_step_never_syncs_and_new_lr_never_recompiles(name):
+@by_rule
+def test_step_never_syncs_and_new_lr_never_recompiles(case):
     from mechgpu.kernels import optim as kernels
     from mechgpu.kernels._launch import compiled_variants
 
     params = make_params((1000, 4097), "cuda")
-    opt = getattr(mo, name)(params, lr=1e-3, **({"momentum": 0.9} if name != "Adam" else {}))
+    opt = getattr(mo, case.optimizer)(params, lr=1e-3, **case.options)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -453,13 +454,13 @@ def test_cached_tables_follow_moved_params_and_grads():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
-def test_update_norm_from_the_kernel(name, device):
+@by_rule
+def test_update_norm_from_the_kernel(case, device):
     """track_update_norm: ||p_after - p_before|| over all groups, summed inside the kernel."""
-    kwargs = {"momentum": 0.9} if name != "Adam" else {}
+    cls = getattr(mo, case.optimizer)
     params = make_params((1, 1000, 4097), device)
-    opt = getattr(mo, name)([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], lr=1e-2,
-                            track_update_norm=True, **kwargs)
+    opt = cls([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], lr=1e-2, track_update_norm=True,
+              **case.options)
     gen = torch.Generator().manual_seed(13)
     for _ in range(3):
         set_random_grads([params], gen)
@@ -469,7 +470,7 @@ def test_update_norm_from_the_kernel(name, device):
                                                        for p, b in zip(params, before)]))
         assert expected > 0
         torch.testing.assert_close(opt.last_update_norm.double().cpu(), expected.cpu(), rtol=1e-5, atol=0)
-    assert getattr(mo, name)(params, lr=0.1, **kwargs).last_update_norm is None
+    assert cls(params, lr=0.1, **case.options).last_update_norm is None
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="counts atomics in triton's interpreter, which a GPU host does not use")

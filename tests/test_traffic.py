@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_CUDA
+from mechgpu.kernels.optim_spec import SPECS
 
 import mechgpu
 import mechgpu.init as mi
 import mechgpu.nn.functional as MF
 import mechgpu.optim as mo
 from mechgpu import traffic
+from mechgpu.testing.optim_cases import MUTATED, VARIANTS, first_of_each
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="counts loads and stores in triton's interpreter, which a GPU "
                                                  "host does not use; CI counts them on CPU")
@@ -81,11 +83,9 @@ def _streams(opt) -> list[torch.Tensor]:
         v for p in params for k, v in opt.state[p].items() if k != "step" and v.numel() == p.numel()]
 
 
-OPTIMIZER_CASES = [
-    ("Adam", {}), ("Adam", {"amsgrad": True}), ("AdamW", {"weight_decay": 0.1}),
-    ("RMSprop", {}), ("RMSprop", {"momentum": 0.9}), ("RMSprop", {"centered": True, "momentum": 0.5}),
-    ("SGD", {}), ("SGD", {"momentum": 0.9, "nesterov": True}),
-]
+# Every state layout of every optimizer: the case database's configurations, the first of each
+# (optimizer, state entries its options make).
+OPTIMIZER_CASES = first_of_each(VARIANTS + MUTATED, lambda c: (c.optimizer, SPECS[c.optimizer].state_keys(c.options)))
 PRECISIONS = [  # (param dtype, mechgpu options)
     (torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"state_dtype": torch.bfloat16}),
     (torch.bfloat16, {"master_weights": True}), (torch.float16, {"master_weights": True}),
@@ -93,8 +93,9 @@ PRECISIONS = [  # (param dtype, mechgpu options)
 
 
 @pytest.mark.parametrize("dtype, precision", PRECISIONS, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("name, options", OPTIMIZER_CASES, ids=lambda v: str(v))
-def test_optimizer_step_moves_what_the_model_says(monkeypatch, name, options, dtype, precision):
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=lambda c: c.name)
+def test_optimizer_step_moves_what_the_model_says(monkeypatch, case, dtype, precision):
+    name, options = case.optimizer, case.options
     params = _params(dtype)
     opt = getattr(mo, name)(params, lr=1e-3, **options, **precision)
     opt.step()  # states made; SGD's first step sets the buffer without reading it

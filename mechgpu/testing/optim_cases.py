@@ -13,12 +13,14 @@ tests/test_optim_safety.py mutates between steps. ``mechgpu check`` and the test
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.optim_spec import SPECS
 from .compare import (
     FP32_PARAM_ATOL,
     FP32_PARAM_RTOL,
@@ -58,6 +60,10 @@ class OptimCase:
     def accepts(self, option: str) -> bool:
         """Whether some configuration of this optimizer in ``OPTIMIZERS`` turns ``option`` on."""
         return any(c.has(option) for c in ALL if c.optimizer == self.optimizer)
+
+    def torch_takes(self, argument: str) -> bool:
+        """Whether the torch.optim twin's constructor has ``argument`` (fused, capturable, betas, ...)."""
+        return argument in inspect.signature(getattr(torch.optim, self.optimizer)).parameters
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,20 @@ VARIANTS = tuple(c for info in OPTIMIZERS for c in info.cases(info.variants))
 FEATURED = tuple(c for info in OPTIMIZERS for c in info.cases(dict([info.featured])))
 MUTATED = tuple(c for info in OPTIMIZERS for c in info.cases(info.mutated))
 ALL = VARIANTS + FEATURED + MUTATED
+
+
+def first_of_each(cases: tuple[OptimCase, ...], key: Callable[[OptimCase], Hashable]) -> tuple[OptimCase, ...]:
+    """The first of ``cases`` for each value of ``key``, in their order."""
+    first: dict[Hashable, OptimCase] = {}
+    for case in cases:
+        first.setdefault(key(case), case)
+    return tuple(first.values())
+
+
+def one_per_rule(cases: tuple[OptimCase, ...]) -> tuple[OptimCase, ...]:
+    """The first of ``cases`` for each kernel rule (``OptimizerSpec.rule``: AdamW runs Adam's), for
+    the tests whose subject is the kernel's code path rather than each torch twin."""
+    return first_of_each(cases, lambda case: SPECS[case.optimizer].rule)
 
 
 def _optimizers(case: OptimCase, ours_params, ref_params, opts: dict | None = None, *, groups: bool = False,

@@ -31,15 +31,28 @@ class CharMLP(nn.Module):
         return self.net(self.embed(idx).flatten(1))
 
 
+#: A row's label and torch options, tuned for this task, by optimizer; an optimizer not named
+#: here runs under its own name with torch's defaults
+TUNED = {
+    "Adam": ("Adam", dict(lr=3e-3)),
+    "AdamW": ("AdamW amsgrad", dict(lr=3e-3, weight_decay=0.05, amsgrad=True)),
+    "RMSprop": ("RMSprop centered", dict(lr=1e-3, centered=True, momentum=0.5)),
+    "SGD": ("SGD nesterov", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "Adagrad": ("Adagrad lr_decay", dict(lr=3e-2, lr_decay=1e-3)),
+}
+
+
 def _optimizer_pairs():
+    """(label, mechgpu class, torch class, options) for every optimizer mechgpu steps (``SPECS``)."""
     import mechgpu.optim as mo
 
-    return [
-        ("Adam", mo.Adam, torch.optim.Adam, dict(lr=3e-3)),
-        ("AdamW amsgrad", mo.AdamW, torch.optim.AdamW, dict(lr=3e-3, weight_decay=0.05, amsgrad=True)),
-        ("RMSprop centered", mo.RMSprop, torch.optim.RMSprop, dict(lr=1e-3, centered=True, momentum=0.5)),
-        ("SGD nesterov", mo.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-    ]
+    from ..kernels.optim_spec import SPECS
+
+    pairs = []
+    for name, spec in SPECS.items():
+        label, options = TUNED.get(name, (name, {}))
+        pairs.append((label, getattr(mo, name), spec.torch_class, options))
+    return pairs
 
 
 def _train(model, optimizer, batches, device):
