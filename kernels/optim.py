@@ -586,7 +586,7 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
 
 @dataclass
 class StepControl:
-    """Per-step grad control read by the kernel from device memory (all optional).
+    """Per-step controls of the step (all optional): device tensors the kernel reads, or flags.
 
     clip: fp32 ``[2]`` tensor ``(total_norm, clip_coef)`` written by ``clip.py``'s norm kernel.
     skip_nonfinite: skip the step when ``clip[0]`` is inf or NaN.

@@ -18,19 +18,24 @@ How to extend it:
 * a feature flag of a rule (an option torch's twin accepts that changes the code): a ``Flag`` in
   the record (and a ``State`` if it makes a state entry); in ``optim.py`` its bit constant beside
   ``_MAXIMIZE`` and ``if _NAME & FLAGS:`` in the rule's formula (the launch packs every flag into
-  the one FLAGS constexpr); a variant in the rule's ``OptimInfo``. mechgpu's constructors take
-  torch's arguments only, so a flag torch lacks could be set only as a param-group entry, and
-  torch's fallback step would ignore it;
+  the one FLAGS constexpr); a variant in the rule's ``OptimInfo`` (variants are passed to
+  torch's constructor too). mechgpu's constructors take torch's arguments only, so a flag torch
+  lacks could be set only as a param-group entry, checked by a test of its own, and torch's
+  fallback step would ignore it;
 * a hyperparameter (a runtime number): group entry -> kernel argument in the record's ``hypers``;
   in ``optim.py`` the argument of ``kernel_arguments`` and of ``optimizer_kernel``, the
   ``hypers`` tuple the kernel passes to ``_rule_block``, and its use in the formula;
 * one of mechgpu's own options (``max_grad_norm``, ``telemetry``, ...): a field of
   ``mechgpu.optim.options.Options``, its line in that docstring and its check in
-  ``Options.check``; constructors (``inspect.signature`` included), pickling, deepcopy, the
-  per-step check and the cache signature follow. What acts on it is new code on both paths of
-  ``FusedOptimizer.step``: the kernel's (through ``StepControl`` or ``Precision``, or a launch
-  argument as for a hyperparameter) and ``_torch_step``'s (CPU without the interpreter,
-  float64 and complex params); a case in ``mechgpu/testing/optim_cases.py``.
+  ``Options.check``, and its name in ``mechgpu/optim/__init__.py``'s docstring and the README;
+  constructors (``inspect.signature`` included), pickling, deepcopy, the per-step check and the
+  cache signature follow. What acts on it is new code on both paths of ``FusedOptimizer.step``:
+  ``_torch_step``'s (CPU without the interpreter, float64 and complex params) and the kernel's:
+  a ``StepControl`` field set in ``FusedOptimizer._step`` (or a ``Precision`` field, set in
+  ``_build_cache``), turned into kernel arguments in ``kernel_arguments``, added to
+  ``optimizer_kernel``'s signature, to both of its ``_rule_block`` calls and to ``_rule_block``'s
+  signature, with the new code after the rule's branch there; and a case in
+  ``mechgpu/testing/optim_cases.py``.
 """
 
 from __future__ import annotations

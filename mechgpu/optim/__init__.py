@@ -15,7 +15,8 @@ Differences from torch:
   in effect; ``differentiable=True`` raises NotImplementedError; sparse gradients are
   rejected (torch's SGD and Adagrad take them);
 * params must be dense in memory (contiguous, or a permutation of it) with grads of the
-  same dtype, shape and strides; float64 and complex params are rejected;
+  same dtype, shape and strides; float64 and complex params are stepped by torch.optim's own
+  implementation, with a one-time warning;
 * CPU tensors run the kernels under ``TRITON_INTERPRET=1``, and otherwise fall back to
   torch.optim's own implementation with a one-time warning.
 
