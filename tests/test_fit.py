@@ -233,3 +233,28 @@ def test_table_shows_per_size_the_least_memory_the_fastest_fitting_and_no_checkp
         for row, c in zip(shown, expected):
             assert f"  {describe_segments(c.segments)}  " in row and format_bytes(c.peak_bytes) in row, (row, c)
     assert choice.chosen == fastest and sum("<- chosen" in r for r in rows) == 1
+
+
+def test_apply_gives_the_chosen_trainer_and_loader(probes):
+    """FitResult.apply: a Trainer with the chosen accumulation and checkpoint plan (and the
+    options given), a DataLoader at the chosen micro-batch size; one step is one global batch."""
+    from mechgpu.train.checkpointing import clear_checkpointing
+    from mechgpu.train.fit import FitResult
+
+    choice = choose(probes, min(c.peak_bytes for c in probes.candidates()))
+    chosen = choice.chosen
+    assert chosen.accum_steps > 1 and chosen.segments, chosen
+    x, y = _sampler(seed=3)(GLOBAL_BATCH)
+    optimizer = Recorder(probes.job.model.parameters())  # lr=0: the shared model keeps its weights
+    trainer, loader = FitResult(choice, 0, "", 0.0, 0.0, 0).apply(
+        torch.utils.data.TensorDataset(x, y), optimizer, loader_options={"shuffle": False}, log_every=2)
+    try:
+        assert trainer.optimizer is optimizer and trainer.log_every == 2 and trainer.model is probes.job.model
+        assert (trainer.accum_steps, trainer.policy, loader.batch_size) == (chosen.accum_steps, list(chosen.segments),
+                                                                         chosen.micro_batch)
+        trainer.fit(loader, steps=1)
+        assert trainer.plan.segments == list(chosen.segments)
+        assert (trainer.history[0]["micro_batches"], trainer.history[0]["samples"]) == (chosen.accum_steps,
+                                                                                        GLOBAL_BATCH)
+    finally:
+        clear_checkpointing(probes.job.model.blocks)

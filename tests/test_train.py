@@ -7,6 +7,7 @@ import copy
 import io
 import itertools
 import json
+import math
 import os
 import pickle
 import random
@@ -21,6 +22,7 @@ import torch
 from conftest import Recorder
 from torch import nn
 
+import mechgpu.optim as mo
 from mechgpu.tools.gpt import TokenLoss
 from mechgpu.train import (
     ActivationMeter,
@@ -33,6 +35,7 @@ from mechgpu.train import (
     plan_budget,
     predict,
     profile_blocks,
+    to_device,
 )
 
 F_IN, VOCAB, T = 5, 7, 6
@@ -656,3 +659,237 @@ def test_profile_command_smoke(tmp_path):
     runs = json.loads(png.with_suffix(".json").read_text())["runs"]
     none, full = (r for r in runs if r["implementation"] == "mechgpu")
     assert full["saved_bytes"] < none["saved_bytes"]
+
+
+# ---------------------------------------------------------------------------- devices
+class _Moved:
+    """Any object with a ``.to``: records where it was sent."""
+
+    def __init__(self):
+        self.sent_to = []
+
+    def to(self, device):
+        self.sent_to.append(device)
+        return self
+
+
+def test_to_device_moves_tensors_through_every_container(monkeypatch):
+    from collections import OrderedDict, namedtuple
+
+    from transformers import BatchEncoding
+
+    Pair = namedtuple("Pair", "inputs targets")
+    other = _Moved()
+    batch = (torch.ones(2), [Pair(torch.ones(1), torch.zeros(1, dtype=torch.long)), "text", 3],
+             OrderedDict(a=torch.ones(3), b={"c": torch.ones(1)}), BatchEncoding({"input_ids": torch.ones(1, 2)}),
+             other)
+    sends = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: sends.append(k) or real_to(self, *a, **k))
+    moved = to_device(batch, "meta")
+    leaves = [moved[0], moved[1][0].inputs, moved[1][0].targets, moved[2]["a"], moved[2]["b"]["c"],
+              moved[3]["input_ids"]]
+    assert [t.device.type for t in leaves] == ["meta"] * 6
+    assert type(moved) is tuple and type(moved[1]) is list and type(moved[1][0]) is Pair
+    assert type(moved[2]) is OrderedDict and type(moved[3]) is BatchEncoding and moved[3].encodings is None
+    assert moved[1][1:] == ["text", 3] and moved[4] is other and other.sent_to == ["meta"]
+    assert batch[0].device.type == "cpu" and batch[3]["input_ids"].device.type == "cpu", "the batch itself changed"
+    assert [k["non_blocking"] for k in sends] == [False] * 6
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)  # no pinned memory without an accelerator
+    sends.clear()
+    to_device(batch, "meta")
+    assert [k["non_blocking"] for k in sends] == [True] * 6
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_the_trainer_moves_batches_to_its_models_device(kind):
+    """A model on the meta device trains a step on CPU batches: without the move its forward raises."""
+    class Keywords(Net):
+        def forward(self, x, labels=None):
+            return super().forward(x)
+
+    model = Keywords().to("meta")
+    x, y = _batches([2], dtype=torch.float32)[0]
+    with pytest.raises(RuntimeError, match="meta"):
+        model(x)
+    batch = (x, y) if kind == "tuple" else {"x": x, "labels": y}
+    trainer = Trainer(model, TokenLoss(), torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)
+    out = trainer.train_step([batch])
+    assert out["loss"].device.type == "meta" and all(p.device.type == "meta" for p in model.parameters())
+    assert trainer.last_global_items == int((y != -100).sum()), "counted on the batch as given"
+
+
+# ---------------------------------------------------------------------------- HF-style dict batches
+def _tiny_gpt2(cls_name="GPT2LMHeadModel", **config):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB_HF, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **config)
+    return getattr(transformers, cls_name)(cfg)
+
+
+VOCAB_HF, T_HF = 23, 7
+
+
+def _hf_batches(sizes, seed=0):
+    """Padded rows (attention_mask 0 and labels -100 at the end) and some other labels ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in sizes:
+        ids = torch.randint(0, VOCAB_HF, (b, T_HF), generator=gen)
+        lengths = torch.randint(2, T_HF + 1, (b, 1), generator=gen)
+        mask = (torch.arange(T_HF) < lengths).long()
+        labels = ids.masked_fill(mask == 0, -100).masked_fill(torch.rand(b, T_HF, generator=gen) < 0.3, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("container", ["dict", "BatchEncoding"])
+def test_hf_dict_batches_accumulate_exactly_float64(container):
+    """model(**batch) and its output.loss (a mean over the shifted labels it predicts) with no
+    forward_fn, loss_fn or count_fn: three micro-batches give the grads and the loss of one
+    (within float32's precision: HF's causal LM loss is float32). Counting the unshifted labels
+    would weigh the micro-batches wrongly by several percent."""
+    from transformers import BatchEncoding
+
+    model = _tiny_gpt2().double()
+    reference = copy.deepcopy(model)
+    data = _hf_batches([2, 1, 3])
+    wrap = BatchEncoding if container == "BatchEncoding" else dict
+    opt = Recorder(model.parameters())
+    trainer = Trainer(model, None, opt, accum_steps=3, track_update_norm=False, warmup_steps=0)
+    trainer.fit([wrap(b) for b in data], steps=1)
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in data]  # the causal LM never predicts position 0
+    assert [trainer.count_fn(b) for b in data] == counts and len(set(counts)) > 1
+    full = {k: torch.cat([b[k] for b in data]) for k in data[0]}
+    loss = reference(**full).loss
+    loss.backward()
+    for (name, p), g in zip(reference.named_parameters(), opt.grads[0]):  # HF's loss upcasts logits to float32
+        _assert_rel(g, p.grad, 1e-6, name)
+    assert abs(trainer.history[0]["loss"] - loss.item()) <= 1e-6 * loss.item()
+    assert trainer.history[0]["samples"] == 6 and trainer.loss_reduction == "mean"
+
+
+def test_hf_counts_follow_the_models_loss():
+    """Unshifted labels for a model whose loss does not shift them; shift_labels where given; a
+    batch without labels has no loss to train on."""
+    classifier = _tiny_gpt2("GPT2ForSequenceClassification", num_labels=3, pad_token_id=0)
+    trainer = Trainer(classifier, None, torch.optim.SGD(classifier.parameters(), lr=0.1))
+    assert trainer.count_fn({"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.tensor([0, 2])}) == 2
+    lm = _tiny_gpt2()
+    trainer = Trainer(lm, None, torch.optim.SGD(lm.parameters(), lr=0.1))
+    shift = torch.tensor([[1, 2, -100, -100]])
+    assert trainer.count_fn({"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4),
+                             "shift_labels": shift}) == 2
+    with pytest.raises(ValueError, match=r"output has none \(an HF model computes it when the batch has 'labels'\)"):
+        trainer.micro_batch_loss({"input_ids": torch.ones(1, 4, dtype=torch.long)}, count=1)
+
+
+# ---------------------------------------------------------------------------- fp16 with GradScaler
+def _fp16_data(device):
+    """Four micro-batches; the third overflows float16 in the first layer (inf/NaN grads)."""
+    data = _batches([2, 3, 2, 3], seed=4, dtype=torch.float32)
+    data[2] = (data[2][0] * 1e5, data[2][1])
+    return [(x.to(device), y.to(device)) for x, y in data]
+
+
+def _fp16_reference(device, clip):
+    """torch's own loop: autocast fp16, GradScaler, torch.optim.AdamW; per step the params, the
+    unscaled grads' norm and the scale."""
+    torch.manual_seed(0)
+    model = Net().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    scaler = torch.amp.GradScaler(device)
+    steps = []
+    for x, y in _fp16_data(device):
+        with torch.autocast(device, dtype=torch.float16):
+            loss = _mean_token_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        steps.append(([p.detach().clone() for p in model.parameters()], norm.item(), scaler.get_scale()))
+    return steps
+
+
+FP16_OPTIMIZERS = {  # (optimizer, the trainer's max_grad_norm, the clip torch's loop applies)
+    "mechgpu AdamW clipping and unscaling in its kernel":
+        (lambda ps: mo.AdamW(ps, lr=1e-2, max_grad_norm=1.0), None, 1.0),
+    "mechgpu AdamW unscaling in its kernel": (lambda ps: mo.AdamW(ps, lr=1e-2), None, None),
+    "torch AdamW, the trainer clipping": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), 1.0, 1.0),
+}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: fp16 autocast on the GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("name", list(FP16_OPTIMIZERS))
+def test_fp16_steps_and_skips_as_torchs_grad_scaler(device, name):
+    """Trainer(autocast="fp16") against torch's GradScaler loop, step by step: the params, the
+    logged grad norm (of the unscaled grads), the scale, and the overflowing step skipped."""
+    make, trainer_clip, clip = FP16_OPTIMIZERS[name]
+    expected = _fp16_reference(device, clip)
+    torch.manual_seed(0)
+    model = Net().to(device)
+    trainer = Trainer(model, _mean_token_loss, make(model.parameters()), autocast="fp16",
+                      max_grad_norm=trainer_clip, loss_reduction="mean", warmup_steps=0)
+    data = _fp16_data("cpu")  # moved by the trainer
+    for step, (params, norm, scale) in enumerate(expected):
+        trainer.fit(data, until_step=step + 1)
+        for i, (p, e) in enumerate(zip(model.parameters(), params)):
+            assert torch.allclose(p, e, rtol=1e-5, atol=1e-6), f"step {step} param {i}: {(p - e).abs().max():.3e}"
+        logged = trainer.history[step]["grad_norm"]
+        assert math.isfinite(logged) == math.isfinite(norm) and (not math.isfinite(norm) or
+                                                                 abs(logged - norm) <= 1e-5 * norm), (logged, norm)
+        assert trainer.scaler.get_scale() == scale
+    assert [s for *_, s in expected] == [65536.0, 65536.0, 32768.0, 32768.0]
+    assert all(torch.equal(a, b) for a, b in zip(expected[1][0], expected[2][0])), "the reference skipped no step"
+
+
+def test_fp16_scaler_state_resumes(tmp_path):
+    def trainer():
+        torch.manual_seed(0)
+        model = Net()
+        return Trainer(model, TokenLoss(), mo.AdamW(model.parameters(), lr=1e-2), autocast="fp16", warmup_steps=0)
+
+    data = _fp16_data("cpu")
+    straight = trainer()
+    straight.fit(data, steps=4)
+    first = trainer()
+    first.fit(data, steps=3)  # the third step overflowed: the scale halved
+    first.save(tmp_path / "ckpt.pt")
+    resumed = trainer()
+    resumed.load(tmp_path / "ckpt.pt")
+    assert resumed.scaler.state_dict() == first.scaler.state_dict() and resumed.scaler.get_scale() == 32768.0
+    resumed.fit(data, steps=1)
+    assert resumed.scaler.state_dict() == straight.scaler.state_dict()
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state["scaler"] = {"scale": 1.0}
+    with pytest.raises(ValueError, match="GradScaler state .* lacks some of"):
+        resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16' or 'fp16', not 'fp8'"):
+        Trainer(Net(), TokenLoss(), mo.AdamW(Net().parameters()), autocast="fp8")
+
+
+# ---------------------------------------------------------------------------- fit: steps to run, step to reach
+def test_fit_runs_steps_or_reaches_until_step():
+    data = _batches([2, 3, 1], dtype=torch.float32)
+    trainer = Trainer(Net(), TokenLoss(), torch.optim.SGD(Net().parameters(), lr=0.0), warmup_steps=0)
+    trainer.fit(data, 2)  # positional: the step to reach
+    assert trainer.step == 2
+    trainer.fit(data, steps=2)  # steps to run now
+    assert trainer.step == 4
+    trainer.fit(data, until_step=5)
+    assert trainer.step == 5
+    trainer.fit(data, 3)  # already past it: nothing to run
+    trainer.fit(data, steps=0)
+    assert trainer.step == 5 and len(trainer.history) == 5
+    for kwargs in ({}, {"until_step": 6, "steps": 1}):
+        with pytest.raises(ValueError, match="exactly one of until_step"):
+            trainer.fit(data, **kwargs)
+    with pytest.raises(ValueError, match="steps must be an int >= 0, not -1"):
+        trainer.fit(data, steps=-1)

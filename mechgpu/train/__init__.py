@@ -22,8 +22,8 @@ from .checkpointing import (
                             profile_blocks,
 )
 from .fit import fit  # the function shadows its module's name: import the module's other names from it
-from .trainer import Trainer, default_count
+from .trainer import Trainer, default_count, to_device
 
-__all__ = ["Trainer", "default_count", "fit", "ActivationMeter", "BlockProfile", "BudgetTooSmall", "Plan",
+__all__ = ["Trainer", "default_count", "fit", "to_device", "ActivationMeter", "BlockProfile", "BudgetTooSmall", "Plan",
            "checkpoint_blocks", "clear_checkpointing", "find_blocks", "make_plan", "parse_bytes", "plan_budget",
            "plan_frontier", "predict", "profile_blocks"]

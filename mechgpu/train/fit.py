@@ -24,8 +24,7 @@ torch.distributed is initialised), three stages, each a public function that ``f
    that the predicted peak adds.
 
 Every stage leaves the model's weights, buffers, forward methods and the RNG states as it
-found them; train with the choice by passing ``accum_steps`` and ``checkpoint=list(segments)``
-to a ``Trainer``.
+found them; ``FitResult.apply`` then makes the ``Trainer`` and ``DataLoader`` of the choice.
 """
 
 from __future__ import annotations
@@ -35,13 +34,14 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .._text import format_bytes, parse_bytes
 from .checkpointing import (
@@ -194,6 +194,31 @@ class FitResult:
             "not_probed": {str(m): why for m, why in probes.skipped.items()},
         }
 
+    def apply(self, dataset, optimizer: torch.optim.Optimizer | None = None, *,
+              loader_options: Mapping[str, Any] | None = None, **trainer_options) -> tuple[Trainer, DataLoader]:
+        """The chosen configuration, ready to train: a ``Trainer`` with its accumulation steps and
+        checkpoint plan, and a ``DataLoader`` over ``dataset`` (single samples, collated) at its
+        micro-batch size.
+
+        The trainer gets the model, loss, blocks and trainer options given to ``fit``, with
+        ``trainer_options`` added or overriding (``scheduler``, ``log_dir``, ...), and
+        ``optimizer`` (by default a fresh one from fit's factory). The loader gets
+        ``loader_options`` (``shuffle``, ``collate_fn``, a ``DistributedSampler`` on several ranks).
+
+        Example::
+
+            result = mechgpu.train.fit(model, loss_fn, lambda m: mo.AdamW(m.parameters()), sample_batch,
+                                       memory="8GiB", global_batch=64)
+            trainer, loader = result.apply(dataset, loader_options={"shuffle": True})
+            trainer.fit(loader, steps=1000)
+        """
+        job, chosen = self.choice.probes.job, self.choice.chosen
+        if optimizer is None:
+            optimizer = job.optimizer_factory(job.model)
+        trainer = Trainer(job.model, job.loss_fn, optimizer, accum_steps=chosen.accum_steps,
+                          checkpoint=list(chosen.segments), blocks=job.blocks, **{**job.options, **trainer_options})
+        return trainer, DataLoader(dataset, batch_size=chosen.micro_batch, **(loader_options or {}))
+
     def write(self, out_dir: str | Path) -> Path:
         """Write ``fit.json`` into ``out_dir`` (made if missing); returns its path."""
         out_dir = Path(out_dir)
@@ -229,12 +254,12 @@ def probe(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.M
     """Measure what ``choose`` needs (see the module docstring).
 
     Args:
-        model, loss_fn: as ``Trainer`` takes them (``loss_fn`` sums over the micro-batch).
+        model, loss_fn: as ``Trainer`` takes them.
         optimizer_factory: ``optimizer_factory(model)`` returns a fresh optimizer for ``model``;
             called once here and once by ``confirm``.
-        sample_batch: ``sample_batch(n)`` returns a micro-batch ``(inputs, targets)`` of ``n``
-            samples (sequences), on the model's device; called once per size probed and for
-            every micro-batch of the confirmation.
+        sample_batch: ``sample_batch(n)`` returns a micro-batch of ``n`` samples (sequences), as
+            the ``Trainer`` takes them (``(inputs, targets)`` or an HF-style dict); called once per
+            size probed and for every micro-batch of the confirmation.
         global_batch: samples per optimizer step over all ranks.
         micro_batches: the micro-batch sizes to consider (default: every divisor of the global
             batch per rank); each must divide it.
@@ -321,7 +346,7 @@ def confirm(choice: Choice, steps: int = 3) -> FitResult:
         trainer = Trainer(job.model, job.loss_fn, job.optimizer_factory(job.model), accum_steps=chosen.accum_steps,
                           checkpoint=list(chosen.segments), blocks=job.blocks, warmup_steps=1, **job.options)
         try:
-            summary = trainer.fit((job.sample_batch(chosen.micro_batch) for _ in itertools.count()), steps)
+            summary = trainer.fit((job.sample_batch(chosen.micro_batch) for _ in itertools.count()), steps=steps)
         finally:
             clear_checkpointing(block_list)
     if trainer.device.type == "cuda":

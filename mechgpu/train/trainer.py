@@ -6,11 +6,17 @@ micro-batches, not by a mean of means: every micro-batch's summed loss is multip
 window on all ranks (DDP and FSDP2 average gradients over ranks, hence the world size). The
 gradients are then exactly those of the full window's mean loss, whatever the sizes of the
 micro-batches, including a shorter last window.
+
+Batches are moved to the model's device (``to_device``); a mapping batch (HF style:
+``input_ids``, ``attention_mask``, ``labels``) is passed as ``model(**batch)``, and with
+``loss_fn=None`` the model's own ``output.loss`` is trained on. ``autocast="fp16"`` runs
+``torch.amp.GradScaler`` through the optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -19,7 +25,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +49,66 @@ from .checkpointing import (
 IGNORE_INDEX = -100
 #: what a step logs from a mechgpu optimizer made with telemetry=True (beside its update_norm)
 TELEMETRY_KEYS = ("param_norm", "update_ratio", "nonfinite_grads", "lost_update_fraction")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with its tensors on ``device``, as Lightning moves batches: through tuples
+    (namedtuples too), lists and mappings, keeping their types (HF ``BatchEncoding`` included),
+    and any other object with a ``.to`` by ``.to(device)``; anything else is returned as it is.
+    A copy from pinned memory does not block."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.device.type == "cpu" and batch.is_pinned())
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch) if isinstance(batch, MutableMapping) else {}  # its type and attributes kept
+        for key, value in batch.items():
+            out[key] = to_device(value, device)
+        return out
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch.to(device) if callable(getattr(batch, "to", None)) else batch
+
+
+def target_of(batch) -> torch.Tensor:
+    """What a micro-batch's loss compares with: ``batch[-1]``, or a mapping batch's ``labels``."""
+    return batch["labels"] if isinstance(batch, Mapping) else batch[-1]
 
 
 def default_count(batch) -> int:
-    """Items in a batch ``(inputs, targets)``: the targets' elements, less those equal to -100
-    (cross_entropy's ignore_index) for integer targets."""
-    target = batch[-1]
+    """Items in a micro-batch (``target_of``): the targets' elements, less those equal to -100
+    (cross_entropy's and HF's ignore index) for integer targets."""
+    target = target_of(batch)
     if not target.is_floating_point():
         return target.numel() - int((target == IGNORE_INDEX).sum())
     return target.shape[0] if target.dim() > 0 else 1
+
+
+def default_forward(model: nn.Module, batch) -> Any:
+    """``model(**batch)`` for a mapping batch (HF style), else ``model(batch[0])``."""
+    return model(**batch) if isinstance(batch, Mapping) else model(batch[0])
+
+
+def _samples(batch) -> int:
+    """Samples in a micro-batch: the length of ``batch[0]``, or of a mapping batch's first tensor."""
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor)) if isinstance(batch, Mapping) \
+        else batch[0]
+    return int(first.shape[0])
+
+
+def _loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether an HF model's own loss shifts its labels: its ``loss_function`` is HF's causal LM
+    loss (position i predicts label i + 1, so the first label is never counted), outside an
+    encoder-decoder (whose decoder inputs are shifted instead)."""
+    inner = unwrap(model)
+    loss_function = getattr(inner, "loss_function", None)
+    if loss_function is None:
+        return False
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return loss_function is ForCausalLMLoss and not getattr(getattr(inner, "config", None), "is_encoder_decoder",
+                                                            False)
 
 
 def _is_distributed() -> bool:
@@ -62,17 +119,21 @@ class Trainer:
     """Train any model on an iterable of micro-batches.
 
     Args:
-        model: the model (plain, DDP-wrapped, or FSDP2 ``fully_shard``-ed).
-        loss_fn: ``loss_fn(output, target)`` returning the sum or the mean of the per-item losses
-            of the micro-batch (``nn.CrossEntropyLoss()``, ``F.cross_entropy``, or with
-            ``reduction="sum"``); the trainer turns each into the micro-batch's sum and divides by
-            the window's global count, so both give the exact full-window mean.
+        model: the model (plain, DDP-wrapped, or FSDP2 ``fully_shard``-ed). Batches are moved to the
+            device of its first trainable parameter (``to_device``).
+        loss_fn: ``loss_fn(output, target_of(batch))`` returning the sum or the mean of the
+            per-item losses of the micro-batch (``nn.CrossEntropyLoss()``, ``F.cross_entropy``, or
+            with ``reduction="sum"``), or ``None`` to train on the model's own ``output.loss`` (an
+            HF model computes it, a mean over the counted tokens, when the batch has ``labels``).
+            The trainer turns each into the micro-batch's sum and divides by the window's global
+            count, so sums and means alike give the exact full-window mean.
         loss_reduction: ``"sum"`` or ``"mean"``: which of the two ``loss_fn`` returns. By default
             it is ``loss_fn.reduction`` where that exists, else found on the first micro-batch
             (``loss_fn`` on the output and target repeated twice: a sum doubles, a mean does
             not; an eval-mode forward without grad, RNG untouched); a loss that does neither is
             a ValueError that asks for this argument. A mean must be over ``count_fn``'s items
             (or a constant multiple of them, as ``mse_loss`` over the features of each item).
+            With ``loss_fn=None`` it is ``"mean"``.
         optimizer: any torch optimizer; with a mechgpu optimizer built with ``max_grad_norm``
             the clipping is fused into its step and the logged norm is its ``last_grad_norm``.
         scheduler: an LR scheduler stepped once per optimizer step.
@@ -84,9 +145,20 @@ class Trainer:
         blocks: the name of the ModuleList/Sequential of repeated blocks (found if None).
         max_grad_norm: clip with ``mechgpu.clip.clip_grad_norm_`` when the optimizer does
             not clip itself.
-        autocast: ``None`` or ``"bf16"`` (``torch.autocast`` around forward and loss).
-        count_fn: items in a micro-batch (default ``default_count``).
-        forward_fn: ``forward_fn(model, batch) -> output``, default ``model(batch[0])``.
+        autocast: ``None``, ``"bf16"`` or ``"fp16"`` (``torch.autocast`` around forward and loss).
+            ``"fp16"`` adds a ``torch.amp.GradScaler`` (``self.scaler``, saved in checkpoints) that
+            scales the loss and drives the optimizer step: a step with inf/NaN grads is skipped.
+            A mechgpu optimizer (``_step_supports_amp_scaling``) unscales the grads in its kernel
+            (and clips them there with its ``max_grad_norm``); a torch optimizer's grads are
+            unscaled by the scaler. When the trainer clips (``max_grad_norm``), it unscales first
+            (``scaler.unscale_``); its logged ``grad_norm`` is always of the unscaled grads.
+            Not with FSDP2-sharded params, whose ranks would each find inf/NaN on their shards.
+        count_fn: items in a micro-batch. By default ``default_count``; with ``loss_fn=None`` and
+            a mapping batch, the labels the model's loss averages over (not -100):
+            ``shift_labels`` where the batch has it, else ``labels``, less the first position of
+            each row where the model's loss is HF's causal LM loss, which shifts them.
+        forward_fn: ``forward_fn(model, batch) -> output``, default ``default_forward``:
+            ``model(**batch)`` for a mapping batch, else ``model(batch[0])``.
         eval_data, eval_every: mean loss over ``eval_data`` every ``eval_every`` steps.
         log_every: steps between host reads of the logged tensors (the only syncs).
         log_dir: writes ``train_log.csv``, ``train_log.jsonl`` and ``summary.json`` there.
@@ -99,27 +171,27 @@ class Trainer:
             activations of any policy, not only of a budget.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, optimizer: torch.optim.Optimizer, *,
                  scheduler=None, accum_steps: int | str = 1, checkpoint: str | int | list = "none",
                  blocks: str | None = None, max_grad_norm: float | None = None, autocast: str | None = None,
-                 count_fn: Callable = default_count, forward_fn: Callable | None = None,
+                 count_fn: Callable | None = None, forward_fn: Callable | None = None,
                  eval_data: Iterable | None = None, eval_every: int = 0, log_every: int = 1,
                  log_dir: str | Path | None = None, track_update_norm: bool = True, warmup_steps: int = 1,
                  progress: bool = False, predict: bool = False, loss_reduction: str | None = None) -> None:
         if loss_reduction is None:
-            loss_reduction = getattr(loss_fn, "reduction", None)
+            loss_reduction = "mean" if loss_fn is None else getattr(loss_fn, "reduction", None)
         if loss_reduction not in (None, "sum", "mean"):
             raise ValueError(f"loss_fn must reduce over the micro-batch with reduction='sum' or 'mean', not "
                              f"{loss_reduction!r}: the trainer divides by the window's global count")
         if accum_steps != "all" and not (isinstance(accum_steps, int) and accum_steps >= 1):
             raise ValueError(f"accum_steps must be an int >= 1 or 'all', not {accum_steps!r}")
-        if autocast not in (None, "bf16"):
-            raise ValueError(f"autocast must be None or 'bf16', not {autocast!r}")
+        if autocast not in (None, *AUTOCAST_DTYPES):
+            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', not {autocast!r}")
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
         self.loss_reduction = loss_reduction  # None: found on the first micro-batch
         self.accum_steps, self.policy, self.blocks_name = accum_steps, checkpoint, blocks
         self.max_grad_norm, self.autocast = max_grad_norm, autocast
-        self.count_fn, self.forward_fn = count_fn, forward_fn or (lambda m, b: m(b[0]))
+        self.count_fn, self.forward_fn = count_fn or self._default_count, forward_fn or default_forward
         self.eval_data, self.eval_every, self.log_every = eval_data, eval_every, max(1, log_every)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.track_update_norm, self.warmup_steps, self.progress = track_update_norm, warmup_steps, progress
@@ -127,6 +199,11 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.fused_clip = getattr(optimizer, "max_grad_norm", None) is not None
+        if autocast == "fp16" and any(hasattr(p, "to_local") for p in self.params):
+            raise ValueError("autocast='fp16' with FSDP2-sharded params: each rank's GradScaler would look for "
+                             "inf/NaN in its own shards only, so ranks could disagree on skipping a step; use 'bf16'")
+        self.scaler = torch.amp.GradScaler(self.device.type) if autocast == "fp16" else None
+        self._shifts_labels = loss_fn is None and _loss_shifts_labels(model)
         self.step = 0
         self.epoch = 0
         self.position = 0  # micro-batches of the current epoch already consumed
@@ -161,9 +238,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.autocast == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
+
+    def _default_count(self, batch) -> int:
+        if isinstance(batch, Mapping) and self.loss_fn is None:
+            labels = batch.get("shift_labels")
+            if labels is None:
+                labels = batch["labels"][..., 1:] if self._shifts_labels else batch["labels"]
+            return default_count({"labels": labels})
+        return default_count(batch)
+
+    def _loss(self, out, batch) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(out, target_of(batch))
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError(f"Trainer(loss_fn=None) trains on the model's own output.loss, but its "
+                             f"{type(out).__name__} output has none (an HF model computes it when the batch has "
+                             "'labels')")
+        return loss
 
     @staticmethod
     def world_size() -> int:
@@ -174,15 +269,17 @@ class Trainer:
     def micro_batch_loss(self, batch, scale: float = 1.0, *, model: nn.Module | None = None,
                          count: int | None = None) -> torch.Tensor:
         """One micro-batch's loss summed over its items, times ``scale``, ready for backward:
-        ``forward_fn`` and ``loss_fn`` under the trainer's autocast (a half-precision loss comes
-        back in float32), a mean loss multiplied by its ``count`` of items (``count_fn(batch)``
-        when None). ``model`` runs in place of the trainer's (the module inside a DDP wrapper, for
-        a forward without backward). The loop's ``scale`` is world size / the window's global count."""
+        ``batch`` moved to the trainer's device, ``forward_fn`` and ``loss_fn`` (or the model's
+        own loss) under the trainer's autocast (a half-precision loss comes back in float32), a
+        mean loss multiplied by its ``count`` of items (``count_fn(batch)`` when None). ``model``
+        runs in place of the trainer's (the module inside a DDP wrapper, for a forward without
+        backward). The loop's ``scale`` is world size / the window's global count."""
+        moved = to_device(batch, self.device)
         if self.loss_reduction is None:
-            self.loss_reduction = self._find_reduction(batch)
+            self.loss_reduction = self._find_reduction(moved)
         with self._autocast():
-            out = self.forward_fn(self.model if model is None else model, batch)
-            loss = self.loss_fn(out, batch[-1])
+            out = self.forward_fn(self.model if model is None else model, moved)
+            loss = self._loss(out, moved)
         if loss.dtype in (torch.float16, torch.bfloat16):
             loss = loss.float()
         if self.loss_reduction == "mean":
@@ -201,7 +298,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=cuda), self._autocast():
                 model.eval()
-                out, target = self.forward_fn(model, batch), batch[-1]
+                out, target = self.forward_fn(model, batch), target_of(batch)
                 if not (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor)):
                     raise ValueError(f"Trainer: loss_fn has no 'reduction' attribute and the model's output is a "
                                      f"{type(out).__name__}, so the trainer cannot tell whether loss_fn sums or "
@@ -261,7 +358,7 @@ class Trainer:
             with self.gradient_sync(last):
                 with meter if (meter is not None and i == 0) else contextlib.nullcontext():
                     loss = self.micro_batch_loss(batch, scale, count=counts[i])
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_total += loss.detach().double()
             del loss
         if meter is not None:
@@ -280,7 +377,11 @@ class Trainer:
         before = [_local(p).detach().clone() for p in self.params] if self.track_update_norm and not in_kernel \
             else None
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skipped on inf/NaN grads; a mechgpu optimizer is handed grad_scale and found_inf
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.fused_clip:
             grad_norm = self.optimizer.last_grad_norm.clone()
         update_norm = None
@@ -306,15 +407,22 @@ class Trainer:
         return out
 
     def _grad_norm(self) -> torch.Tensor:
-        """The grads' global 2-norm before clipping, clipped to max_grad_norm when set (mechgpu.clip)."""
+        """The grads' global 2-norm before clipping, clipped to max_grad_norm when set (mechgpu.clip).
+        Under a GradScaler: unscaled first to clip; else the scaled grads' norm over the scale,
+        which leaves the unscaling to the optimizer's step."""
         from .. import clip
 
         grads = [p for p in self.params if p.grad is not None]
         if self.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             return clip.clip_grad_norm_(grads, self.max_grad_norm)
-        if grads:
-            return clip.get_total_norm([p.grad for p in grads])
-        return torch.zeros((), device=self.device)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = clip.get_total_norm([p.grad for p in grads])
+        if self.scaler is not None:
+            norm = norm / self.scaler._get_scale_async()  # the scale's tensor, without a host read
+        return norm
 
     def _sum_over_shards(self, squares: torch.Tensor) -> torch.Tensor:
         """A sum of squares over local shards, summed over ranks where params are FSDP2 shards."""
@@ -388,8 +496,18 @@ class Trainer:
         return (total / max(count, 1)).item()
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, data: Iterable, steps: int) -> dict[str, Any]:
-        """Train until ``self.step == steps``; returns the summary (also in ``summary.json``)."""
+    def fit(self, data: Iterable, until_step: int | None = None, *, steps: int | None = None) -> dict[str, Any]:
+        """Train on ``data``, an iterable of micro-batches (iterated afresh each epoch), either
+        until ``self.step`` reaches ``until_step`` or for ``steps`` more steps; exactly one of the
+        two. ``until_step`` is the step to reach, the second positional argument as before: a
+        trainer resumed at step 2 runs 3 steps for ``fit(data, 5)`` and 5 for ``fit(data,
+        steps=5)``, and none for ``fit(data, 1)``. Returns the summary (also in ``summary.json``)."""
+        if (until_step is None) == (steps is None):
+            raise ValueError("Trainer.fit takes exactly one of until_step (the step to reach; the second "
+                             "positional argument) and steps= (the steps to run now)")
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"Trainer.fit: steps must be an int >= 0, not {steps!r}")
+        target = self.step + steps if steps is not None else until_step
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -398,13 +516,13 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, initial=self.step, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=target, initial=self.step, unit="step", dynamic_ncols=True)
         pending: list[tuple[int, dict, int, int, int]] = []
         t_start = None
         items_timed = samples_timed = 0
         last_flush = time.perf_counter()
         first_step = self.step
-        while self.step < steps:
+        while self.step < target:
             window = next(windows)
             if self.plan is None:
                 self.setup_checkpointing(window[0])
@@ -415,12 +533,12 @@ class Trainer:
                 t_start = time.perf_counter()
             result = self.train_step(window, measure=measure)
             items = self.last_global_items  # over all ranks
-            samples = self.world_size() * sum(int(b[0].shape[0]) for b in window)  # ranks' micro-batches are alike
+            samples = self.world_size() * sum(_samples(b) for b in window)  # ranks' micro-batches are alike
             if t_start is not None:
                 items_timed += items
                 samples_timed += samples
             pending.append((self.step, result, items, samples, len(window)))
-            if self.step % self.log_every == 0 or self.step == steps:
+            if self.step % self.log_every == 0 or self.step == target:
                 self._flush(pending, time.perf_counter() - last_flush, cuda)
                 last_flush = time.perf_counter()
                 pending = []
@@ -523,7 +641,8 @@ class Trainer:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "rng": rng, "step": self.step, "epoch": self.epoch, "position": self.position,
-                "history": self.history, "epoch_rng": self.epoch_rng}
+                "history": self.history, "epoch_rng": self.epoch_rng,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``. Everything is checked first: on a checkpoint that does not
@@ -546,6 +665,11 @@ class Trainer:
         for key in ("step", "epoch", "position"):
             if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
                 raise ValueError(f"Trainer.load: the checkpoint's {key!r} must be an int >= 0, not {state[key]!r}")
+        scaler_state = state.get("scaler")  # absent from checkpoints of earlier versions
+        if self.scaler is not None and scaler_state is not None and not (
+                isinstance(scaler_state, Mapping) and self.scaler.state_dict().keys() <= scaler_state.keys()):
+            raise ValueError(f"Trainer.load: the checkpoint's GradScaler state {scaler_state!r} lacks some of "
+                             f"{sorted(self.scaler.state_dict())}")
         scheduler_state = state["scheduler"]
         if self.scheduler is not None and scheduler_state is not None and not isinstance(scheduler_state, Mapping):
             raise ValueError(f"Trainer.load: the checkpoint's scheduler state is a {type(scheduler_state).__name__}, "
@@ -555,6 +679,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and scaler_state is not None:
+            self.scaler.load_state_dict(dict(scaler_state))
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
