@@ -19,15 +19,17 @@ How they differ from torch:
   dtypes, tensor subclasses (DTensor, ...), meta tensors, and CPU tensors unless
   ``TRITON_INTERPRET=1`` was set before triton was imported (with a one-time warning).
 
-``init_model(model)`` initialises every Linear and Conv weight for the activation that
-follows it and zeroes their biases, in one launch per (device, dtype), and returns a table
-of its choices.
+``init_model(model)`` initialises every Linear and Conv weight (transformers' Conv1D too) for
+the activation that follows it, every Embedding for unit-norm rows, tied weights once, and
+zeroes the biases, in one launch per (device, dtype); it returns a table of its choices and
+lists what it did not understand and left alone.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from torch.nn.init import _calculate_correct_fan, _calculate_fan_in_and_fan_out
 from ._backend import is_dense, kernels_run_on, warn_fallback_once
 from ._text import text_table
 from .kernels import init as init_kernels
+from .nn import _is_activation, twin
 
 __all__ = [
     "calculate_gain", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
@@ -266,42 +269,68 @@ _PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "
                          "unsqueeze", "float", "to"}
 
 
+# What follows a weight layer: (calculate_gain's nonlinearity, its param), or a sentence
+# saying why init_model leaves the layer alone.
+_Follows = tuple[str, float | None] | str
+
+
+def _transposed_layers() -> tuple[type, ...]:
+    """Weight layers that store their weight [in, out]: transformers' Conv1D (GPT-2), if imported."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (cls,) if isinstance(cls, type) else ()
+
+
 def _activation_of_module(module: nn.Module) -> tuple[str, float | None] | None:
+    """By class name (torch.nn's, mechgpu.nn's, anyone's), else through the mechgpu twin that
+    ``swap_activations`` would put in its place (transformers' and timm's classes)."""
     entry = ACTIVATION_MODULES.get(type(module).__name__)
     if entry is None:
-        return None
+        module = twin(module)
+        if module is None:
+            return None
+        entry = ACTIVATION_MODULES[type(module).__name__]
     name, param = entry
     return name, param(module)
 
 
+def _follows_module(module: nn.Module) -> _Follows | None:
+    """What a layer feeding ``module`` is followed by: its activation, a sentence for an
+    activation without a known gain, or None when ``module`` is not an activation."""
+    act = _activation_of_module(module)
+    if act is None and _is_activation(type(module)):
+        return f"followed by {type(module).__name__}, an activation with no known gain"
+    return act
+
+
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping every activation module (mechgpu.nn's too) as a leaf."""
+    """torch.fx's tracer, keeping every activation module (mechgpu.nn's, transformers', ...) a leaf."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__name__ in ACTIVATION_MODULES or super().is_leaf_module(m, qualname)
+        return _follows_module(m) is not None or super().is_leaf_module(m, qualname)
 
 
-def _traced_activations(model: nn.Module) -> dict[str, tuple[str, float | None]] | None:
+def _traced_activations(model: nn.Module) -> dict[str, _Follows] | None:
     """Weight layer name -> activation that consumes its output, from a torch.fx trace."""
     try:
         graph = _Tracer().trace(model)
     except Exception:  # control flow on values, unsupported ops, ...: use module order instead
         return None
     modules = dict(model.named_modules())
-    found: dict[str, tuple[str, float | None]] = {}
+    found: dict[str, _Follows] = {}
+    layers = WEIGHT_LAYERS + _transposed_layers()
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), WEIGHT_LAYERS):
+        if node.op == "call_module" and isinstance(modules.get(node.target), layers):
             found[node.target] = _follow(node, modules)
     return found
 
 
-def _follow(node, modules: dict[str, nn.Module]) -> tuple[str, float | None]:
+def _follow(node, modules: dict[str, nn.Module]) -> _Follows:
     """The activation applied to ``node``'s output, looking through pass-through ops."""
     while len(node.users) == 1:
         (node,) = node.users
         if node.op == "call_module":
             module = modules[node.target]
-            act = _activation_of_module(module)
+            act = _follows_module(module)
             if act is not None:
                 return act
             if type(module).__name__ not in _PASS_THROUGH_MODULES:
@@ -325,20 +354,59 @@ def _follow(node, modules: dict[str, nn.Module]) -> tuple[str, float | None]:
     return "linear", None
 
 
-def _ordered_activations(model: nn.Module) -> dict[str, tuple[str, float | None]]:
-    """Weight layer name -> the next activation module in registration order, if adjacent."""
-    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
-    found = {}
-    for i, (name, module) in enumerate(leaves):
-        if not isinstance(module, WEIGHT_LAYERS):
+# Hugging Face MLP blocks, by the names of their children. Gated, (gate, up, down, act):
+# down(act(gate(x)) * up(x)). Plain, (in, out, act): out(act(in(x))). Registration order
+# misleads in all of them (the activation is registered after the output layer).
+_GATED_MLPS = (("gate_proj", "up_proj", "down_proj", "act_fn"),  # Llama, Mistral, Qwen2, Gemma
+               ("wi_0", "wi_1", "wo", "act"))  # T5's gated-gelu/gated-silu DenseReluDense
+_PLAIN_MLPS = (("c_fc", "c_proj", "act"),  # GPT-2 (Conv1D layers)
+               ("wi", "wo", "act"))  # T5's relu DenseReluDense
+
+
+def _known_block(block: nn.Module, layers: tuple[type, ...]) -> dict[str, _Follows] | None:
+    """Child name -> what follows it, for a known MLP block; None for any other module."""
+    children = dict(block.named_children())
+    for names in _GATED_MLPS + _PLAIN_MLPS:
+        *inner, act_name = names
+        if all(isinstance(children.get(n), layers) for n in inner) and act_name in children:
+            act = _follows_module(children[act_name])
+            if act is None:
+                continue
+            return {inner[0]: act, **{n: ("linear", None) for n in inner[1:]}}
+    return None
+
+
+def _ordered_activations(model: nn.Module) -> dict[str, _Follows]:
+    """Weight layer name -> what follows it, from the module structure alone.
+
+    In a known MLP block (``_GATED_MLPS``, ``_PLAIN_MLPS``) each layer gets its role. In any
+    other module, the children in registration order: a weight layer whose next sibling,
+    looking through pass-through ones, is an activation module is followed by it; two or
+    more weight layers in a row before one activation are ambiguous and left alone; a layer
+    followed by anything else, or by nothing, is followed by nothing (``'linear'``).
+    """
+    layers = WEIGHT_LAYERS + _transposed_layers()
+    found: dict[str, _Follows] = {}
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        known = _known_block(parent, layers)
+        if known is not None:
+            found.update({prefix + n: f for n, f in known.items()})
             continue
-        found[name] = ("linear", None)
-        for _, nxt in leaves[i + 1:]:
-            act = _activation_of_module(nxt)
-            if act is not None:
-                found[name] = act
-            if act is not None or type(nxt).__name__ not in _PASS_THROUGH_MODULES:
-                break
+        run: list[str] = []  # weight layers since the last activation or other module
+        for child_name, child in parent.named_children():
+            act = _follows_module(child)
+            if isinstance(child, layers):
+                run.append(child_name)
+            elif act is not None:
+                if len(run) > 1:
+                    act = f"one of {', '.join(run)} feeds {child_name} in {type(parent).__name__}: which is unknown"
+                found.update({prefix + n: act for n in run})
+                run = []
+            elif type(child).__name__ not in _PASS_THROUGH_MODULES:
+                found.update({prefix + n: ("linear", None) for n in run})
+                run = []
+        found.update({prefix + n: ("linear", None) for n in run})
     return found
 
 
@@ -353,13 +421,13 @@ class LayerInit:
     layer: str  # the module's class name
     shape: tuple[int, ...]
     activation: str  # what follows it: calculate_gain's name, or 'linear' for nothing
-    rule: str  # 'xavier' (Glorot & Bengio 2010), 'kaiming' (He et al. 2015) or 'lecun' (SELU)
+    rule: str  # 'xavier' (Glorot & Bengio 2010), 'kaiming' (He et al. 2015), 'lecun' (SELU), 'embedding'
     distribution: str  # 'normal' or 'uniform'
     gain: float
     fan_in: int
     fan_out: int
     std: float  # of the weights: gain / sqrt(fan_in), or gain sqrt(2 / (fan_in + fan_out)) for xavier
-    bias: str  # 'zeroed' or 'none'
+    bias: str  # 'zeroed' or 'none' ('padding row zeroed' for an Embedding with a padding_idx)
 
 
 class InitTable(list):
@@ -367,15 +435,18 @@ class InitTable(list):
 
     ``launches`` is the number of fill kernels launched (0 where torch's sampling ran),
     ``found_by`` says how the activations were found ('torch.fx trace' or 'module order'),
-    and ``untouched`` lists parameters that are not Linear/Conv weights or biases.
+    ``untouched`` lists the parameters it did not fill (norms' and the like), ``tied``
+    maps each layer sharing an earlier module's weight to that owner (``{'lm_head':
+    'transformer.wte'}``), and ``left_alone`` maps each module it did not understand to why.
     """
 
-    def __init__(self, rows=(), *, found_by: str = "", launches: int = 0,
-                 untouched: list[str] | None = None) -> None:
+    def __init__(self, rows=(), *, found_by: str = "", launches: int = 0) -> None:
         super().__init__(rows)
         self.found_by = found_by
         self.launches = launches
-        self.untouched = list(untouched or [])
+        self.untouched: list[str] = []
+        self.tied: dict[str, str] = {}
+        self.left_alone: dict[str, str] = {}
         self._filler: _ModelFiller | None = None
 
     @torch.no_grad()
@@ -393,15 +464,20 @@ class InitTable(list):
         footer = (f"{len(self)} weight layers, activations found by {self.found_by}; "
                   f"{self.launches} kernel launch{'es' if self.launches != 1 else ''}; "
                   f"{len(self.untouched)} other parameter tensors left as they were")
-        return text_table(header, rows) + "\n" + footer
+        lines = [f"tied: {name} shares {owner}'s weight, initialised once by {owner}"
+                 for name, owner in self.tied.items()]
+        lines += [f"left alone: {name}: {why}" for name, why in self.left_alone.items()]
+        return "\n".join([text_table(header, rows), footer, *lines])
 
 
 class _ModelFiller:
     """Fills a fixed list of (tensor, Fill): the dense tensors through one cached FillPlan,
     the others one by one (through a temporary) or by torch where no kernel can run."""
 
-    def __init__(self, targets: list[tuple[Tensor, init_kernels.Fill]]) -> None:
+    def __init__(self, targets: list[tuple[Tensor, init_kernels.Fill]],
+                 zero_rows: list[tuple[Tensor, int]]) -> None:
         self.targets = targets
+        self.zero_rows = zero_rows  # (Embedding weight, padding_idx), zeroed after the fill
         self._build()
 
     def _build(self) -> None:
@@ -437,6 +513,8 @@ class _ModelFiller:
                 t.uniform_(f.lo, f.hi, generator=generator)
             else:
                 t.normal_(f.loc, f.scale, generator=generator)
+        for t, row in self.zero_rows:
+            t[row].zero_()
         return launches
 
 
@@ -454,20 +532,29 @@ def _choose(scheme: str, activation: str, param: float | None) -> tuple[str, flo
     return "xavier", float(calculate_gain(activation, param))
 
 
+def _fill_for(std: float, distribution: str) -> init_kernels.Fill:
+    if distribution == "normal":
+        return init_kernels.Fill.normal(0.0, std)
+    bound = math.sqrt(3.0) * std
+    return init_kernels.Fill.uniform(-bound, bound)
+
+
 @torch.no_grad()
 def init_model(model: nn.Module, scheme: str = "auto", *, distribution: str = "normal",
                generator: torch.Generator | None = None) -> InitTable:
-    """Initialise every Linear/Conv weight for the activation that follows it; zero the biases.
+    """Initialise every Linear/Conv weight for the activation that follows it and every
+    Embedding for unit-norm rows; zero the biases.
 
     ``scheme="auto"`` (the rules of Glorot & Bengio 2010 and He et al. 2015):
 
     ==========================================  =========  ======================================
     followed by                                 rule       weights
     ==========================================  =========  ======================================
-    nothing, tanh, sigmoid, unknown             xavier     std = gain sqrt(2 / (fan_in + fan_out))
+    nothing, tanh, sigmoid                      xavier     std = gain sqrt(2 / (fan_in + fan_out))
     ReLU, ReLU6, LeakyReLU, PReLU, RReLU,       kaiming    std = gain / sqrt(fan_in)
     GELU, SiLU
     SELU                                        lecun      std = 1 / sqrt(fan_in)
+    (an Embedding, any scheme)                  embedding  std = 1 / sqrt(embedding_dim)
     ==========================================  =========  ======================================
 
     with ``gain = calculate_gain(activation)``: 1 for nothing and sigmoid, 5/3 for tanh,
@@ -475,15 +562,27 @@ def init_model(model: nn.Module, scheme: str = "auto", *, distribution: str = "n
     ``scheme="xavier"`` uses Glorot's rule with gain 1 for every layer (the original
     recipe, which lets ReLU signals vanish); ``scheme="kaiming"`` He's rule with the
     activation's gain for every layer. ``distribution`` is ``"normal"`` or ``"uniform"``
-    (bound sqrt(3) std).
+    (bound sqrt(3) std). An Embedding's rows get unit expected norm, so a tied output
+    head (logits = h W^T, unit-variance h) gives unit-variance logits; its padding row
+    stays zero.
 
-    The activation that follows a layer is found in a torch.fx trace (modules, functions
-    and tensor methods, looking through dropout, normalisation and reshapes), or, where the
-    model cannot be traced, as the next leaf module in registration order. Activation
-    modules are matched by class name, so ``mechgpu.nn``'s match like ``torch.nn``'s.
+    Weight layers are torch's Linear and Conv*d and transformers' ``Conv1D`` (GPT-2's,
+    weight [in, out]: fan_in is its first dimension). The activation that follows a layer
+    is found in a torch.fx trace (modules, functions and tensor methods, looking through
+    dropout, normalisation and reshapes), or, where the model cannot be traced (most
+    Hugging Face models), from the module structure: known MLP blocks by their children's
+    names (Llama's gate/up/down: gate -> the activation's gain, up and down -> nothing;
+    GPT-2's c_fc/c_proj; T5's wi/wo and wi_0/wi_1/wo), else each module's children in
+    registration order. Activation modules are matched by class name (``mechgpu.nn``'s
+    like ``torch.nn``'s) or through ``swap_activations``' table (transformers' GELUs and
+    SiLU). A weight shared by several modules (tied embeddings) is initialised once, by
+    its first owner in module order, and stays shared.
 
-    Weights and biases are filled by one kernel launch per (device, dtype); other
-    parameters are left as they are. Returns an ``InitTable`` with one row per layer;
+    Never guessed, left as they are and listed in ``left_alone``: a layer followed by an
+    activation without a known gain (QuickGELU, Mish, ...), layers whose order does not say
+    which feeds an activation, and modules with parameters of other kinds (normalisation
+    layers aside, which are listed only in ``untouched``). Weights and biases are filled by
+    one kernel launch per (device, dtype). Returns an ``InitTable`` with one row per layer;
     its ``reinit()`` draws fresh values again without re-analysing the model.
     """
     if scheme not in SCHEMES:
@@ -496,33 +595,51 @@ def init_model(model: nn.Module, scheme: str = "auto", *, distribution: str = "n
         activations = _ordered_activations(model)
         table.found_by = "module order"
 
+    transposed = _transposed_layers()
     targets: list[tuple[Tensor, init_kernels.Fill]] = []
+    zero_rows: list[tuple[Tensor, int]] = []
+    owners: dict[int, str] = {}  # id(weight) -> the first module holding it
     done: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, WEIGHT_LAYERS):
+        if not isinstance(module, (nn.Embedding, *WEIGHT_LAYERS, *transposed)):
             continue
-        activation, param = activations.get(name, ("linear", None))
-        rule, gain = _choose(scheme, activation, param)
-        weight = module.weight
-        fan_in, fan_out = _calculate_fan_in_and_fan_out(weight)
-        fan = fan_in if rule in ("kaiming", "lecun") else (fan_in + fan_out) / 2
-        std = gain / math.sqrt(fan)
-        if distribution == "normal":
-            fill = init_kernels.Fill.normal(0.0, std)
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if id(weight) in owners:
+            table.tied[name] = owners[id(weight)]
         else:
-            bound = math.sqrt(3.0) * std
-            fill = init_kernels.Fill.uniform(-bound, bound)
-        targets.append((weight, fill))
-        done.add(id(weight))
-        bias = getattr(module, "bias", None)
-        if bias is not None:
+            owners[id(weight)] = name
+            follows = ("linear", None) if isinstance(module, nn.Embedding) else activations.get(name, ("linear", None))
+            if isinstance(follows, str):
+                table.left_alone[name] = follows
+                continue
+            activation, param = follows
+            fan_in, fan_out = _calculate_fan_in_and_fan_out(weight)
+            if isinstance(module, transposed):
+                fan_in, fan_out = fan_out, fan_in
+            if isinstance(module, nn.Embedding):
+                rule, gain, std = "embedding", 1.0, 1.0 / math.sqrt(fan_in)
+            else:
+                rule, gain = _choose(scheme, activation, param)
+                std = gain / math.sqrt(fan_in if rule in ("kaiming", "lecun") else (fan_in + fan_out) / 2)
+            targets.append((weight, _fill_for(std, distribution)))
+            done.add(id(weight))
+            padding_idx = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
+            if padding_idx is not None:
+                zero_rows.append((weight, padding_idx))
+            bias_text = "padding row zeroed" if padding_idx is not None else "zeroed" if bias is not None else "none"
+            table.append(LayerInit(name, type(module).__name__, tuple(weight.shape), activation, rule,
+                                   distribution, gain, fan_in, fan_out, std, bias_text))
+        if bias is not None and id(bias) not in done:
             targets.append((bias, init_kernels.Fill.constant(0.0)))
             done.add(id(bias))
-        table.append(LayerInit(name, type(module).__name__, tuple(weight.shape), activation, rule,
-                               distribution, gain, fan_in, fan_out, std,
-                               "zeroed" if bias is not None else "none"))
     table.untouched = [n for n, p in model.named_parameters() if id(p) not in done]
+    weight_holders = set(owners.values()) | set(table.tied)
+    for name, module in model.named_modules():
+        if (name not in weight_holders and "Norm" not in type(module).__name__
+                and _follows_module(module) is None
+                and any(id(p) not in done for p in module.parameters(recurse=False))):
+            table.left_alone[name] = f"{type(module).__name__}: parameters init_model has no rule for"
 
-    table._filler = _ModelFiller(targets)
+    table._filler = _ModelFiller(targets, zero_rows)
     table.launches = table._filler.fill(generator)
     return table

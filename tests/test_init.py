@@ -601,3 +601,52 @@ def test_init_model_schemes_and_errors():
     w = model[0].weight.clone()
     mi.init_model(model, generator=g2)
     assert torch.equal(w, model[0].weight)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head sharing one weight, plus a raw parameter of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32, padding_idx=3)
+        self.fc, self.act = nn.Linear(32, 32), nn.ReLU()
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+        self.scale = nn.Parameter(torch.ones(32))
+
+    def forward(self, idx):
+        return self.head(self.act(self.fc(self.embed(idx))) * self.scale)
+
+
+class AmbiguousBlock(nn.Module):
+    """Two layers registered before one activation, and control flow torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_a, self.fc_b, self.act = nn.Linear(8, 8), nn.Linear(8, 8), nn.GELU()
+
+    def forward(self, x):
+        return self.fc_b(self.act(self.fc_a(x))) if x.sum() > 0 else x
+
+
+def test_init_model_tied_weights_embeddings_and_what_it_leaves_alone():
+    model = TiedLM().to(KERNEL_DEVICE)
+    weight = model.embed.weight
+    table = mi.init_model(model)
+    assert table.found_by == "torch.fx trace" and _rows(table) == {
+        "embed": ("linear", "embedding", 1.0), "fc": ("relu", "kaiming", round(math.sqrt(2), 4))}
+    assert table.tied == {"head": "embed"} and model.head.weight is weight is model.embed.weight
+    assert (weight[3] == 0).all()
+    rows = torch.cat([weight[:3], weight[4:]])
+    check_moments(rows, 0.0, 1 / math.sqrt(32), oracles.NORMAL_KURTOSIS, "embedding rows")
+    assert table.left_alone == {"": "TiedLM: parameters init_model has no rule for"}
+    assert table.untouched == ["scale"] and (model.scale == 1).all()
+
+    model = nn.Sequential(nn.Linear(8, 8), AmbiguousBlock())
+    before = model[1].fc_a.weight.clone()
+    table = mi.init_model(model)
+    assert table.found_by == "module order" and [r.name for r in table] == ["0"]
+    why = "one of fc_a, fc_b feeds act in AmbiguousBlock: which is unknown"
+    assert table.left_alone == {"1.fc_a": why, "1.fc_b": why}
+    assert torch.equal(before, model[1].fc_a.weight)
+    assert f"left alone: 1.fc_a: {why}" in str(table)

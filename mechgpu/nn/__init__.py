@@ -124,6 +124,12 @@ def _replacement_table() -> dict[type, _Build]:
     return table
 
 
+def twin(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The mechgpu module ``swap_activations`` would put in place of ``module``, or None."""
+    build = _replacement_table().get(type(module))
+    return None if build is None else build(module)
+
+
 # what counts as an activation module when reporting the ones left alone
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations", "timm.layers.activations")
 _NOT_ACTIVATIONS = frozenset({"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d"})
