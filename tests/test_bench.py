@@ -7,12 +7,14 @@ Triton's interpreter), which is what CI exercises here.
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import HAS_CUDA, long
 
+from mechgpu import traffic
 from mechgpu.tools import bench
 
 # The suite's CPU form (--smoke, into cpu.json) is what these check; on a GPU host
@@ -69,6 +71,18 @@ def test_readme_results_section_is_generated_from_committed_results():
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
     section = bench.BEGIN + text.split(bench.BEGIN, 1)[1].split(bench.END, 1)[0] + bench.END
     assert section == bench.render_results(bench.RESULTS_DIR), "run `mechgpu bench --readme`"
+
+
+def test_readme_why_section_quotes_the_byte_model():
+    """The bytes that "Why mechgpu" compares come from mechgpu.traffic, not from a hand."""
+    why = re.search(r"^## Why mechgpu\n(.*?)^## ", bench.README.read_text(), re.S | re.M)
+    assert why, "README.md has no '## Why mechgpu' section"
+    rows = {t.operation: t for t in traffic.TABLE}
+    plain, clip = rows["AdamW step"], rows["AdamW + clip to max norm"]
+    text = " ".join(why.group(1).split())
+    assert f"moves {plain.torch_fused:g} B per parameter there and {plain.mechgpu:g} B here" in text
+    assert f"torch {clip.torch_fused:g} B" in text and f"mechgpu {clip.mechgpu:g} B" in text
+    assert f"moves {100 * (1 - clip.mechgpu / clip.torch_fused):.0f}% fewer bytes" in text
 
 
 def test_committed_results_are_real_runs_and_their_files_exist():

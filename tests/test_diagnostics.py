@@ -102,7 +102,7 @@ SEEDS = 5
 
 @pytest.fixture(scope="module")
 def classic():
-    """The 30-layer, 256-wide MLPs of the README, initialised with the same rules but sampled
+    """The 30-layer, 256-wide MLPs of docs/design.md, initialised with the same rules but sampled
     by torch (a subprocess without TRITON_INTERPRET: the kernels' CPU fallback), since the
     interpreter would take minutes for 20 networks of 2M weights; the kernels themselves are
     tested in test_init.py and run the CLI below. Median ratios over SEEDS networks each."""

@@ -157,7 +157,7 @@ def write_json(path: str | Path, env: dict, seed: int, quick: bool, rows: list[R
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``mechgpu check``'s options (imports nothing: triton must not be loaded yet)."""
     parser.add_argument("--quick", action="store_true",
-                        help="fewer sizes and steps (CI: well under a minute on a CPU in the interpreter)")
+                        help="fewer sizes and steps (1 to 2 minutes on a 2-core CPU, kernels in the interpreter)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu (kernels in triton's interpreter)")
     parser.add_argument("--only", action="append", default=None, metavar="SUBSTR",
