@@ -1,21 +1,26 @@
 """The ``mechgpu`` command line; ``mechgpu <command> --help`` describes each command.
 
 Values are checked as they are parsed (argparse ``type=``), so a bad one ends in a one-line
-usage error and exit code 2 before anything runs. A few checks come after parsing, still before
-anything runs: the checkpoint policy and the memory budget (sizes read by
-``mechgpu._text.parse_bytes``), ``--heads`` dividing ``--dim`` and ``--micro`` dividing
-``--global-batch``, whose defaults depend on the device. A budget that no configuration fits is
-known only once the model is measured, and is a usage error too.
+usage error and exit code 2 before anything runs. A value may start with a minus sign
+(``--memory -5MiB`` is read as a value, then refused as a usage error). A few checks come after
+parsing, still before anything runs: the checkpoint policy and the memory budget (sizes read by
+``mechgpu._text.parse_bytes``), ``--heads`` dividing ``--dim``, a number of checkpoint segments
+within ``--depth`` and ``--micro`` dividing ``--global-batch``, whose defaults depend on the
+device. A budget that no configuration fits is known only once the model is measured, and is a
+usage error too. ``--device cuda`` without a CUDA device is one line on stderr and exit code 2,
+as in ``mechgpu check``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from ._text import parse_bytes
+from .testing.environment import cuda_problem
 
 DEVICE_HELP = "default: cuda when available, else cpu with the kernels in triton's interpreter"
 TOUR_DESCRIPTION = (
@@ -105,14 +110,20 @@ def steps_to_confirm(text: str) -> int:
     return value
 
 
+def _signed_bytes(spec: str) -> int:
+    """``parse_bytes`` with a minus sign allowed: ``"-5MiB"`` -> -5242880."""
+    spec = spec.strip()
+    return -parse_bytes(spec[1:]) if spec.startswith("-") else parse_bytes(spec)
+
+
 def memory_problem(spec: str) -> str | None:
     """None when ``spec`` is a memory budget above 0 bytes, as ``parse_bytes`` reads it (2GiB, 300MB,
     65536), else why not."""
     try:
-        budget = parse_bytes(spec)
+        budget = _signed_bytes(spec)
     except ValueError as error:
         return str(error)
-    return None if budget > 0 else f"the memory budget {spec!r} is not above 0 bytes"
+    return None if budget > 0 else f"the memory budget must be positive, got {spec}"
 
 
 def checkpoint_problem(spec: str) -> str | None:
@@ -120,10 +131,10 @@ def checkpoint_problem(spec: str) -> str | None:
     number of segments >= 1, a memory budget above 0 read by ``parse_bytes``), else why not."""
     if spec in ("none", "all", "sqrt"):
         return None
-    if spec.isdigit():
-        return None if int(spec) >= 1 else "the number of segments must be at least 1"
+    if re.fullmatch(r"-?\d+", spec):
+        return None if int(spec) >= 1 else f"the number of segments must be at least 1, got {spec}"
     try:
-        parse_bytes(spec)
+        _signed_bytes(spec)
     except ValueError:
         return (f"{spec!r} is none of: none, all, sqrt, a number of segments, "
                 "a memory budget such as 2GiB or 512MiB")
@@ -144,7 +155,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="<command>")
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description)
+        parser = sub.add_parser(name, help=help, description=description)
+        # Python 3.13's rule: an argument that starts with "-" and a digit ("-5MiB") is a value
+        parser._negative_number_matcher = re.compile(r"-\.?\d")
+        return parser
 
     demo = command("demo", "train a small model with each mechgpu optimizer beside its torch.optim twin",
                    "Train a small character-level MLP with each mechgpu optimizer, with some of its options, "
@@ -192,7 +206,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     "checkpointing; print the loss, throughput, memory and saved activations.")
     _model_args(train)
     train.add_argument("--checkpoint", default="none", metavar="POLICY",
-                       help="none | all | sqrt | N segments | a memory budget such as 2GiB (default %(default)s)")
+                       help="none | all | sqrt | N | a memory budget such as 2GiB (default %(default)s). N, at "
+                            "most --depth: N segments of the blocks, each but the last recomputed in backward, "
+                            "as with segments=N in torch.utils.checkpoint.checkpoint_sequential; sqrt: N is the "
+                            "square root of --depth; all: every block recomputed; a budget bounds what forward "
+                            "saves for backward")
     train.add_argument("--accum-steps", type=accum_steps, default=None, metavar="N|all",
                        help="micro-batches per optimizer step, or 'all' for full-batch descent over 8 "
                             "micro-batches (default 2)")
@@ -294,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tools import bench as bench_cli
 
         return bench_cli.run(args)
+    if problem := cuda_problem(args.device):
+        print(f"mechgpu {args.command}: {problem}", file=sys.stderr)
+        return 2
     device = _select_device(args.device)
     if args.command == "demo":
         from .tools.demo import run_demo
@@ -334,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.resolve()
     if cfg.dim % cfg.heads:
         this.error(f"argument --heads: {cfg.heads} heads do not divide the width --dim {cfg.dim}")
+    for spec in policies:
+        if spec.isdigit() and int(spec) > cfg.depth:
+            this.error(f"argument {flag}: {spec} segments, but the model has {cfg.depth} blocks (--depth), so "
+                       f"at most {cfg.depth} segments")
     if args.command == "tour":
         run_tour(cfg)
         return 0

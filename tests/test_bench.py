@@ -121,9 +121,9 @@ def test_quick_run_writes_merged_results_markdown_and_plots(quick_run):
     for s in bench.SUITE:
         assert f"\n## {s.name}\n" in markdown
     assert markdown.count("\n|") >= sum(len(r["rows"]) for r in merged["benchmarks"].values())
-    for plot in ("cpu-bandwidth.png", "cpu-train.png"):
-        data = (quick_run / plot).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, plot
+    data = (quick_run / "cpu-train.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert not (quick_run / "cpu-bandwidth.png").exists()  # bench.NO_CPU_BANDWIDTH_CHART
 
 
 @long
@@ -151,7 +151,24 @@ def test_readme_section_shows_a_run_only_with_its_provenance(quick_run):
     assert "No GPU run is committed yet" in hidden and "cpu-bandwidth.png" not in hidden
     shown = bench.render_results(quick_run, include_smoke=True)
     assert "#### cpu, torch " in shown and "smoke run on CPU" in shown
-    assert "cpu-bandwidth.png" in shown and "cpu-train.png" in shown
+    assert "cpu-bandwidth.png" not in shown and "cpu-train.png" in shown
+
+
+def merged_init_run(smoke: bool) -> dict:
+    """A merged result with one bandwidth row: the init benchmark, torch far above copy bandwidth."""
+    rows = [{"implementation": "mechgpu reinit", "copy_fraction": 0.001, "gbps": 0.02, "ms": 9.0},
+            {"implementation": "torch.nn.init per layer", "copy_fraction": 36.0, "gbps": 700.0, "ms": 0.01}]
+    return {"device": "cpu" if smoke else "NVIDIA H100", "torch": "2", "triton": "3", "date": "2025-01-01",
+            "smoke": smoke, "quick": True, "copy": None, "benchmarks": {"init": {"rows": rows}}, "reports": {}}
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_a_cpu_smoke_run_draws_no_bandwidth_chart_and_says_why(smoke, tmp_path, capsys):
+    paths = bench.write(merged_init_run(smoke), tmp_path)
+    charts = [p for p in paths if p.name.endswith("-bandwidth.png")]
+    said = [line for line in capsys.readouterr().out.splitlines() if line == bench.NO_CPU_BANDWIDTH_CHART]
+    assert (len(charts), len(said)) == ((0, 1) if smoke else (1, 0)), (paths, said)
+    assert list(tmp_path.glob("*-bandwidth.png")) == charts
 
 
 @cpu_host

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HAS_CUDA
 
 from mechgpu.cli import build_parser, main
 
@@ -191,6 +192,12 @@ BAD_VALUES = [
     (["flow", "--batch", "0"], "--batch"),
     (["fit", "--memory", "banana"], "--memory"),
     (["fit", "--memory", "0GiB"], "--memory"),
+    (["fit", "--memory", "-5MiB"], "--memory"),
+    (["fit", "--memory=-5MiB"], "--memory"),
+    (["train", "--checkpoint", "-1GiB"], "--checkpoint"),
+    (["train", "--checkpoint", "-2"], "--checkpoint"),
+    (["train", "--checkpoint", "5", "--depth", "4"], "--checkpoint"),
+    (["profile", "--policies", "none", "3", "--depth", "2"], "--policies"),
     (["fit", "--memory", "1GiB", "--global-batch", "0"], "--global-batch"),
     (["fit", "--memory", "1GiB", "--micro", "0"], "--micro"),
     (["fit", "--memory", "1GiB", "--global-batch", "6", "--micro", "2", "4"], "--micro"),
@@ -220,6 +227,38 @@ def test_bad_values_are_usage_errors(argv, flag, monkeypatch, capsys):
     assert err.startswith(f"usage: mechgpu {argv[0]} "), err
     assert f"argument {flag}" in err.splitlines()[-1], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["fit", "--memory", "-5MiB"], "argument --memory: the memory budget must be positive, got -5MiB"),
+    (["fit", "--memory=-5MiB"], "argument --memory: the memory budget must be positive, got -5MiB"),
+    (["train", "--checkpoint", "99", "--depth", "4"],
+     "argument --checkpoint: 99 segments, but the model has 4 blocks (--depth), so at most 4 segments"),
+], ids=["memory -5MiB", "memory=-5MiB", "checkpoint 99"])
+def test_usage_errors_say_what_is_wrong(argv, message, monkeypatch, capsys):
+    _forbid_runs(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"mechgpu {argv[0]}: error: {message}"
+
+
+def test_checkpoint_help_says_what_n_means():
+    _, parsers = build_parser()
+    (help_,) = (a.help for a in parsers["train"]._actions if "--checkpoint" in a.option_strings)
+    assert "N segments" in help_ and "checkpoint_sequential" in help_ and "at most --depth" in help_, help_
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is present")
+@pytest.mark.parametrize("command", [c for c in COMMANDS if any("--device" in a.option_strings
+                                                                for a in build_parser()[1][c]._actions)])
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(command, monkeypatch, capsys):
+    """Every command taking --device says so as ``mechgpu check`` does, before anything runs."""
+    _forbid_runs(monkeypatch)
+    assert main([command, "--device", "cuda", *(["--memory", "1GiB"] if command == "fit" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mechgpu {command}: --device cuda was asked for, but torch sees no CUDA device"), err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_good_values_reach_the_job(monkeypatch):
@@ -317,3 +356,12 @@ def test_a_budget_below_what_the_model_can_save_is_a_usage_error(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: mechgpu train ") and "argument --checkpoint: budget 1.00 KiB" in err, err
+
+
+def test_train_log_line_names_each_file_with_its_folder(tmp_path, capsys):
+    assert main(["train", "--dim", "16", "--depth", "1", "--heads", "2", "--context", "8", "--micro-batch", "2",
+                 "--steps", "2", "--no-progress", "--device", "cpu", "--log-dir", str(tmp_path / "log")]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("log: ")]
+    files = [Path(name) for name in line.removeprefix("log: ").split(", ")]
+    assert [f.name for f in files] == ["train_log.csv", "train_log.jsonl", "summary.json", "telemetry.png"], line
+    assert all(f.parent == tmp_path / "log" and f.is_file() for f in files), line

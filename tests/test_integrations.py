@@ -251,6 +251,37 @@ def test_hf_model_with_an_activation_without_a_twin_is_reported():
     assert report.left_alone == {f"transformer.h.{i}.mlp.act": "QuickGELUActivation" for i in range(2)}
 
 
+class _SubclassedLayerNorm(torch.nn.LayerNorm):
+    pass
+
+
+def edge_cases_model():
+    """Where the rule's edges lie: a LayerNorm subclass under a plain name, RMSNorms named like a
+    norm and not, "norm" inside a longer name, a bias-free norm, tied weights and a frozen bias."""
+    model = torch.nn.ModuleDict({
+        "ln": _SubclassedLayerNorm(4), "final_norm": torch.nn.RMSNorm(4), "scale": torch.nn.RMSNorm(4),
+        "normalizer": torch.nn.Linear(4, 4), "blocks": torch.nn.Sequential(torch.nn.LayerNorm(4, bias=False)),
+        "embed": torch.nn.Embedding(8, 4), "head": torch.nn.Linear(4, 8)})
+    model["head"].weight = model["embed"].weight
+    model["normalizer"].bias.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_bert, tiny_llama, tiny_t5, edge_cases_model],
+                         ids=["gpt2", "bert", "llama", "t5", "edge-cases"])
+def test_weight_decay_groups_are_transformers_trainers(make):
+    """The groups transformers' Trainer.create_optimizer builds from get_decay_parameter_names."""
+    model = make()
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    theirs = [[p for name, p in trainable if name in decay], [p for name, p in trainable if name not in decay]]
+    ours = mo.weight_decay_groups(model, 0.1)
+    assert [g["weight_decay"] for g in ours] == [0.1, 0.0]
+    for group, expected in zip(ours, theirs):
+        assert [id(p) for p in group["params"]] == [id(p) for p in expected]
+    assert all(theirs), "each model has params in both groups"
+
+
 def saved_activation_bytes(model, ids) -> int:
     """Bytes autograd keeps for backward over one training forward (parameters excluded)."""
     torch.manual_seed(1)  # the same dropout masks each time
@@ -385,8 +416,18 @@ def integrations_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", section.group(1), re.S | re.M)
 
 
+def assert_decay_groups(opt, model, weight_decay: float, no_decay) -> None:
+    """``weight_decay_groups``' two groups: the params named by ``no_decay(name)`` without decay."""
+    decayed, plain = opt.param_groups
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (weight_decay, 0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in plain["params"]) == sorted(n for n in names.values() if no_decay(n))
+    assert len(decayed["params"]) + len(plain["params"]) == len(names)
+
+
 def check_hf_trainer(ns):
     assert ns["report"].left_alone == {} and len(ns["report"]) == 2
+    assert_decay_groups(ns["opt"], ns["model"], 0.1, lambda name: ".ln_" in name or name.endswith(".bias"))
     assert {type(m) for m in ns["model"].modules()} & {mnn.GELU}
     assert all(ns["opt"].state[p]["step"].item() == 4 for p in ns["model"].parameters())
     assert ns["opt"].last_grad_norm is not None and Path("out").is_dir()
@@ -394,12 +435,14 @@ def check_hf_trainer(ns):
 
 def check_accelerate(ns):
     assert type(ns["opt"].optimizer) is mo.AdamW
+    assert_decay_groups(ns["opt"].optimizer, ns["model"], 0.01, lambda name: name.endswith(".bias"))
     assert all(s["step"].item() == 4 for s in ns["opt"].optimizer.state.values())  # 8 batches, 2 per step
 
 
 def check_lightning(ns):
     opt = ns["trainer"].optimizers[0]
     assert type(opt) is mo.AdamW and ns["trainer"].global_step == 8 and opt.last_grad_norm is not None
+    assert_decay_groups(opt, ns["trainer"].lightning_module, 0.01, lambda name: name.endswith(".bias"))
 
 
 README_CHECKS = [check_hf_trainer, check_accelerate, check_lightning]

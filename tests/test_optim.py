@@ -5,8 +5,10 @@ On CPU the real Triton kernels run in triton's interpreter (see conftest.py).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
+import warnings
 
 import pytest
 import torch
@@ -211,16 +213,50 @@ def test_constructor_validation_and_flags(case):
         cls(p, lr=-1.0)
     with pytest.raises(NotImplementedError, match="differentiable=True"):
         cls(p, differentiable=True)
-    opt = cls(p, foreach=True)  # accepted, no effect
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # accepted silently, no effect: drop-in for torch's code
+        opt = cls(p, foreach=False)
+        if case.torch_takes("fused"):
+            cls(p, fused=True)
     assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, getattr(torch.optim, case.optimizer))
-    if case.torch_takes("fused"):
-        cls(p, fused=True)
     if case.torch_takes("betas"):
         with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.0"):
             cls(p, betas=(0.9, 1.0))
     if case.torch_takes("nesterov"):
         with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
             cls(p, nesterov=True)
+
+
+@by_name
+def test_repr_is_torchs_then_every_mechgpu_option(case):
+    p = make_params((3,), "cpu")
+    ours = getattr(mo, case.optimizer)(p, lr=0.01, max_grad_norm=0.5, telemetry=True)
+    theirs = getattr(torch.optim, case.optimizer)(clone_params(p), lr=0.01)
+    groups, options = repr(ours).split("mechgpu options\n")
+    assert groups == repr(theirs).removesuffix(")") and groups.startswith(f"{case.optimizer} (\nParameter Group 0")
+    lines = options.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[:-1]] == list(mo.MECHGPU_OPTIONS) and lines[-1] == ")"
+    assert {"    max_grad_norm: 0.5", "    telemetry: True", "    state_dtype: torch.float32"} <= set(lines)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_decay_groups_train_as_torchs(bias):
+    """Biases and norm weights undecayed; a bias-free Linear leaves the second group empty, as in
+    transformers, and both optimizers step it."""
+    torch.manual_seed(0)
+    model = (torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)) if bias
+             else torch.nn.Linear(8, 8, bias=False)).to(KERNEL_DEVICE)
+    ref = copy.deepcopy(model)
+    ours = mo.AdamW(mo.weight_decay_groups(model, 0.5), lr=0.1)
+    theirs = torch.optim.AdamW(mo.weight_decay_groups(ref, 0.5), lr=0.1)
+    assert [len(g["params"]) for g in ours.param_groups] == ([1, 3] if bias else [1, 0])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        set_random_grads([list(model.parameters()), list(ref.parameters())], gen)
+        ours.step()
+        theirs.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------

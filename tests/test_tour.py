@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import long
 
+from mechgpu._text import parse_bytes
 from mechgpu.tools.tour import final_loss, unigram_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,10 @@ def test_tour_learns_with_a_budget_plan_and_matches_torch():
     # the plan checkpoints some blocks; predicted and measured saved bytes agree, below none's
     assert none[2] == "none" and planned[2].startswith("blocks ") and planned[2] == reference[2], text
     assert none[3] == none[4] and planned[3] == planned[4] and planned[3] != none[3], text
+    # the budget bounds what forward saves, not the backward peak
+    plan = re.search(r"the plan for a budget of (.+?) on what one micro-batch's forward saves for backward: .*"
+                     r"predicted saved activations (.+?), within the budget; backward peak (.+?), those plus", text)
+    assert plan and parse_bytes(plan[2]) <= parse_bytes(plan[1]), text
     worst = float(re.search(r"largest loss difference, mechgpu against torch over 40 steps: (\S+)", text).group(1))
     assert worst < 1e-3, text  # fp32 rounding of two op orders, compounded over 40 steps (6.0e-5 here)
     first, last = map(float, re.search(r"mechgpu's loss (\S+) -> (\S+) \(mean of the last 5 steps; "

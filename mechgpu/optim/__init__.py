@@ -11,14 +11,20 @@ Differences from torch:
   fused into the step), ``master_weights``, ``state_dtype``, ``stochastic_rounding``,
   ``track_update_norm`` and ``telemetry``; GradScaler's ``grad_scale``/``found_inf`` are
   applied in the kernel;
-* ``foreach`` and ``fused`` are accepted and have no effect; ``capturable`` is always true
-  in effect; ``differentiable=True`` raises NotImplementedError; sparse gradients are
-  rejected (torch's SGD and Adagrad take them);
+* ``foreach`` and ``fused`` are accepted silently and have no effect (the step is always
+  mechgpu's multi-tensor kernels), so code written for torch's ``fused=True`` or
+  ``foreach=False`` runs unchanged; ``capturable`` is always true in effect;
+  ``differentiable=True`` raises NotImplementedError; sparse gradients are rejected (torch's
+  SGD and Adagrad take them);
 * params must be dense in memory (contiguous, or a permutation of it) with grads of the
   same dtype, shape and strides; float64 and complex params are stepped by torch.optim's own
   implementation, with a one-time warning;
 * CPU tensors run the kernels under ``TRITON_INTERPRET=1``, and otherwise fall back to
-  torch.optim's own implementation with a one-time warning.
+  torch.optim's own implementation with a one-time warning;
+* ``repr(optimizer)`` lists mechgpu's options after torch's param groups.
+
+``weight_decay_groups(model, weight_decay)`` builds the param groups of Hugging Face's
+``Trainer``: no weight decay for biases and norm weights.
 
 Each class is made from its record in ``mechgpu.kernels.optim_spec.SPECS``.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 from ..kernels.optim_spec import SPECS
 from ._fused import FusedOptimizer, StateKeyError, telemetry_from_sums
 from ._state_dict import check_state_dict
+from .groups import weight_decay_groups
 from .options import NAMES as MECHGPU_OPTIONS
 from .options import Options
 
@@ -42,4 +49,5 @@ def _optimizer_class(spec) -> type[FusedOptimizer]:
 _CLASSES = {name: _optimizer_class(spec) for name, spec in SPECS.items()}
 globals().update(_CLASSES)
 
-__all__ = [*_CLASSES, "MECHGPU_OPTIONS", "Options", "StateKeyError", "check_state_dict", "telemetry_from_sums"]
+__all__ = [*_CLASSES, "MECHGPU_OPTIONS", "Options", "StateKeyError", "check_state_dict", "telemetry_from_sums",
+           "weight_decay_groups"]

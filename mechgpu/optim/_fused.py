@@ -291,6 +291,11 @@ class FusedOptimizer:
         self._group_caches: dict[int, _GroupCache] = {}
         self._norm_plans: dict = {}
 
+    def __repr__(self) -> str:
+        """torch's repr (each param group's hyperparameters), then every one of mechgpu's options."""
+        options = "".join(f"    {name}: {getattr(self, name)}\n" for name in _options.NAMES)
+        return f"{super().__repr__().removesuffix(')')}mechgpu options\n{options})"
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
         """torch's state plus mechgpu's options; caches and device buffers are remade."""

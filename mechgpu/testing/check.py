@@ -27,6 +27,7 @@ from . import activation_cases, clip_cases, init_cases, optim_cases
 from .compare import Row
 from .environment import (
     MIN_COMPUTE_CAPABILITY,
+    cuda_problem,
     environment,
     header_lines,
     installed_triton_version,
@@ -180,9 +181,8 @@ def run(args: argparse.Namespace, select_device: Callable[[str | None], str]) ->
     except ValueError as exc:
         print(f"mechgpu check: {exc}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("mechgpu check: --device cuda was asked for, but torch sees no CUDA device "
-              f"(torch {torch.__version__}, CUDA runtime {torch.version.cuda or 'none: a CPU build'})", file=sys.stderr)
+    if problem := cuda_problem(args.device):
+        print(f"mechgpu check: {problem}", file=sys.stderr)
         return 2
     device = select_device(args.device)
     problem = triton_version_problem(installed_triton_version())

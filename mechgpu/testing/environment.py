@@ -28,6 +28,14 @@ def triton_version_problem(version: str | None) -> str | None:
     return None
 
 
+def cuda_problem(requested: str | None) -> str | None:
+    """Why ``--device cuda`` cannot run here (torch sees no CUDA device), or None."""
+    if requested != "cuda" or torch.cuda.is_available():
+        return None
+    return ("--device cuda was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA runtime {torch.version.cuda or 'none: a CPU build'})")
+
+
 def installed_triton_version() -> str | None:
     try:
         import triton

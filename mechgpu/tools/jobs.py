@@ -205,8 +205,10 @@ def print_summary(s: dict[str, Any], trainer: Trainer) -> None:
               f"non-finite grads {sum(int(r['nonfinite_grads']) for r in h)}; updates lost to "
               f"{trainer.params[0].dtype} rounding {100 * h[-1]['lost_update_fraction']:.1f}% (last step)")
     if trainer.log_dir is not None:
-        print(f"log: {trainer.log_dir}/train_log.csv, summary.json"
-              + (f", {plot_telemetry(h, trainer.log_dir / 'telemetry.png')}" if "update_ratio" in h[-1] else ""))
+        files = [trainer.log_dir / name for name in ("train_log.csv", "train_log.jsonl", "summary.json")]
+        if "update_ratio" in h[-1]:
+            files.append(plot_telemetry(h, trainer.log_dir / "telemetry.png"))
+        print(f"log: {', '.join(map(str, files))}")
 
 
 def plot_telemetry(history: list[dict], out: Path) -> Path:

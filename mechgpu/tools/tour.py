@@ -87,9 +87,11 @@ def run_tour(cfg: TrainConfig) -> dict[str, Any]:
         print("note: on CPU mechgpu's kernels run in triton's interpreter and torch runs natively, so "
               "tokens/s compares only rows on the same backend; a GPU runs both at full speed.")
     plan = planned["plan"]
-    print(f"\nthe plan for a budget of {format_bytes(budget)}: checkpoint blocks {_blocks(plan.segments)} of "
-          f"{plan.n_blocks} (their forward runs again in backward); predicted saved activations "
-          f"{format_bytes(plan.predicted_saved)}, backward peak {format_bytes(plan.predicted_peak)}")
+    print(f"\nthe plan for a budget of {format_bytes(budget)} on what one micro-batch's forward saves for backward: "
+          f"checkpoint blocks {_blocks(plan.segments)} of {plan.n_blocks} (their forward runs again in backward); "
+          f"predicted saved activations {format_bytes(plan.predicted_saved)}, within the budget; backward peak "
+          f"{format_bytes(plan.predicted_peak)}, those plus the largest recomputed segment's, which the budget "
+          "does not bound")
     worst = max((abs(a - b) for a, b in zip(planned["losses"], reference["losses"])), default=math.nan)
     print("\n" + _trajectories(planned["losses"], reference["losses"]))
     print(f"largest loss difference, mechgpu against torch over {len(planned['losses'])} steps: {worst:.2e}")
