@@ -16,7 +16,6 @@ Batches are moved to the model's device (``to_device``); a mapping batch (HF sty
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import json
 import math
@@ -25,7 +24,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._backend import has_data
 from .._backend import local as _local
 from .._text import format_bytes
+from ._resume import (
+    CHECKPOINT_KEYS,
+    check_model_state,
+    checked_epoch_rng,
+    checked_rng,
+    data_generators,
+    fsync_dir,
+    full,
+    numpy_rng_globals,
+    numpy_rng_to_tensors,
+    resumable,
+)
+from .batches import default_count, default_forward, loss_shifts_labels, sample_count, target_of, to_device
 from .checkpointing import (
     ActivationMeter,
     Plan,
@@ -46,69 +57,9 @@ from .checkpointing import (
     unwrap,
 )
 
-IGNORE_INDEX = -100
 #: what a step logs from a mechgpu optimizer made with telemetry=True (beside its update_norm)
 TELEMETRY_KEYS = ("param_norm", "update_ratio", "nonfinite_grads", "lost_update_fraction")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """``batch`` with its tensors on ``device``, as Lightning moves batches: through tuples
-    (namedtuples too), lists and mappings, keeping their types (HF ``BatchEncoding`` included),
-    and any other object with a ``.to`` by ``.to(device)``; anything else is returned as it is.
-    A copy from pinned memory does not block."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=batch.device.type == "cpu" and batch.is_pinned())
-    if isinstance(batch, Mapping):
-        out = copy.copy(batch) if isinstance(batch, MutableMapping) else {}  # its type and attributes kept
-        for key, value in batch.items():
-            out[key] = to_device(value, device)
-        return out
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch.to(device) if callable(getattr(batch, "to", None)) else batch
-
-
-def target_of(batch) -> torch.Tensor:
-    """What a micro-batch's loss compares with: ``batch[-1]``, or a mapping batch's ``labels``."""
-    return batch["labels"] if isinstance(batch, Mapping) else batch[-1]
-
-
-def default_count(batch) -> int:
-    """Items in a micro-batch (``target_of``): the targets' elements, less those equal to -100
-    (cross_entropy's and HF's ignore index) for integer targets."""
-    target = target_of(batch)
-    if not target.is_floating_point():
-        return target.numel() - int((target == IGNORE_INDEX).sum())
-    return target.shape[0] if target.dim() > 0 else 1
-
-
-def default_forward(model: nn.Module, batch) -> Any:
-    """``model(**batch)`` for a mapping batch (HF style), else ``model(batch[0])``."""
-    return model(**batch) if isinstance(batch, Mapping) else model(batch[0])
-
-
-def _samples(batch) -> int:
-    """Samples in a micro-batch: the length of ``batch[0]``, or of a mapping batch's first tensor."""
-    first = next(v for v in batch.values() if isinstance(v, torch.Tensor)) if isinstance(batch, Mapping) \
-        else batch[0]
-    return int(first.shape[0])
-
-
-def _loss_shifts_labels(model: nn.Module) -> bool:
-    """Whether an HF model's own loss shifts its labels: its ``loss_function`` is HF's causal LM
-    loss (position i predicts label i + 1, so the first label is never counted), outside an
-    encoder-decoder (whose decoder inputs are shifted instead)."""
-    inner = unwrap(model)
-    loss_function = getattr(inner, "loss_function", None)
-    if loss_function is None:
-        return False
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    return loss_function is ForCausalLMLoss and not getattr(getattr(inner, "config", None), "is_encoder_decoder",
-                                                            False)
 
 
 def _is_distributed() -> bool:
@@ -203,7 +154,7 @@ class Trainer:
             raise ValueError("autocast='fp16' with FSDP2-sharded params: each rank's GradScaler would look for "
                              "inf/NaN in its own shards only, so ranks could disagree on skipping a step; use 'bf16'")
         self.scaler = torch.amp.GradScaler(self.device.type) if autocast == "fp16" else None
-        self._shifts_labels = loss_fn is None and _loss_shifts_labels(model)
+        self._shifts_labels = loss_fn is None and loss_shifts_labels(model)
         self.step = 0
         self.epoch = 0
         self.position = 0  # micro-batches of the current epoch already consumed
@@ -395,7 +346,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        out = {"loss": loss_mean, "grad_norm": _full(grad_norm), "lr": lr}
+        out = {"loss": loss_mean, "grad_norm": full(grad_norm), "lr": lr}
         if update_norm is not None:
             out["update_norm"] = update_norm
         sums = getattr(self.optimizer, "last_telemetry_sums", None)
@@ -441,7 +392,7 @@ class Trainer:
         epoch's iterator first started are kept (``epoch_rng``, saved in checkpoints); a resumed
         epoch restarts its iterator from them, which gives the same order, skips the batches
         already trained on, and puts torch's global RNG back where the run had it."""
-        generators = _data_generators(data)
+        generators = data_generators(data)
         resumed = self.position > 0 and self.epoch_rng is not None
         if resumed:
             current = torch.get_rng_state()
@@ -459,7 +410,7 @@ class Trainer:
 
     def _windows(self, data: Iterable):
         """Windows of micro-batches, epoch after epoch, from the saved position on."""
-        self._data_resumable = _resumable(data)
+        self._data_resumable = resumable(data)
         while True:
             if hasattr(data, "set_epoch"):
                 data.set_epoch(self.epoch)
@@ -533,7 +484,7 @@ class Trainer:
                 t_start = time.perf_counter()
             result = self.train_step(window, measure=measure)
             items = self.last_global_items  # over all ranks
-            samples = self.world_size() * sum(_samples(b) for b in window)  # ranks' micro-batches are alike
+            samples = self.world_size() * sum(sample_count(b) for b in window)  # ranks' micro-batches are alike
             if t_start is not None:
                 items_timed += items
                 samples_timed += samples
@@ -631,7 +582,7 @@ class Trainer:
         """Everything a bit-identical resume needs, in types that ``torch.load(weights_only=True)``
         accepts: tensors, numbers, strings, and lists, tuples and dicts of them."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": _numpy_rng_to_tensors(np.random.get_state())}
+               "numpy": numpy_rng_to_tensors(np.random.get_state())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if self._data_resumable is not None and self.position > 0:
@@ -650,18 +601,18 @@ class Trainer:
         states) it raises ValueError and the model, optimizer, scheduler and RNGs are untouched."""
         if not isinstance(state, Mapping):
             raise ValueError(f"Trainer.load: the checkpoint is a {type(state).__name__}, not a dict")
-        missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
         if missing:
             raise ValueError(f"Trainer.load: the checkpoint lacks the keys {missing}")
-        _check_model_state(unwrap(self.model).state_dict(), state["model"])
+        check_model_state(unwrap(self.model).state_dict(), state["model"])
         from ..optim import check_state_dict
 
         try:
             check_state_dict(self.optimizer, state["optimizer"])
         except ValueError as e:
             raise ValueError(f"Trainer.load: the checkpoint's optimizer state does not fit this optimizer: {e}") from e
-        rng = _checked_rng(state["rng"])
-        epoch_rng = _checked_epoch_rng(state.get("epoch_rng"))  # None in checkpoints of earlier versions
+        rng = checked_rng(state["rng"])
+        epoch_rng = checked_epoch_rng(state.get("epoch_rng"))  # None in checkpoints of earlier versions
         for key in ("step", "epoch", "position"):
             if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
                 raise ValueError(f"Trainer.load: the checkpoint's {key!r} must be an int >= 0, not {state[key]!r}")
@@ -710,143 +661,13 @@ class Trainer:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)  # make the rename itself durable
+        fsync_dir(path.parent)  # make the rename itself durable
 
     def load(self, path: str | Path) -> None:
         """Load a checkpoint written by ``save`` with ``torch.load(weights_only=True)``: a file
         cannot run code. Checkpoints of earlier versions, which pickled numpy's RNG state as an
         ndarray, load too: only the uint32 ndarray's reconstruction is allowed beyond torch's
         defaults. Then ``load_state_dict``."""
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
+        with torch.serialization.safe_globals(numpy_rng_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
         self.load_state_dict(state)
-
-
-_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "position", "history")
-
-
-def _check_model_state(expected: Mapping[str, Any], got: Any) -> None:
-    """Raise ValueError unless ``got`` has exactly the keys of ``expected`` and the same tensor
-    shapes (global shapes for DTensors)."""
-    if not isinstance(got, Mapping):
-        raise ValueError(f"Trainer.load: the checkpoint's model state is a {type(got).__name__}, not a dict")
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"Trainer.load: the checkpoint's model does not match this model: "
-                         f"missing keys {missing}, unexpected keys {unexpected}")
-    for key, mine in expected.items():
-        theirs = got[key]
-        if isinstance(mine, torch.Tensor) != isinstance(theirs, torch.Tensor):
-            raise ValueError(f"Trainer.load: model entry {key!r} is a {type(theirs).__name__} in the checkpoint "
-                             f"but a {type(mine).__name__} in this model")
-        if isinstance(mine, torch.Tensor) and mine.shape != theirs.shape:
-            raise ValueError(f"Trainer.load: model tensor {key!r} has shape {tuple(theirs.shape)} in the "
-                             f"checkpoint but {tuple(mine.shape)} in this model")
-        if isinstance(theirs, torch.Tensor) and not has_data(theirs):
-            raise ValueError(f"Trainer.load: model tensor {key!r} is a {theirs.layout} tensor on {theirs.device} "
-                             "in the checkpoint, with no data to load")
-
-
-def _numpy_rng_to_tensors(state: tuple) -> dict[str, Any]:
-    """numpy's legacy RNG state ``(name, uint32 keys, pos, has_gauss, cached_gaussian)`` with the
-    keys as an int64 tensor, so that no numpy type goes into the pickle."""
-    name, keys, pos, has_gauss, cached = state
-    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _checked_rng(rng: Any) -> dict[str, Any]:
-    """The checkpoint's RNG states ready to set, each first tried on a throwaway generator, so
-    that a bad one raises ValueError before anything is changed."""
-    if not isinstance(rng, Mapping) or not {"torch", "python"} <= rng.keys():
-        raise ValueError("Trainer.load: the checkpoint's 'rng' must be a dict with 'torch' and 'python' states")
-    out = dict(rng)
-    numpy_state = rng.get("numpy")
-    if isinstance(numpy_state, Mapping):  # this version's form; earlier ones stored numpy's own tuple
-        try:
-            numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                           numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-        except (KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"Trainer.load: the checkpoint's numpy RNG state is malformed ({e!r})") from e
-    if numpy_state is not None:
-        out["numpy"] = numpy_state
-    checks = [("torch", lambda s: torch.Generator().set_state(s)), ("python", lambda s: random.Random().setstate(s)),
-              ("numpy", lambda s: np.random.RandomState().set_state(s))]
-    for name, check in checks:
-        if name in out:
-            try:
-                check(out[name])
-            except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as e:
-                raise ValueError(f"Trainer.load: the checkpoint's {name} RNG state cannot be restored ({e})") from e
-    return out
-
-
-def _checked_epoch_rng(epoch_rng: Any) -> dict[str, Any] | None:
-    """The checkpoint's epoch-start RNG states, each tried on a throwaway generator first."""
-    if epoch_rng is None:
-        return None
-    try:
-        torch.Generator().set_state(epoch_rng["torch"])
-        for state in epoch_rng["generators"]:
-            torch.Generator().set_state(state)
-    except (TypeError, KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"Trainer.load: the checkpoint's epoch_rng cannot be restored ({e})") from e
-    return {"torch": epoch_rng["torch"], "generators": list(epoch_rng["generators"])}
-
-
-def _data_generators(data: Any) -> list[torch.Generator]:
-    """The torch.Generators a DataLoader draws its order and seeds from (its own, its sampler's,
-    its batch sampler's sampler's), each once, on the CPU."""
-    found: list[torch.Generator] = []
-    for owner in (data, getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and gen.device.type == "cpu" and all(gen is not g for g in found):
-            found.append(gen)
-    return found
-
-
-def _resumable(data: Any) -> str | None:
-    """None if iterating ``data`` afresh from the saved RNG states gives the same order again
-    (a DataLoader over a map-style dataset, a sequence, or data with ``set_epoch``), else why not."""
-    from torch.utils.data import DataLoader, IterableDataset
-
-    if isinstance(data, DataLoader):
-        if isinstance(data.dataset, IterableDataset):
-            return "the training data is a DataLoader over an IterableDataset, whose position cannot be captured"
-        return None
-    if isinstance(data, Sequence) or hasattr(data, "set_epoch"):
-        return None
-    return f"the training data is a {type(data).__name__}, whose position cannot be captured"
-
-
-def _numpy_rng_globals() -> list:
-    """The globals that unpickle the uint32 ndarray of an old checkpoint's numpy RNG state, and no
-    more: ``_reconstruct`` under its numpy 1.x and 2.x module names, ``ndarray``, ``dtype`` and
-    the uint32 dtype's class (the only dtype whose state may be set)."""
-    try:
-        from numpy._core.multiarray import _reconstruct as reconstruct  # numpy >= 2
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct as reconstruct
-    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
-            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """fsync a directory so that a rename in it survives a crash; a no-op where directories
-    cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is not None and hasattr(t, "full_tensor"):
-        return t.full_tensor()
-    return t
