@@ -11,10 +11,13 @@ import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
+import textwrap
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -893,3 +896,20 @@ def test_fit_runs_steps_or_reaches_until_step():
             trainer.fit(data, **kwargs)
     with pytest.raises(ValueError, match="steps must be an int >= 0, not -1"):
         trainer.fit(data, steps=-1)
+
+
+def test_readme_training_block_runs_as_written():
+    """The README's Hugging Face block in "Training": init_model, weight_decay_groups and the
+    Trainer on the model's own loss, as written; it trains 3 steps and keeps the tie."""
+    pytest.importorskip("transformers", reason="the README block uses transformers")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Training: `mechgpu.train`", 1)[1].split("\n## ", 1)[0]
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", section, re.S)
+              if "GPT2LMHeadModel" in b]
+    assert len(blocks) == 1, "README's Training section lost its Hugging Face block"
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md Training block", "exec"), ns)
+    model, trainer = ns["model"], ns["trainer"]
+    assert trainer.step == 3 and model.lm_head.weight is model.transformer.wte.weight
+    assert "transformer.wte" in ns["table"].tied.values()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
