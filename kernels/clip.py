@@ -252,7 +252,6 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
             tl.store(acc_ptr, all_total)
             tl.store(acc_ptr + 1, all_nans)
             tl.store(acc_ptr + 2, all_extreme)
-        tl.store(done_ptr, 0)
 
 
 @triton.jit
@@ -320,6 +319,9 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
     kind = norm_kind(norm_type)
     partials = plan.workspace("norm_partials", (plan.grid, WORKSPACE_SIZE), torch.float64)
     with device_guard(plan.device):
+        # zeroed in-stream before the launch (a memset a CUDA graph captures): a counter an aborted
+        # launch left non-zero cannot spoil this norm
+        plan.done.zero_()
         grad_norm_kernel[(plan.grid,)](
             plan.table, plan.blocks, plan.done, partials, workspace, out,
             grad_scale if grad_scale is not None else out,

@@ -22,6 +22,14 @@ A plan belongs to one owner (an optimizer, or one call of a clip function) and i
 shared: its table, its done-counter and its ``workspaces`` (scratch buffers a kernel
 family keeps with the plan, such as the norm's per-program partials) are written by the
 launches of that owner only. The owner confirms every address before it is uploaded.
+
+Streams: an owner's launches may move from stream to stream in sequence (a CUDA graph is
+captured on its own stream; the user orders the streams, as for any tensor). Two launches
+of one owner running concurrently, on two streams or in two graphs replayed at once, would
+share its table and workspaces as they share the params they update: that is a race, and
+unsupported. What one such launch, or an aborted one, leaves behind does not outlive it: the
+done-counter is zeroed in-stream before each use, and the table holds only what the host
+last uploaded.
 """
 
 from __future__ import annotations
@@ -98,8 +106,9 @@ class MultiTensorPlan:
         self.blocks = blocks.to(device, non_blocking=True)  # pageable memory: staged, no device sync
         self.num_blocks = int(blocks.shape[0])
         self.grid = grid_programs(self.num_blocks, device)  # programs of a grid-stride launch
-        # Count of finished programs of a reduction's launch; the last one to finish combines
-        # the partials and resets it, so it is 0 between launches.
+        # Count of finished programs of a reduction's launch; the last one to finish combines the
+        # partials. Zeroed in-stream before each launch that counts (a memset, or the optimizer's
+        # step prologue), never trusted to be 0 from the last one.
         self.done = torch.zeros(1, dtype=torch.int32, device=device)
         self.table = torch.zeros((len(self.numels), layout.width), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None

@@ -438,8 +438,8 @@ PROLOGUE_TENSORS, PROLOGUE_WARPS = 128, 4  # tensors per program of the prologue
 
 
 @triton.jit
-def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr, beta1, beta2, one_minus_beta1,
-                         one_minus_beta2, lr_decay, num_tensors,
+def step_prologue_kernel(table_ptr, scalars_ptr, done_ptr, control_ptr, found_inf_ptr, lr, beta1, beta2,
+                         one_minus_beta1, one_minus_beta2, lr_decay, num_tensors,
                          RULE: tl.constexpr, LR_IS_PTR: tl.constexpr, BETAS_ARE_PTRS: tl.constexpr,
                          SKIP_NONFINITE: tl.constexpr, FOUND_INF: tl.constexpr, TENSORS: tl.constexpr):
     """Once per tensor and step, before the update: count the step, and write its scalars.
@@ -450,9 +450,13 @@ def step_prologue_kernel(table_ptr, scalars_ptr, control_ptr, found_inf_ptr, lr,
     computed in fp64 as torch.optim does in Python.
     The update kernel reads these and runs no fp64. SGD's step column holds a private
     count of steps (torch's SGD keeps none); at 0 its momentum buffer is set to the grad.
+    Program 0 also zeroes the update kernel's done-counter, in the stream before that kernel runs,
+    so a counter left non-zero (an aborted launch) cannot spoil this step's telemetry.
     Bytes: ``mechgpu.traffic.STEP_PROLOGUE_BYTES_PER_TENSOR`` per tensor, none per element.
     """
     _, skip = _grad_control(control_ptr, control_ptr, found_inf_ptr, False, SKIP_NONFINITE, False, FOUND_INF)
+    if tl.program_id(0) == 0:
+        tl.store(done_ptr, 0)
     tensor_idx = tl.program_id(0) * TENSORS + tl.arange(0, TENSORS)
     mask = tensor_idx < num_tensors
     rows = table_ptr + tensor_idx.to(tl.int64) * _NCOL
@@ -510,7 +514,7 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     Telemetry (TELEMETRY), from the values the update has in registers, no extra pass: each
     program sums its blocks' ``_block_telemetry`` in fp64 and stores one row of partials; the
     last program to finish (one atomic per program, none per block) adds their sums to the
-    group's ``telemetry`` row (``TELEMETRY_FIELDS``) and resets the done-counter. A skipped
+    group's ``telemetry`` row (``TELEMETRY_FIELDS``); the prologue zeroed the done-counter. A skipped
     step updates nothing, but its programs still read the grads to count the non-finite ones.
 
     Bytes per element: ``mechgpu.traffic.optimizer_step_bytes`` (p and g read, p written, each
@@ -576,7 +580,6 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
             for field in tl.static_range(_NTELEMETRY):
                 total = _sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
                 tl.store(telemetry_ptr + field, tl.load(telemetry_ptr + field) + total)
-            tl.store(done_ptr, 0)
 
 
 # ----------------------------------------------------------------------------------
@@ -658,7 +661,8 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     skip_nonfinite = control.skip_nonfinite and control.clip is not None
     hypers = dict(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2)
     prologue = dict(
-        table_ptr=plan.table, scalars_ptr=scalars, control_ptr=clip, found_inf_ptr=found_inf, **hypers,
+        table_ptr=plan.table, scalars_ptr=scalars, done_ptr=plan.done, control_ptr=clip, found_inf_ptr=found_inf,
+        **hypers,
         lr_decay=float(lr_decay), num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr,
         BETAS_ARE_PTRS=betas_are_ptrs, SKIP_NONFINITE=skip_nonfinite, FOUND_INF=control.found_inf is not None,
         TENSORS=PROLOGUE_TENSORS, num_warps=PROLOGUE_WARPS,

@@ -114,3 +114,30 @@ def test_lost_update_fraction_matches_its_definition():
         # the stored param kept its value exactly where the update was lost (or was no update);
         # a GPU's fused multiply-add may round a handful of intended updates differently
         assert ((p.detach().float() == before) != (lost | ~changed)).sum().item() <= 2
+
+
+def test_a_poisoned_done_counter_does_not_poison_later_steps():
+    """The two-stage reductions count finished programs: a counter left non-zero between steps
+    (an aborted launch, two streams sharing a plan) must not change the next step's grad norm or
+    telemetry, since each launch zeroes it in-stream first. Compared with torch's norm and with
+    float64 sums of the params the step changed."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (5000, 7)]
+    opt = mo.AdamW(params, lr=1e-2, max_grad_norm=0.5, telemetry=True)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        if step:  # poison every done counter the optimizer owns, as a partial launch would leave it
+            counters = [b.plan.done for c in opt._group_caches.values() for b in c.buckets]
+            counters += [plan.done for plan in opt._norm_plans.values()]
+            assert counters and all(c.numel() == 1 for c in counters)
+            for c in counters:
+                c.fill_(1)
+        before = [p.detach().double().clone() for p in params]
+        opt.step()
+        expected = torch.nn.utils.get_total_norm([g.double() for g in grads], 2.0)
+        torch.testing.assert_close(opt.last_grad_norm.double().cpu(), expected.cpu(), rtol=1e-6, atol=0)
+        update = math.sqrt(sum(float(((p.detach().double() - b) ** 2).sum()) for p, b in zip(params, before)))
+        assert update > 0
+        torch.testing.assert_close(float(opt.last_telemetry[0]["update_norm"]), update, rtol=1e-5, atol=0)
