@@ -57,6 +57,15 @@ def multi_tensor_warps(block: int) -> int:
     return max(2, min(8, block // 256))
 
 
+def mixed_width_warps(block: int) -> int:
+    """Warps for an aligned multi-tensor update whose streams mix 16-bit and fp32 elements (bf16/fp16
+    params with fp32 states or masters): 4 elements per thread, so that a 16-bit stream's 8-byte access
+    and an fp32 stream's 16-byte access give each thread the same elements. With 8 per thread
+    triton gives the 16-bit streams 8 and the fp32 ones 4 and converts between the two layouts
+    through shared memory, with barriers, in every block."""
+    return 2 * multi_tensor_warps(block)
+
+
 #: Resident CTAs per SM a multi-tensor update keeps at least (kernels/aot.py checks it)
 MIN_RESIDENT_CTAS = 2
 REGISTERS_PER_SM = 65536

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TL_DTYPES, device_guard, register_budget
+from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
 from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
 from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
@@ -641,6 +641,11 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     used = (*states, *(False,) * (STATE_COLUMNS - len(states)))
     control = control or StepControl()
     precision = precision or Precision()
+    # bf16/fp16 params beside fp32 states or masters, with vector access: 4 elements per thread
+    # (_launch.mixed_width_warps); unaligned tensors are accessed element by element anyway
+    fp32_streams = precision.master or (precision.state_dtype == torch.float32 and any(used))
+    mixed = aligned and param_dtype != torch.float32 and fp32_streams
+    warps = mixed_width_warps(plan.block) if mixed else plan.num_warps
     spare = plan.table  # any device pointer, for arguments a variant never reads
     lr, lr_is_ptr = _hyper(lr)
     weight_decay, wd_is_ptr = _hyper(weight_decay)
@@ -681,7 +686,7 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
         CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
         UNSCALE=control.grad_scale is not None, FOUND_INF=control.found_inf is not None,
         MASTER=precision.master, STOCHASTIC=precision.stochastic, TELEMETRY=control.telemetry is not None,
-        ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps, maxnreg=register_budget(plan.num_warps),
+        ALIGNED=aligned, BLOCK=plan.block, num_warps=warps, maxnreg=register_budget(warps),
     )
     return prologue, update
 
