@@ -715,10 +715,9 @@ def aot_variants() -> list:
                                                                               dtype=torch.float64))
 
     def arguments(spec, options: dict, dtype=torch.float32, aligned=True, **more) -> tuple[dict, dict]:
-        group = dict(options)
         more.setdefault("lr", 1e-3)
-        return kernel_arguments(plan, dtype, spec.rule, aligned=aligned, states=tuple(
-            k is not None for k in spec.state_keys(group)), flags=spec.kernel_flags(group), **more)
+        return kernel_arguments(plan, dtype, spec.rule, aligned=aligned, states=spec.states_used(options),
+                                flags=spec.kernel_flags(options), **more)
 
     variants = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

@@ -124,9 +124,13 @@ class OptimizerSpec:
     def fill_of(self, key: str) -> str | None:
         return next((s.fill for s in self.states if s.key == key), None)
 
+    def states_used(self, group: dict) -> tuple[bool, ...]:
+        """Per state column, whether the group's options use it: the kernel's STATE0..2."""
+        return tuple(k is not None for k in self.state_keys(group))
+
     def state_count(self, options: dict) -> int:
         """State buffers a step with these torch options reads and writes (each the state dtype)."""
-        return sum(k is not None for k in self.state_keys(options))
+        return sum(self.states_used(options))
 
 
 _MAXIMIZE = Flag("MAXIMIZE", "maximize", "maximize=True")

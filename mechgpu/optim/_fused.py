@@ -238,7 +238,7 @@ class FusedOptimizer:
                 control: StepControl, precision: Precision) -> None:
         spec = self._spec
         optim_kernels.launch(plan, dtype, spec.rule, aligned=aligned,
-                             states=tuple(k is not None for k in spec.state_keys(group)),
+                             states=spec.states_used(group),
                              flags=spec.kernel_flags(group), control=control, precision=precision,
                              **self._hypers(group, plan.device))
 
