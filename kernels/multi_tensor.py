@@ -42,6 +42,31 @@ from ._launch import grid_programs, multi_tensor_block, multi_tensor_warps
 
 #: Per-program partials of a two-stage reduction that its last program reads at a time
 PARTIALS_WIDTH = tl.constexpr(1024)
+#: Elements per row of a grid-stride reduction's per-thread partials (``rows``): a divisor of every
+#: multi-tensor layout's elements per thread (4 at 16 warps, 8 at 8), so a row sits in one thread's
+#: registers and its sum takes no shuffle, shared memory or barrier.
+ROW = tl.constexpr(4)
+
+
+@triton.jit
+def rows(x):
+    """A BLOCK-long block as [BLOCK // ROW, ROW] rows, to reduce along axis 1 within each thread.
+
+    Grid-stride reductions keep one accumulator per row across a program's blocks and reduce across
+    the CTA once, after the block loop: a block-wide ``tl.sum`` in the loop costs two barriers
+    (and shared memory) every block."""
+    return tl.reshape(x, (x.shape[0] // ROW, ROW))
+
+
+@triton.jit
+def sum_partials(partials_ptr, count, STRIDE: tl.constexpr, WIDTH: tl.constexpr):
+    """The fp64 sum of ``count`` per-program partials ``STRIDE`` apart, read WIDTH at a time; summed
+    across the CTA once, after the loop."""
+    total = tl.zeros((WIDTH,), tl.float64)
+    for first in range(0, count, WIDTH):
+        index = first + tl.arange(0, WIDTH)
+        total += tl.load(partials_ptr + index * STRIDE, mask=index < count, other=0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
-from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
+from .multi_tensor import PARTIALS_WIDTH, ROW, MultiTensorPlan, TableLayout, block_slice, rows, sum_partials
 from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
 
@@ -128,16 +128,6 @@ def _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK: tl.constexpr, ALIGNED
 
 
 @triton.jit
-def _sum_partials(partials_ptr, count, STRIDE: tl.constexpr, WIDTH: tl.constexpr):
-    """The fp64 sum of ``count`` per-program partials ``STRIDE`` apart, read WIDTH at a time."""
-    total = tl.zeros((), tl.float64)
-    for first in range(0, count, WIDTH):
-        index = first + tl.arange(0, WIDTH)
-        total += tl.sum(tl.load(partials_ptr + index * STRIDE, mask=index < count, other=0.0), axis=0)
-    return total
-
-
-@triton.jit
 def _lerp(start, end, weight):
     """torch.lerp's formula, which is exact at both ends."""
     return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
@@ -208,16 +198,18 @@ _NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 @triton.jit
 def _nonfinite(g, mask):
+    """Per row (``multi_tensor.rows``) of g, its non-finite elements (int32)."""
     bad = (g != g) | (tl.abs(g) == float("inf"))
     if mask is not None:
         bad = bad & mask
-    return tl.sum(bad.to(tl.float32), axis=0)
+    return tl.sum(rows(bad.to(tl.int32)), axis=1)
 
 
 @triton.jit
 def _block_telemetry(p_old, p_new, stored, g, mask):
-    """One block's fp32 (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed):
-    the update norm is of what the step stored, the lost updates those whose p_new != p_old
+    """One block's (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed) per row of
+    ROW elements (``multi_tensor.rows``: within one thread, no barrier), the sums fp64 and the counts
+    int32: the update norm is of what the step stored, the lost updates those whose p_new != p_old
     rounded back to p_old."""
     delta = stored - p_old
     changed = p_new != p_old
@@ -227,8 +219,8 @@ def _block_telemetry(p_old, p_new, stored, g, mask):
         delta = tl.where(mask, delta, 0.0)
         changed = changed & mask
         lost = lost & mask
-    return (tl.sum(p_old * p_old, axis=0), tl.sum(delta * delta, axis=0), _nonfinite(g, mask),
-            tl.sum(lost.to(tl.float32), axis=0), tl.sum(changed.to(tl.float32), axis=0))
+    return (tl.sum(rows(p_old * p_old), axis=1).to(tl.float64), tl.sum(rows(delta * delta), axis=1).to(tl.float64),
+            _nonfinite(g, mask), tl.sum(rows(lost.to(tl.int32)), axis=1), tl.sum(rows(changed.to(tl.int32)), axis=1))
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -413,7 +405,7 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     _store_state(state1_ptr, s1, offs, mask, STATE1)
     _store_state(state2_ptr, s2, offs, mask, STATE2)
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    stats = (0.0, 0.0, 0.0, 0.0, 0.0)
+    stats = (0.0, 0.0, 0, 0, 0)
     if TELEMETRY:
         stats = _block_telemetry(p_old, p, stored, g, mask)
     return stats
@@ -512,7 +504,9 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's.
 
     Telemetry (TELEMETRY), from the values the update has in registers, no extra pass: each
-    program sums its blocks' ``_block_telemetry`` in fp64 and stores one row of partials; the
+    thread adds its rows of each block's ``_block_telemetry`` to its own accumulators (fp64 sums,
+    int32 counts) and the program reduces them across the CTA once, after the block loop (no
+    barrier per block); it stores one row of partials; the
     last program to finish (one atomic per program, none per block) adds their sums to the
     group's ``telemetry`` row (``TELEMETRY_FIELDS``); the prologue zeroed the done-counter. A skipped
     step updates nothing, but its programs still read the grads to count the non-finite ones.
@@ -530,18 +524,19 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     if BETAS_ARE_PTRS:
         beta1_weight = 1.0 - tl.load(beta1).to(tl.float32)
         one_minus_beta2 = 1.0 - beta2
-    param_sq = tl.zeros((), tl.float64)
-    update_sq = tl.zeros((), tl.float64)
-    nonfinite = tl.zeros((), tl.float64)
-    lost = tl.zeros((), tl.float64)
-    changed = tl.zeros((), tl.float64)
+    # per thread and row (multi_tensor.rows), across the program's blocks: reduced once after the loop
+    param_sq = tl.zeros((BLOCK // ROW,), tl.float64)
+    update_sq = tl.zeros((BLOCK // ROW,), tl.float64)
+    nonfinite = tl.zeros((BLOCK // ROW,), tl.int32)
+    lost = tl.zeros((BLOCK // ROW,), tl.int32)
+    changed = tl.zeros((BLOCK // ROW,), tl.int32)
     if TELEMETRY:
         if skip:  # nothing to update; count the grads that made the step skip
             for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
                 _, row, numel, offs, _ = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
                 valid = offs < numel
                 g = tl.load(_table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED) + offs, mask=valid, other=0.0)
-                nonfinite += _nonfinite(g.to(tl.float32), valid).to(tl.float64)
+                nonfinite += _nonfinite(g.to(tl.float32), valid)
     for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
@@ -563,22 +558,22 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
         if TELEMETRY:
-            param_sq += stats[0].to(tl.float64)
-            update_sq += stats[1].to(tl.float64)
-            nonfinite += stats[2].to(tl.float64)
-            lost += stats[3].to(tl.float64)
-            changed += stats[4].to(tl.float64)
+            param_sq += stats[0]
+            update_sq += stats[1]
+            nonfinite += stats[2]
+            lost += stats[3]
+            changed += stats[4]
     if TELEMETRY:
         mine = partials_ptr + tl.program_id(0) * _NTELEMETRY
-        tl.store(mine + _T_PARAM_SQ, param_sq)
-        tl.store(mine + _T_UPDATE_SQ, update_sq)
-        tl.store(mine + _T_NONFINITE, nonfinite)
-        tl.store(mine + _T_LOST, lost)
-        tl.store(mine + _T_CHANGED, changed)
+        tl.store(mine + _T_PARAM_SQ, tl.sum(param_sq, axis=0))
+        tl.store(mine + _T_UPDATE_SQ, tl.sum(update_sq, axis=0))
+        tl.store(mine + _T_NONFINITE, tl.sum(nonfinite.to(tl.float64), axis=0))
+        tl.store(mine + _T_LOST, tl.sum(lost.to(tl.float64), axis=0))
+        tl.store(mine + _T_CHANGED, tl.sum(changed.to(tl.float64), axis=0))
         finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
         if finished == tl.num_programs(0) - 1:
             for field in tl.static_range(_NTELEMETRY):
-                total = _sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
+                total = sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
                 tl.store(telemetry_ptr + field, tl.load(telemetry_ptr + field) + total)
 
 
