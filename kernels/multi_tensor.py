@@ -48,6 +48,20 @@ PARTIALS_WIDTH = tl.constexpr(1024)
 ROW = tl.constexpr(4)
 
 
+#: Elements of the narrowest stream (16-bit) in one 16-byte access. A masked access still compiles
+#: to 128-bit loads and stores where its mask is provably constant over such runs (``whole_vectors``).
+VECTOR = tl.constexpr(8)
+
+
+@triton.jit
+def whole_vectors(numel):
+    """``numel`` rounded down to whole VECTORs, with the hint that it is one: in a block whose offsets
+    are contiguous from a multiple of VECTOR, ``offs < whole_vectors(numel)`` is constant over each
+    vector, so an aligned short tensor (or a last block) keeps 128-bit accesses for all but its
+    last ``numel % VECTOR`` elements."""
+    return tl.multiple_of(numel // VECTOR * VECTOR, VECTOR)
+
+
 @triton.jit
 def rows(x):
     """A BLOCK-long block as [BLOCK // ROW, ROW] rows, to reduce along axis 1 within each thread.

@@ -26,7 +26,9 @@ bf16 params are rounded stochastically instead of to nearest.
 
 Full blocks take an unmasked path; with ``ALIGNED`` the launcher promises that every
 address in the table is 16-byte aligned, which lets the compiler emit 128-bit loads
-and stores. Tensors at unaligned storage offsets go to a separate launch without it.
+and stores. A short tensor's block (or a tensor's last) is masked a whole vector at a time
+(``multi_tensor.whole_vectors``), so only its last ``numel % VECTOR`` elements go one by one.
+Tensors at unaligned storage offsets go to a separate launch without it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ import triton
 import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
-from .multi_tensor import PARTIALS_WIDTH, ROW, MultiTensorPlan, TableLayout, block_slice, rows, sum_partials
+from .multi_tensor import (
+    PARTIALS_WIDTH,
+    ROW,
+    MultiTensorPlan,
+    TableLayout,
+    block_slice,
+    rows,
+    sum_partials,
+    whole_vectors,
+)
 from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
 
@@ -78,12 +89,18 @@ def _scalar(arg, IS_PTR: tl.constexpr):
         return tl.cast(arg, tl.float32)
 
 
+#: Squarings of _pow_int: enough for any int32 exponent
+_POW_BITS = tl.constexpr(31)
+
+
 @triton.jit
 def _pow_int(base, n):
-    """base ** n, elementwise, for an fp64 base and int32 n >= 0, by repeated squaring (no libdevice)."""
+    """base ** n, elementwise, for an fp64 base and int32 n >= 0, by repeated squaring (no libdevice),
+    over all 31 bits: a loop bounded by the largest n would reduce across the CTA, two barriers
+    an iteration."""
     result = tl.full(n.shape, 1.0, tl.float64)
     base = tl.full(n.shape, 0.0, tl.float64) + base
-    while tl.max(n, axis=0) > 0:
+    for _ in range(_POW_BITS):
         result = tl.where((n % 2) == 1, result * base, result)
         base = base * base
         n = n // 2
@@ -553,6 +570,19 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+        elif ALIGNED:  # a short tensor or a last block: its whole vectors masked a vector at a time (128-bit)
+            vectors = whole_vectors(numel)
+            stats = _rule_block(ptrs, offs, offs < vectors, multiplier, block_seed, hypers, tensor_scalars,
+                                RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+            if vectors < numel:  # then the last numel % VECTOR elements, one by one
+                tail = _rule_block(ptrs, offs, (offs >= vectors) & (offs < numel), multiplier, block_seed, hypers,
+                                   tensor_scalars, RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2,
+                                   FLAGS=FLAGS, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                   TELEMETRY=TELEMETRY)
+                if TELEMETRY:
+                    stats = (stats[0] + tail[0], stats[1] + tail[1], stats[2] + tail[2], stats[3] + tail[3],
+                             stats[4] + tail[4])
         else:
             stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
