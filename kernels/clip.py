@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard
+from ._launch import device_guard, mixed_width_warps
 from .multi_tensor import (
     PARTIALS_WIDTH,
     ROW,
@@ -311,7 +311,9 @@ def _scale_typed(ptr, offs, mask, coef):
 @triton.jit
 def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """g <- g * coef for every tensor of a table, coef read from device memory; grid-stride
-    over the plan's blocks.
+    over the plan's blocks. Launched with 4 elements a thread (``_launch.mixed_width_warps``): its
+    fp32 and 16-bit branches then share one layout (with 8, triton staged every fp32 block's stores
+    through 8 KiB of shared memory, with barriers); 16-bit grads take 64-bit accesses.
 
     Reads and writes each element (``mechgpu.traffic.grad_scale_bytes``).
     """
@@ -320,6 +322,11 @@ def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.c
         _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
         if start + BLOCK <= numel:
             _scale_any(row, offs, None, coef, ALIGNED)
+        elif ALIGNED:  # a short tensor or a last block: its whole vectors, then the rest
+            vectors = whole_vectors(numel)
+            _scale_any(row, offs, offs < vectors, coef, ALIGNED)
+            if vectors < numel:
+                _scale_any(row, offs, (offs >= vectors) & (offs < numel), coef, ALIGNED)
         else:
             _scale_any(row, offs, offs < numel, coef, ALIGNED)
 
@@ -373,7 +380,7 @@ def scale_(plan: MultiTensorPlan, coef: torch.Tensor, *, aligned: bool) -> None:
     """Multiply every tensor in ``plan`` by the 0-d device tensor ``coef`` (one launch)."""
     with device_guard(plan.device):
         grad_scale_kernel[(plan.grid,)](plan.table, plan.blocks, coef, plan.num_blocks, ALIGNED=aligned,
-                                                BLOCK=plan.block, num_warps=plan.num_warps)
+                                        BLOCK=plan.block, num_warps=mixed_width_warps(plan.block))
 
 
 
@@ -397,5 +404,6 @@ def aot_variants() -> list:
     fin = variant("grad_norm_finalize[l2]", grad_norm_finalize_kernel, fin_sig,
                   {"KIND": KIND_L2, "UNSCALE": True}, False, 1)
     scale_sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "coef_ptr": "*fp32", "num_blocks": "i32"}
-    scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True, warps)
+    scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True,
+                    mixed_width_warps(block))
     return variants + [fin, scale]

@@ -30,9 +30,9 @@ VARIANTS = aot.all_variants()
 REPORT_KEYS = {"kernel", "arch", "registers", "spills", "ldg128", "stg128", "num_warps", "shared", "loop_barriers",
                "ctas_per_sm", "warps_per_sm"}
 #: Kernels held at no CTA barrier inside a loop and no shared memory (issue 25): the optimizer's, the
-#: activations' and the grid-stride norm's
+#: activations' and the grid-stride norm and scaling
 BARRIER_FREE_KERNELS = {"optimizer_kernel", "step_prologue_kernel", "activation_fwd_kernel", "activation_bwd_kernel",
-                        "grad_norm_kernel"}
+                        "grad_norm_kernel", "grad_scale_kernel"}
 
 
 def shared_exemption(variant: aot.KernelVariant) -> tuple[int, str] | None:
@@ -46,8 +46,10 @@ def shared_exemption(variant: aot.KernelVariant) -> tuple[int, str] | None:
         # CTA's warps (one fp64 a warp) and the broadcast of the done-counter atomic's result
         return 8 * variant.num_warps, "one cross-warp reduction after the block loop"
     if name == "activation_fwd_kernel" and constexprs["SAVE_MASK"]:
-        # relu/leaky_relu pack their mask bits into int32 words: 32 bits span two threads, and the
-        # words reach their store layout through shared memory, once per program (no loop)
+        # relu/leaky_relu pack their mask bits into int32 words; a thread holds its elements in runs
+        # of 4 (one 128-bit fp32 access), so a word's bits span threads and reach the words' store
+        # layout through shared memory, once per program (no loop). Packing bytes instead still
+        # exchanged (tried: the same 512 B)
         return 4 * constexprs["BLOCK"] // 32, "the packed mask words' exchange, once per program"
     return None
 
