@@ -48,6 +48,9 @@ def report(only: str = "") -> dict:
                     "min_ctas_per_sm": min((r["ctas_per_sm"] for r in rows), default=0),
                     "below_occupancy_floor": sum(not aot.meets_occupancy_floor(r["ctas_per_sm"], r["warps_per_sm"])
                                                  for r in rows),
+                    "loop_barriers": sum(r["loop_barriers"] for r in rows),
+                    "with_loop_barriers": sum(r["loop_barriers"] > 0 for r in rows),
+                    "with_shared": sum(r["shared"] > 0 for r in rows),
                     "aligned_variants": len(aligned),
                     "aligned_with_128bit_access": sum(name in wide for name in aligned)},
         "rows": rows,
@@ -61,7 +64,9 @@ def to_markdown(result: dict) -> str:
              f"{result['date'][:10]}. {result['variants']} variants of {len(result['kernels'])} kernels for "
              f"{', '.join(result['archs'])}: at most {s['max_registers']} registers, {s['spills']} spilled bytes, "
              f"{s['aligned_with_128bit_access']} of {s['aligned_variants']} aligned variants with 128-bit access.",
-             f"{s['below_occupancy_floor']} rows below {aot.CTAS_FLOOR} CTAs or {aot.WARPS_FLOOR} warps per SM.",
+             f"{s['below_occupancy_floor']} rows below {aot.CTAS_FLOOR} CTAs or {aot.WARPS_FLOOR} warps per SM; "
+             f"{s['with_loop_barriers']} rows with CTA barriers inside a loop ({s['loop_barriers']} in all), "
+             f"{s['with_shared']} with shared memory.",
              "Registers per thread, spilled bytes, 128-bit global loads/stores in the SASS, warps and shared "
              "memory per CTA, CTA barriers inside a loop of the SASS (`mechgpu.kernels.aot.loop_barriers`: in a "
              "grid-stride kernel, those every block pays), and the resident CTAs and warps per SM they allow "

@@ -36,6 +36,7 @@ from ._launch import device_guard, mixed_width_warps
 from .multi_tensor import (
     PARTIALS_WIDTH,
     ROW,
+    VECTOR,
     MultiTensorPlan,
     TableLayout,
     block_slice,
@@ -179,6 +180,15 @@ def _combine_extreme(a, b, KIND: tl.constexpr):
 
 
 @triton.jit
+def _reduce_extreme(x, KIND: tl.constexpr):
+    """The max (or, for p = -inf, min) of x."""
+    if KIND == _KIND_MIN:
+        return tl.min(x, axis=0)
+    else:
+        return tl.max(x, axis=0)
+
+
+@triton.jit
 def _finalize(total_pow, nan_count, extreme, out_ptr, grad_scale_ptr, norm_type, max_norm,
               KIND: tl.constexpr, UNSCALE: tl.constexpr):
     """Combined (sum |g|^p, NaN count, max or min |g|) -> (total norm, clip coefficient) in out."""
@@ -236,6 +246,8 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
         if start + BLOCK <= numel:
             block_total, block_nans, block_extreme = _row_values(row, offs, None, norm_type, KIND, ALIGNED)
         elif ALIGNED:  # a short tensor or a last block: its whole vectors (128-bit), then the rest
+            # (the rest BLOCK lanes wide: VECTOR lanes, as the optimizer and grad_scale take it, left the
+            # l_p norm's registers to ptxas's choice of 48 on sm_80, with 12 B spilled)
             vectors = whole_vectors(numel)
             block_total, block_nans, block_extreme = _row_values(row, offs, offs < vectors, norm_type, KIND, ALIGNED)
             if vectors < numel:
@@ -252,10 +264,7 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
     mine = partials_ptr + pid * _WORKSPACE_SIZE
     tl.store(mine, tl.sum(total, axis=0))
     tl.store(mine + 1, tl.sum(nan_count.to(tl.float64), axis=0))
-    if KIND == _KIND_MIN:
-        tl.store(mine + 2, tl.min(extreme, axis=0).to(tl.float64))
-    else:
-        tl.store(mine + 2, tl.max(extreme, axis=0).to(tl.float64))
+    tl.store(mine + 2, _reduce_extreme(extreme, KIND).to(tl.float64))
     finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
     if finished == programs - 1:
         all_total = sum_partials(partials_ptr, programs, _WORKSPACE_SIZE, PARTIALS_WIDTH)
@@ -270,10 +279,7 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
             partial = tl.load(partials_ptr + index * _WORKSPACE_SIZE + 2, mask=index < programs,
                               other=float("inf") if KIND == _KIND_MIN else 0.0)
             extremes = _combine_extreme(extremes, partial, KIND)
-        if KIND == _KIND_MIN:
-            all_extreme = tl.min(extremes, axis=0)
-        else:
-            all_extreme = tl.max(extremes, axis=0)
+        all_extreme = _reduce_extreme(extremes, KIND)
         if FINALIZE:
             _finalize(all_total, all_nans, all_extreme, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
         else:
@@ -322,11 +328,12 @@ def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.c
         _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
         if start + BLOCK <= numel:
             _scale_any(row, offs, None, coef, ALIGNED)
-        elif ALIGNED:  # a short tensor or a last block: its whole vectors, then the rest
+        elif ALIGNED:  # a short tensor or a last block: its last numel % VECTOR elements, then whole vectors
             vectors = whole_vectors(numel)
-            _scale_any(row, offs, offs < vectors, coef, ALIGNED)
             if vectors < numel:
-                _scale_any(row, offs, (offs >= vectors) & (offs < numel), coef, ALIGNED)
+                tail_offs = vectors + tl.arange(0, VECTOR)
+                _scale_any(row, tail_offs, tail_offs < numel, coef, ALIGNED)
+            _scale_any(row, offs, offs < vectors, coef, ALIGNED)
         else:
             _scale_any(row, offs, offs < numel, coef, ALIGNED)
 

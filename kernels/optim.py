@@ -27,7 +27,8 @@ bf16 params are rounded stochastically instead of to nearest.
 Full blocks take an unmasked path; with ``ALIGNED`` the launcher promises that every
 address in the table is 16-byte aligned, which lets the compiler emit 128-bit loads
 and stores. A short tensor's block (or a tensor's last) is masked a whole vector at a time
-(``multi_tensor.whole_vectors``), so only its last ``numel % VECTOR`` elements go one by one.
+(``multi_tensor.whole_vectors``), so only its last ``numel % VECTOR`` elements go one by one
+(without TELEMETRY; with it a short block goes element by element).
 Tensors at unaligned storage offsets go to a separate launch without it.
 """
 
@@ -43,6 +44,7 @@ from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
 from .multi_tensor import (
     PARTIALS_WIDTH,
     ROW,
+    VECTOR,
     MultiTensorPlan,
     TableLayout,
     block_slice,
@@ -570,19 +572,21 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
-        elif ALIGNED:  # a short tensor or a last block: its whole vectors masked a vector at a time (128-bit)
+        elif ALIGNED and not TELEMETRY:
+            # a short tensor or a last block: first its last numel % VECTOR elements one by one, VECTOR
+            # lanes wide, then its whole vectors masked a vector at a time (128-bit). (The other order
+            # kept the row's pointers live through the vectors' update: fp32 Adam 80 registers, not 64.
+            # With TELEMETRY the tail's registers took the 16-warp fp16 + master variants past their
+            # budget of 64, so those keep the element-by-element path below.)
             vectors = whole_vectors(numel)
+            if vectors < numel:
+                tail_offs = vectors + tl.arange(0, VECTOR)
+                _rule_block(ptrs, tail_offs, tail_offs < numel, multiplier, block_seed, hypers, tensor_scalars,
+                            RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                            SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
             stats = _rule_block(ptrs, offs, offs < vectors, multiplier, block_seed, hypers, tensor_scalars,
                                 RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
-            if vectors < numel:  # then the last numel % VECTOR elements, one by one
-                tail = _rule_block(ptrs, offs, (offs >= vectors) & (offs < numel), multiplier, block_seed, hypers,
-                                   tensor_scalars, RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2,
-                                   FLAGS=FLAGS, SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
-                                   TELEMETRY=TELEMETRY)
-                if TELEMETRY:
-                    stats = (stats[0] + tail[0], stats[1] + tail[1], stats[2] + tail[2], stats[3] + tail[3],
-                             stats[4] + tail[4])
         else:
             stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
