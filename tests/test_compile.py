@@ -54,7 +54,6 @@ def shared_exemption(variant: aot.KernelVariant) -> tuple[int, str] | None:
     return None
 
 
-
 @pytest.fixture(scope="module")
 def report() -> dict[tuple[str, str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
