@@ -35,7 +35,6 @@ import triton.language as tl
 from ._launch import device_guard, mixed_width_warps
 from .multi_tensor import (
     PARTIALS_WIDTH,
-    ROW,
     VECTOR,
     MultiTensorPlan,
     TableLayout,
@@ -43,6 +42,7 @@ from .multi_tensor import (
     rows,
     sum_partials,
     whole_vectors,
+    zero_rows,
 )
 from .rounding import round_like
 
@@ -151,9 +151,9 @@ def _row_partial(a, mask, norm_type, KIND: tl.constexpr):
 def _row_values(row, offs, mask, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
     """One block's (fp64 partial of |g|^p, int32 NaN count, max or min of |g|) per row of ROW elements
     (``multi_tensor.rows``: each row within one thread, so no barrier), by KIND."""
-    a = rows(tl.abs(_load_any(row, offs, mask, ALIGNED)))
+    a = rows(tl.abs(_load_any(row, offs, mask, ALIGNED)), ALIGNED)
     if mask is not None:
-        mask = rows(mask)
+        mask = rows(mask, ALIGNED)
     is_nan = a != a
     nan_count = tl.sum(is_nan.to(tl.int32), axis=1)
     a = tl.where(is_nan, 0.0, a)
@@ -236,9 +236,9 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     # per thread and row (multi_tensor.rows), across the program's blocks: reduced once after the loop
-    total = tl.zeros((BLOCK // ROW,), tl.float64)
-    nan_count = tl.zeros((BLOCK // ROW,), tl.int32)
-    extreme = tl.zeros((BLOCK // ROW,), tl.float32)
+    total = zero_rows(BLOCK, ALIGNED, tl.float64)
+    nan_count = zero_rows(BLOCK, ALIGNED, tl.int32)
+    extreme = zero_rows(BLOCK, ALIGNED, tl.float32)
     if KIND == _KIND_MIN:
         extreme = extreme + float("inf")
     for item in range(pid, num_blocks, programs):

@@ -43,7 +43,6 @@ import triton.language as tl
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
 from .multi_tensor import (
     PARTIALS_WIDTH,
-    ROW,
     VECTOR,
     MultiTensorPlan,
     TableLayout,
@@ -51,6 +50,7 @@ from .multi_tensor import (
     rows,
     sum_partials,
     whole_vectors,
+    zero_rows,
 )
 from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
@@ -216,16 +216,16 @@ _NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 
 @triton.jit
-def _nonfinite(g, mask):
+def _nonfinite(g, mask, ALIGNED: tl.constexpr):
     """Per row (``multi_tensor.rows``) of g, its non-finite elements (int32)."""
     bad = (g != g) | (tl.abs(g) == float("inf"))
     if mask is not None:
         bad = bad & mask
-    return tl.sum(rows(bad.to(tl.int32)), axis=1)
+    return tl.sum(rows(bad.to(tl.int32), ALIGNED), axis=1)
 
 
 @triton.jit
-def _block_telemetry(p_old, p_new, stored, g, mask):
+def _block_telemetry(p_old, p_new, stored, g, mask, ALIGNED: tl.constexpr):
     """One block's (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed) per row of
     ROW elements (``multi_tensor.rows``: within one thread, no barrier), the sums fp64 and the counts
     int32: the update norm is of what the step stored, the lost updates those whose p_new != p_old
@@ -238,8 +238,9 @@ def _block_telemetry(p_old, p_new, stored, g, mask):
         delta = tl.where(mask, delta, 0.0)
         changed = changed & mask
         lost = lost & mask
-    return (tl.sum(rows(p_old * p_old), axis=1).to(tl.float64), tl.sum(rows(delta * delta), axis=1).to(tl.float64),
-            _nonfinite(g, mask), tl.sum(rows(lost.to(tl.int32)), axis=1), tl.sum(rows(changed.to(tl.int32)), axis=1))
+    return (tl.sum(rows(p_old * p_old, ALIGNED), axis=1).to(tl.float64),
+            tl.sum(rows(delta * delta, ALIGNED), axis=1).to(tl.float64), _nonfinite(g, mask, ALIGNED),
+            tl.sum(rows(lost.to(tl.int32), ALIGNED), axis=1), tl.sum(rows(changed.to(tl.int32), ALIGNED), axis=1))
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -387,7 +388,7 @@ def _store_state(ptr, value, offs, mask, USED: tl.constexpr):
 def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                 RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
                 FLAGS: tl.constexpr, SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                TELEMETRY: tl.constexpr):
+                TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr):
     """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec),
     update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2, master), ``hypers``
     the kernel's runtime hyperparameters and ``scalars`` the tensor's (step size, sqrt(1 -
@@ -426,7 +427,7 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     stats = (0.0, 0.0, 0, 0, 0)
     if TELEMETRY:
-        stats = _block_telemetry(p_old, p, stored, g, mask)
+        stats = _block_telemetry(p_old, p, stored, g, mask, ALIGNED)
     return stats
 
 
@@ -544,18 +545,18 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         beta1_weight = 1.0 - tl.load(beta1).to(tl.float32)
         one_minus_beta2 = 1.0 - beta2
     # per thread and row (multi_tensor.rows), across the program's blocks: reduced once after the loop
-    param_sq = tl.zeros((BLOCK // ROW,), tl.float64)
-    update_sq = tl.zeros((BLOCK // ROW,), tl.float64)
-    nonfinite = tl.zeros((BLOCK // ROW,), tl.int32)
-    lost = tl.zeros((BLOCK // ROW,), tl.int32)
-    changed = tl.zeros((BLOCK // ROW,), tl.int32)
+    param_sq = zero_rows(BLOCK, ALIGNED, tl.float64)
+    update_sq = zero_rows(BLOCK, ALIGNED, tl.float64)
+    nonfinite = zero_rows(BLOCK, ALIGNED, tl.int32)
+    lost = zero_rows(BLOCK, ALIGNED, tl.int32)
+    changed = zero_rows(BLOCK, ALIGNED, tl.int32)
     if TELEMETRY:
         if skip:  # nothing to update; count the grads that made the step skip
             for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
                 _, row, numel, offs, _ = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
                 valid = offs < numel
                 g = tl.load(_table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED) + offs, mask=valid, other=0.0)
-                nonfinite += _nonfinite(g.to(tl.float32), valid)
+                nonfinite += _nonfinite(g.to(tl.float32), valid, ALIGNED)
     for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
@@ -571,7 +572,8 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         if full:  # unmasked, so full vectors
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
         elif ALIGNED and not TELEMETRY:
             # a short tensor or a last block: first its last numel % VECTOR elements one by one, VECTOR
             # lanes wide, then its whole vectors masked a vector at a time (128-bit). (The other order
@@ -583,14 +585,17 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
                 tail_offs = vectors + tl.arange(0, VECTOR)
                 _rule_block(ptrs, tail_offs, tail_offs < numel, multiplier, block_seed, hypers, tensor_scalars,
                             RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                            SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                            SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                            TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
             stats = _rule_block(ptrs, offs, offs < vectors, multiplier, block_seed, hypers, tensor_scalars,
                                 RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
         else:
             stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
         if TELEMETRY:
             param_sq += stats[0]
             update_sq += stats[1]
