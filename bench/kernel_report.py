@@ -3,9 +3,10 @@
 
 For each kernel variant (every ``*_kernel`` in ``kernels/``, in each specialisation the
 launchers use; see ``aot_variants()`` in each module) and each arch (sm_80, sm_90a):
-registers per thread, spilled bytes, and the number of 128-bit global loads and stores
-(LDG.E.128 / STG.E.128) in the SASS, read with the ptxas and cuobjdump shipped in the
-triton wheel.
+registers per thread, spilled bytes, the number of 128-bit global loads and stores
+(LDG.E.128 / STG.E.128) and of CTA barriers inside loops (``aot.loop_barriers``: in a grid-stride
+kernel, the barriers every block pays) in the SASS, read with the ptxas and cuobjdump shipped in
+the triton wheel.
 
     python bench/kernel_report.py                 # a table
     python bench/kernel_report.py --out bench/results   # also kernel-report.json and .md there
@@ -25,8 +26,8 @@ import torch
 import triton
 from mechgpu.kernels import aot
 
-ROW_KEYS = ("kernel", "arch", "registers", "spills", "ldg128", "stg128", "num_warps", "shared", "ctas_per_sm",
-            "warps_per_sm")
+ROW_KEYS = ("kernel", "arch", "registers", "spills", "ldg128", "stg128", "num_warps", "shared", "loop_barriers",
+            "ctas_per_sm", "warps_per_sm")
 
 
 def report(only: str = "") -> dict:
@@ -47,6 +48,9 @@ def report(only: str = "") -> dict:
                     "min_ctas_per_sm": min((r["ctas_per_sm"] for r in rows), default=0),
                     "below_occupancy_floor": sum(not aot.meets_occupancy_floor(r["ctas_per_sm"], r["warps_per_sm"])
                                                  for r in rows),
+                    "loop_barriers": sum(r["loop_barriers"] for r in rows),
+                    "with_loop_barriers": sum(r["loop_barriers"] > 0 for r in rows),
+                    "with_shared": sum(r["shared"] > 0 for r in rows),
                     "aligned_variants": len(aligned),
                     "aligned_with_128bit_access": sum(name in wide for name in aligned)},
         "rows": rows,
@@ -60,14 +64,19 @@ def to_markdown(result: dict) -> str:
              f"{result['date'][:10]}. {result['variants']} variants of {len(result['kernels'])} kernels for "
              f"{', '.join(result['archs'])}: at most {s['max_registers']} registers, {s['spills']} spilled bytes, "
              f"{s['aligned_with_128bit_access']} of {s['aligned_variants']} aligned variants with 128-bit access.",
-             f"{s['below_occupancy_floor']} rows below {aot.CTAS_FLOOR} CTAs or {aot.WARPS_FLOOR} warps per SM.",
+             f"{s['below_occupancy_floor']} rows below {aot.CTAS_FLOOR} CTAs or {aot.WARPS_FLOOR} warps per SM; "
+             f"{s['with_loop_barriers']} rows with CTA barriers inside a loop ({s['loop_barriers']} in all), "
+             f"{s['with_shared']} with shared memory.",
              "Registers per thread, spilled bytes, 128-bit global loads/stores in the SASS, warps and shared "
-             "memory per CTA, and the resident CTAs and warps per SM they allow (`mechgpu.kernels.aot.ctas_per_sm`).",
+             "memory per CTA, CTA barriers inside a loop of the SASS (`mechgpu.kernels.aot.loop_barriers`: in a "
+             "grid-stride kernel, those every block pays), and the resident CTAs and warps per SM they allow "
+             "(`mechgpu.kernels.aot.ctas_per_sm`).",
              "",
-             "| kernel | arch | registers | spills | LDG.E.128 | STG.E.128 | warps | shared B | CTAs/SM | warps/SM |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kernel | arch | registers | spills | LDG.E.128 | STG.E.128 | warps | shared B | loop barriers "
+             "| CTAs/SM | warps/SM |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spills']} | {r['ldg128']} | {r['stg128']} | "
-              f"{r['num_warps']} | {r['shared']} | {r['ctas_per_sm']} | {r['warps_per_sm']} |"
+              f"{r['num_warps']} | {r['shared']} | {r['loop_barriers']} | {r['ctas_per_sm']} | {r['warps_per_sm']} |"
               for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -91,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "kernel-report.json").write_text(text)
         (args.out / "kernel-report.md").write_text(to_markdown(result))
     print(f"{'kernel':<40} {'arch':<7} {'regs':>5} {'spills':>7} {'LDG.128':>8} {'STG.128':>8} {'warps':>6} "
-          f"{'shared':>7} {'CTAs/SM':>8} {'warps/SM':>9}")
+          f"{'shared':>7} {'loopBAR':>8} {'CTAs/SM':>8} {'warps/SM':>9}")
     for r in result["rows"]:
         print(f"{r['kernel']:<40} {r['arch']:<7} {r['registers']:>5} {r['spills']:>7} "
-              f"{r['ldg128']:>8} {r['stg128']:>8} {r['num_warps']:>6} {r['shared']:>7} {r['ctas_per_sm']:>8} "
-              f"{r['warps_per_sm']:>9}")
+              f"{r['ldg128']:>8} {r['stg128']:>8} {r['num_warps']:>6} {r['shared']:>7} {r['loop_barriers']:>8} "
+              f"{r['ctas_per_sm']:>8} {r['warps_per_sm']:>9}")
     return 0
 
 

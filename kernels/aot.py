@@ -3,7 +3,8 @@
 ``inspect_variant()`` compiles a kernel variant with ``triton.compile``
 and a ``GPUTarget``, then reads the result with the ``ptxas`` and ``cuobjdump`` that
 ship in the triton wheel: registers, spill bytes, and the number of 128-bit global
-loads and stores (``LDG.E.128`` / ``STG.E.128``) in the SASS. ``bench/kernel_report.py``
+loads and stores (``LDG.E.128`` / ``STG.E.128``) and the CTA barriers inside loops in the
+SASS. ``bench/kernel_report.py``
 prints it; ``tests/test_compile.py`` checks it.
 """
 
@@ -49,6 +50,7 @@ class CompileResult:
     stg128: int
     num_warps: int
     shared: int  # bytes of shared memory per CTA
+    loop_barriers: int  # CTA barriers (BAR.*) inside a loop body of the SASS (``loop_barriers``)
     ctas_per_sm: int
     warps_per_sm: int
 
@@ -190,6 +192,27 @@ def sass_opcodes(variant: KernelVariant, arch: int) -> list[str]:
     return _SASS_LINE.findall(_assemble(variant, arch)[2])
 
 
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def loop_barriers(sass: str) -> int:
+    """The CTA barrier instructions (``BAR.SYNC``, ``BAR.SYNC.DEFER_BLOCKING``, ``BAR.RED``, ``BAR.ARV``,
+    ...) inside a loop of the SASS, a loop body being the instructions from a backward branch's
+    target to the branch: in a grid-stride kernel, what each block iteration pays (the block loop
+    and any loop inside it or after it, such as a finishing loop over per-program partials).
+    Warp-level convergence barriers (``BSSY``/``BSYNC``/``WARPSYNC``) and fences are not CTA barriers."""
+    instructions = [(int(address, 16), opcode, operands)
+                    for address, opcode, operands in _SASS_INSTRUCTION.findall(sass)]
+    loops = []
+    for address, opcode, operands in instructions:
+        target = _BRANCH_TARGET.search(operands) if opcode.split(".")[0] == "BRA" else None
+        if target and int(target.group(1), 16) <= address:
+            loops.append((int(target.group(1), 16), address))
+    return sum(1 for address, opcode, _ in instructions
+               if opcode.split(".")[0] == "BAR" and any(first <= address <= last for first, last in loops))
+
+
 def is_fp64(opcode: str) -> bool:
     """Whether a SASS opcode computes or converts in fp64 (a 64-bit load is not)."""
     return opcode.startswith(_FP64_OPCODES) or ".F64" in opcode
@@ -206,5 +229,6 @@ def inspect_variant(variant: KernelVariant, arch: int) -> CompileResult:
     return CompileResult(
         kernel=variant.name, arch=gpu_name, registers=registers, spills=spill_stores + spill_loads,
         ldg128=len(re.findall(r"LDG\.E\.128", sass)), stg128=len(re.findall(r"STG\.E\.128", sass)),
-        num_warps=variant.num_warps, shared=shared, ctas_per_sm=ctas, warps_per_sm=ctas * variant.num_warps,
+        num_warps=variant.num_warps, shared=shared, loop_barriers=loop_barriers(sass),
+        ctas_per_sm=ctas, warps_per_sm=ctas * variant.num_warps,
     )

@@ -10,9 +10,11 @@ and writes both to ``out``. Nothing returns to the host. Under torch.distributed
 program stops at the combined partial (``FINALIZE=False``), written to a 3-value
 workspace that the caller all-reduces before ``grad_norm_finalize_kernel``.
 
-No overflow for large gradients: each block's partial is computed in fp32 on values
-divided by the block's largest magnitude, then scaled back in fp64. NaN anywhere makes
-the norm NaN, as in torch.
+No overflow for large gradients: each thread's partial of a row of ``multi_tensor.ROW``
+elements is computed in fp32 on values divided by the row's largest magnitude, then scaled
+back and added in fp64, per thread across the program's blocks; the program sums its threads'
+partials once, after its block loop (no barrier per block). NaN anywhere makes the norm NaN,
+as in torch.
 
 ``grad_scale_kernel`` multiplies every tensor of a table by a coefficient read from
 device memory (torch's ``_foreach_mul_`` with a tensor scalar).
@@ -30,8 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard
-from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
+from ._launch import device_guard, mixed_width_warps
+from .multi_tensor import (
+    PARTIALS_WIDTH,
+    VECTOR,
+    MultiTensorPlan,
+    TableLayout,
+    block_slice,
+    rows,
+    sum_partials,
+    whole_vectors,
+    zero_rows,
+)
 from .rounding import round_like
 
 #: One row per tensor: its address, element count and dtype code (DTYPE_CODES).
@@ -109,48 +121,52 @@ def _load_any(row, offs, mask, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _block_partial(a, mask, norm_type, KIND: tl.constexpr):
-    """fp64 partial of |g|^p over a block of magnitudes a (NaN-free, >= 0; masked lanes hold 0)."""
-    largest = tl.max(a, axis=0)
+def _row_partial(a, mask, norm_type, KIND: tl.constexpr):
+    """fp64 partial of |g|^p per row of magnitudes a ([rows, ROW], NaN-free, >= 0; masked lanes hold 0),
+    each row computed in fp32 on its values divided by the row's largest, then scaled back in fp64."""
+    largest = tl.max(a, axis=1)
     inv = tl.where(largest > 0.0, 1.0 / tl.where(largest > 0.0, largest, 1.0), 0.0)
-    scaled = a * inv
+    scaled = a * inv[:, None]
     if KIND == _KIND_L2:
-        s = tl.sum(scaled * scaled, axis=0)
+        s = tl.sum(scaled * scaled, axis=1)
         largest64 = largest.to(tl.float64)
         partial = largest64 * largest64 * s.to(tl.float64)
     elif KIND == _KIND_L1:
-        partial = largest.to(tl.float64) * tl.sum(scaled, axis=0).to(tl.float64)
+        partial = largest.to(tl.float64) * tl.sum(scaled, axis=1).to(tl.float64)
     elif KIND == _KIND_LP:  # any other p: |g|^p = exp2(p log2 |g|) on magnitudes scaled to <= 1
         zero_power = tl.where(norm_type < 0.0, float("inf"), 0.0)  # 0^p
         powered = tl.where(scaled > 0.0, tl.exp2(norm_type * tl.log2(tl.where(scaled > 0.0, scaled, 1.0))), zero_power)
         if mask is not None:  # a masked lane is no element: it must not add 0^p (inf for p < 0)
             powered = tl.where(mask, powered, 0.0)
         log2_scale = norm_type * tl.log2(tl.where(largest > 0.0, largest, 1.0))
-        partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=0).to(tl.float64)
-        partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=0).to(tl.float64))
+        partial = tl.exp2(log2_scale.to(tl.float64)) * tl.sum(powered, axis=1).to(tl.float64)
+        partial = tl.where(largest > 0.0, partial, tl.sum(powered, axis=1).to(tl.float64))
     else:
         tl.static_assert(False, "grad norm: KIND has no sum of |g|^p")
-    # an inf in the block: the sum is inf (the scaled values above are NaN/0)
+    # an inf in the row: the sum is inf (the scaled values above are NaN/0)
     return tl.where(largest == float("inf"), float("inf"), partial)
 
 
 @triton.jit
-def _block_values(row, offs, mask, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-    """One block's (fp64 partial of |g|^p, NaN count, max or min of |g|), by KIND."""
-    a = tl.abs(_load_any(row, offs, mask, ALIGNED))
+def _row_values(row, offs, mask, norm_type, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """One block's (fp64 partial of |g|^p, int32 NaN count, max or min of |g|) per row of ROW elements
+    (``multi_tensor.rows``: each row within one thread, so no barrier), by KIND."""
+    a = rows(tl.abs(_load_any(row, offs, mask, ALIGNED)), ALIGNED)
+    if mask is not None:
+        mask = rows(mask, ALIGNED)
     is_nan = a != a
-    nan_count = tl.sum(is_nan.to(tl.float32), axis=0)
+    nan_count = tl.sum(is_nan.to(tl.int32), axis=1)
     a = tl.where(is_nan, 0.0, a)
-    partial = tl.zeros((), tl.float64)
+    partial = tl.zeros((a.shape[0],), tl.float64)
     if KIND == _KIND_MAX:
-        extreme = tl.max(a, axis=0)
+        extreme = tl.max(a, axis=1)
     elif KIND == _KIND_MIN:
         if mask is not None:
             a = tl.where(mask, a, float("inf"))
-        extreme = tl.min(a, axis=0)
+        extreme = tl.min(a, axis=1)
     else:
-        extreme = tl.zeros((), tl.float32)
-        partial = _block_partial(a, mask, norm_type, KIND)
+        extreme = tl.zeros((a.shape[0],), tl.float32)
+        partial = _row_partial(a, mask, norm_type, KIND)
     return partial, nan_count, extreme
 
 
@@ -161,6 +177,15 @@ def _combine_extreme(a, b, KIND: tl.constexpr):
         return tl.minimum(a, b)
     else:
         return tl.maximum(a, b)
+
+
+@triton.jit
+def _reduce_extreme(x, KIND: tl.constexpr):
+    """The max (or, for p = -inf, min) of x."""
+    if KIND == _KIND_MIN:
+        return tl.min(x, axis=0)
+    else:
+        return tl.max(x, axis=0)
 
 
 @triton.jit
@@ -210,42 +235,51 @@ def grad_norm_kernel(table_ptr, blocks_ptr, done_ptr, partials_ptr, acc_ptr, out
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    total = tl.zeros((), tl.float64)
-    nan_count = tl.zeros((), tl.float32)
-    extreme = tl.zeros((), tl.float32)
+    # per thread and row (multi_tensor.rows), across the program's blocks: reduced once after the loop
+    total = zero_rows(BLOCK, ALIGNED, tl.float64)
+    nan_count = zero_rows(BLOCK, ALIGNED, tl.int32)
+    extreme = zero_rows(BLOCK, ALIGNED, tl.float32)
     if KIND == _KIND_MIN:
         extreme = extreme + float("inf")
     for item in range(pid, num_blocks, programs):
         _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
         if start + BLOCK <= numel:
-            block_total, block_nans, block_extreme = _block_values(row, offs, None, norm_type, KIND, ALIGNED)
+            block_total, block_nans, block_extreme = _row_values(row, offs, None, norm_type, KIND, ALIGNED)
+        elif ALIGNED:  # a short tensor or a last block: its whole vectors (128-bit), then the rest
+            # (the rest BLOCK lanes wide: VECTOR lanes, as the optimizer and grad_scale take it, left the
+            # l_p norm's registers to ptxas's choice of 48 on sm_80, with 12 B spilled)
+            vectors = whole_vectors(numel)
+            block_total, block_nans, block_extreme = _row_values(row, offs, offs < vectors, norm_type, KIND, ALIGNED)
+            if vectors < numel:
+                tail_total, tail_nans, tail_extreme = _row_values(row, offs, (offs >= vectors) & (offs < numel),
+                                                                  norm_type, KIND, ALIGNED)
+                block_total += tail_total
+                block_nans += tail_nans
+                block_extreme = _combine_extreme(block_extreme, tail_extreme, KIND)
         else:
-            block_total, block_nans, block_extreme = _block_values(row, offs, offs < numel, norm_type, KIND, ALIGNED)
+            block_total, block_nans, block_extreme = _row_values(row, offs, offs < numel, norm_type, KIND, ALIGNED)
         total += block_total
         nan_count += block_nans
         extreme = _combine_extreme(extreme, block_extreme, KIND)
     mine = partials_ptr + pid * _WORKSPACE_SIZE
-    tl.store(mine, total)
-    tl.store(mine + 1, nan_count.to(tl.float64))
-    tl.store(mine + 2, extreme.to(tl.float64))
+    tl.store(mine, tl.sum(total, axis=0))
+    tl.store(mine + 1, tl.sum(nan_count.to(tl.float64), axis=0))
+    tl.store(mine + 2, _reduce_extreme(extreme, KIND).to(tl.float64))
     finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
     if finished == programs - 1:
-        all_total = tl.zeros((), tl.float64)
-        all_nans = tl.zeros((), tl.float64)
-        all_extreme = tl.zeros((), tl.float64)
+        all_total = sum_partials(partials_ptr, programs, _WORKSPACE_SIZE, PARTIALS_WIDTH)
+        all_nans = sum_partials(partials_ptr + 1, programs, _WORKSPACE_SIZE, PARTIALS_WIDTH)
+        # the extreme, per thread across the loop, then across the CTA
         if KIND == _KIND_MIN:
-            all_extreme = all_extreme + float("inf")
+            extremes = tl.full((PARTIALS_WIDTH,), float("inf"), tl.float64)
+        else:
+            extremes = tl.zeros((PARTIALS_WIDTH,), tl.float64)
         for first in range(0, programs, PARTIALS_WIDTH):
             index = first + tl.arange(0, PARTIALS_WIDTH)
-            valid = index < programs
-            partial = partials_ptr + index * _WORKSPACE_SIZE
-            all_total += tl.sum(tl.load(partial, mask=valid, other=0.0), axis=0)
-            all_nans += tl.sum(tl.load(partial + 1, mask=valid, other=0.0), axis=0)
-            if KIND == _KIND_MIN:
-                all_extreme = tl.minimum(all_extreme, tl.min(tl.load(partial + 2, mask=valid, other=float("inf")),
-                                                             axis=0))
-            else:
-                all_extreme = tl.maximum(all_extreme, tl.max(tl.load(partial + 2, mask=valid, other=0.0), axis=0))
+            partial = tl.load(partials_ptr + index * _WORKSPACE_SIZE + 2, mask=index < programs,
+                              other=float("inf") if KIND == _KIND_MIN else 0.0)
+            extremes = _combine_extreme(extremes, partial, KIND)
+        all_extreme = _reduce_extreme(extremes, KIND)
         if FINALIZE:
             _finalize(all_total, all_nans, all_extreme, out_ptr, grad_scale_ptr, norm_type, max_norm, KIND, UNSCALE)
         else:
@@ -283,7 +317,9 @@ def _scale_typed(ptr, offs, mask, coef):
 @triton.jit
 def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """g <- g * coef for every tensor of a table, coef read from device memory; grid-stride
-    over the plan's blocks.
+    over the plan's blocks. Launched with 4 elements a thread (``_launch.mixed_width_warps``): its
+    fp32 and 16-bit branches then share one layout (with 8, triton staged every fp32 block's stores
+    through 8 KiB of shared memory, with barriers); 16-bit grads take 64-bit accesses.
 
     Reads and writes each element (``mechgpu.traffic.grad_scale_bytes``).
     """
@@ -292,6 +328,12 @@ def grad_scale_kernel(table_ptr, blocks_ptr, coef_ptr, num_blocks, ALIGNED: tl.c
         _, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
         if start + BLOCK <= numel:
             _scale_any(row, offs, None, coef, ALIGNED)
+        elif ALIGNED:  # a short tensor or a last block: its last numel % VECTOR elements, then whole vectors
+            vectors = whole_vectors(numel)
+            if vectors < numel:
+                tail_offs = vectors + tl.arange(0, VECTOR)
+                _scale_any(row, tail_offs, tail_offs < numel, coef, ALIGNED)
+            _scale_any(row, offs, offs < vectors, coef, ALIGNED)
         else:
             _scale_any(row, offs, offs < numel, coef, ALIGNED)
 
@@ -345,7 +387,7 @@ def scale_(plan: MultiTensorPlan, coef: torch.Tensor, *, aligned: bool) -> None:
     """Multiply every tensor in ``plan`` by the 0-d device tensor ``coef`` (one launch)."""
     with device_guard(plan.device):
         grad_scale_kernel[(plan.grid,)](plan.table, plan.blocks, coef, plan.num_blocks, ALIGNED=aligned,
-                                                BLOCK=plan.block, num_warps=plan.num_warps)
+                                        BLOCK=plan.block, num_warps=mixed_width_warps(plan.block))
 
 
 
@@ -369,5 +411,6 @@ def aot_variants() -> list:
     fin = variant("grad_norm_finalize[l2]", grad_norm_finalize_kernel, fin_sig,
                   {"KIND": KIND_L2, "UNSCALE": True}, False, 1)
     scale_sig = {"table_ptr": "*i64", "blocks_ptr": "*i32", "coef_ptr": "*fp32", "num_blocks": "i32"}
-    scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True, warps)
+    scale = variant("grad_scale", grad_scale_kernel, scale_sig, {"ALIGNED": True, "BLOCK": block}, True,
+                    mixed_width_warps(block))
     return variants + [fin, scale]

@@ -42,6 +42,64 @@ from ._launch import grid_programs, multi_tensor_block, multi_tensor_warps
 
 #: Per-program partials of a two-stage reduction that its last program reads at a time
 PARTIALS_WIDTH = tl.constexpr(1024)
+#: Elements per row of a grid-stride reduction's per-thread partials (``rows``): a divisor of every
+#: aligned multi-tensor layout's run of elements a thread holds (4 or 8), so a row sits in one
+#: thread's registers and its sum takes no shuffle, shared memory or barrier.
+ROW = tl.constexpr(4)
+#: Elements a thread holds of an unaligned block (``multi_tensor_warps``: 8 a thread, each its own
+#: access, thread t holding elements t, t + BLOCK / 8, ...)
+STRIDED_ROW = tl.constexpr(8)
+
+#: Elements of the narrowest stream (16-bit) in one 16-byte access. A masked access still compiles
+#: to 128-bit loads and stores where its mask is provably constant over such runs (``whole_vectors``).
+VECTOR = tl.constexpr(8)
+
+
+@triton.jit
+def whole_vectors(numel):
+    """``numel`` rounded down to whole VECTORs, with the hint that it is one: in a block whose offsets
+    are contiguous from a multiple of VECTOR, ``offs < whole_vectors(numel)`` is constant over each
+    vector, so an aligned short tensor (or a last block) keeps 128-bit accesses for all but its
+    last ``numel % VECTOR`` elements, which go element by element (the optimizer and grad_scale take
+    them first and VECTOR lanes wide: BLOCK lanes after the vectors cost fp32 Adam 16 registers)."""
+    return tl.multiple_of(numel // VECTOR * VECTOR, VECTOR)
+
+
+@triton.jit
+def rows(x, ALIGNED: tl.constexpr):
+    """A BLOCK-long block as rows to reduce along axis 1 within each thread: [BLOCK // ROW, ROW] of
+    consecutive elements when ALIGNED (a thread holds runs of 4 or 8), else [BLOCK // STRIDED_ROW,
+    STRIDED_ROW] of elements BLOCK // STRIDED_ROW apart (a thread holds every (BLOCK / 8)-th; rows of
+    consecutive ones would span lanes and leave each thread 8 rows' accumulators: 440 B spilled).
+
+    Grid-stride reductions keep one accumulator per row across a program's blocks (``zero_rows``)
+    and reduce across the CTA once, after the block loop: a block-wide ``tl.sum`` in the loop costs
+    two barriers (and shared memory) every block. The rows only place the work; any layout gives
+    the same sums."""
+    if ALIGNED:
+        return tl.reshape(x, (x.shape[0] // ROW, ROW))
+    else:
+        return tl.trans(tl.reshape(x, (STRIDED_ROW, x.shape[0] // STRIDED_ROW)))
+
+
+@triton.jit
+def zero_rows(BLOCK: tl.constexpr, ALIGNED: tl.constexpr, DTYPE: tl.constexpr):
+    """Per-row accumulators of ``rows`` of a BLOCK-long block, zeroed."""
+    if ALIGNED:
+        return tl.zeros((BLOCK // ROW,), DTYPE)
+    else:
+        return tl.zeros((BLOCK // STRIDED_ROW,), DTYPE)
+
+
+@triton.jit
+def sum_partials(partials_ptr, count, STRIDE: tl.constexpr, WIDTH: tl.constexpr):
+    """The fp64 sum of ``count`` per-program partials ``STRIDE`` apart, read WIDTH at a time; summed
+    across the CTA once, after the loop."""
+    total = tl.zeros((WIDTH,), tl.float64)
+    for first in range(0, count, WIDTH):
+        index = first + tl.arange(0, WIDTH)
+        total += tl.load(partials_ptr + index * STRIDE, mask=index < count, other=0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit

@@ -26,7 +26,10 @@ bf16 params are rounded stochastically instead of to nearest.
 
 Full blocks take an unmasked path; with ``ALIGNED`` the launcher promises that every
 address in the table is 16-byte aligned, which lets the compiler emit 128-bit loads
-and stores. Tensors at unaligned storage offsets go to a separate launch without it.
+and stores. A short tensor's block (or a tensor's last) is masked a whole vector at a time
+(``multi_tensor.whole_vectors``), so only its last ``numel % VECTOR`` elements go one by one
+(without TELEMETRY; with it a short block goes element by element).
+Tensors at unaligned storage offsets go to a separate launch without it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ import triton
 import triton.language as tl
 
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
-from .multi_tensor import PARTIALS_WIDTH, MultiTensorPlan, TableLayout, block_slice
+from .multi_tensor import (
+    PARTIALS_WIDTH,
+    VECTOR,
+    MultiTensorPlan,
+    TableLayout,
+    block_slice,
+    rows,
+    sum_partials,
+    whole_vectors,
+    zero_rows,
+)
 from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
 from .rounding import round_like
 
@@ -78,12 +91,18 @@ def _scalar(arg, IS_PTR: tl.constexpr):
         return tl.cast(arg, tl.float32)
 
 
+#: Squarings of _pow_int: enough for any int32 exponent
+_POW_BITS = tl.constexpr(31)
+
+
 @triton.jit
 def _pow_int(base, n):
-    """base ** n, elementwise, for an fp64 base and int32 n >= 0, by repeated squaring (no libdevice)."""
+    """base ** n, elementwise, for an fp64 base and int32 n >= 0, by repeated squaring (no libdevice),
+    over all 31 bits: a loop bounded by the largest n would reduce across the CTA, two barriers
+    an iteration."""
     result = tl.full(n.shape, 1.0, tl.float64)
     base = tl.full(n.shape, 0.0, tl.float64) + base
-    while tl.max(n, axis=0) > 0:
+    for _ in range(_POW_BITS):
         result = tl.where((n % 2) == 1, result * base, result)
         base = base * base
         n = n // 2
@@ -125,16 +144,6 @@ def _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK: tl.constexpr, ALIGNED
     tensor_idx, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
     numel = tl.where(skip, 0, numel)
     return tensor_idx, row, numel, offs, start + BLOCK <= numel
-
-
-@triton.jit
-def _sum_partials(partials_ptr, count, STRIDE: tl.constexpr, WIDTH: tl.constexpr):
-    """The fp64 sum of ``count`` per-program partials ``STRIDE`` apart, read WIDTH at a time."""
-    total = tl.zeros((), tl.float64)
-    for first in range(0, count, WIDTH):
-        index = first + tl.arange(0, WIDTH)
-        total += tl.sum(tl.load(partials_ptr + index * STRIDE, mask=index < count, other=0.0), axis=0)
-    return total
 
 
 @triton.jit
@@ -207,17 +216,19 @@ _NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 
 @triton.jit
-def _nonfinite(g, mask):
+def _nonfinite(g, mask, ALIGNED: tl.constexpr):
+    """Per row (``multi_tensor.rows``) of g, its non-finite elements (int32)."""
     bad = (g != g) | (tl.abs(g) == float("inf"))
     if mask is not None:
         bad = bad & mask
-    return tl.sum(bad.to(tl.float32), axis=0)
+    return tl.sum(rows(bad.to(tl.int32), ALIGNED), axis=1)
 
 
 @triton.jit
-def _block_telemetry(p_old, p_new, stored, g, mask):
-    """One block's fp32 (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed):
-    the update norm is of what the step stored, the lost updates those whose p_new != p_old
+def _block_telemetry(p_old, p_new, stored, g, mask, ALIGNED: tl.constexpr):
+    """One block's (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed) per row of
+    ROW elements (``multi_tensor.rows``: within one thread, no barrier), the sums fp64 and the counts
+    int32: the update norm is of what the step stored, the lost updates those whose p_new != p_old
     rounded back to p_old."""
     delta = stored - p_old
     changed = p_new != p_old
@@ -227,8 +238,9 @@ def _block_telemetry(p_old, p_new, stored, g, mask):
         delta = tl.where(mask, delta, 0.0)
         changed = changed & mask
         lost = lost & mask
-    return (tl.sum(p_old * p_old, axis=0), tl.sum(delta * delta, axis=0), _nonfinite(g, mask),
-            tl.sum(lost.to(tl.float32), axis=0), tl.sum(changed.to(tl.float32), axis=0))
+    return (tl.sum(rows(p_old * p_old, ALIGNED), axis=1).to(tl.float64),
+            tl.sum(rows(delta * delta, ALIGNED), axis=1).to(tl.float64), _nonfinite(g, mask, ALIGNED),
+            tl.sum(rows(lost.to(tl.int32), ALIGNED), axis=1), tl.sum(rows(changed.to(tl.int32), ALIGNED), axis=1))
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -376,7 +388,7 @@ def _store_state(ptr, value, offs, mask, USED: tl.constexpr):
 def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                 RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
                 FLAGS: tl.constexpr, SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                TELEMETRY: tl.constexpr):
+                TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr):
     """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec),
     update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2, master), ``hypers``
     the kernel's runtime hyperparameters and ``scalars`` the tensor's (step size, sqrt(1 -
@@ -413,9 +425,9 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     _store_state(state1_ptr, s1, offs, mask, STATE1)
     _store_state(state2_ptr, s2, offs, mask, STATE2)
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
-    stats = (0.0, 0.0, 0.0, 0.0, 0.0)
+    stats = (0.0, 0.0, 0, 0, 0)
     if TELEMETRY:
-        stats = _block_telemetry(p_old, p, stored, g, mask)
+        stats = _block_telemetry(p_old, p, stored, g, mask, ALIGNED)
     return stats
 
 
@@ -512,7 +524,9 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     ``momentum`` and ``one_minus_dampening`` RMSprop's and SGD's.
 
     Telemetry (TELEMETRY), from the values the update has in registers, no extra pass: each
-    program sums its blocks' ``_block_telemetry`` in fp64 and stores one row of partials; the
+    thread adds its rows of each block's ``_block_telemetry`` to its own accumulators (fp64 sums,
+    int32 counts) and the program reduces them across the CTA once, after the block loop (no
+    barrier per block); it stores one row of partials; the
     last program to finish (one atomic per program, none per block) adds their sums to the
     group's ``telemetry`` row (``TELEMETRY_FIELDS``); the prologue zeroed the done-counter. A skipped
     step updates nothing, but its programs still read the grads to count the non-finite ones.
@@ -530,18 +544,19 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
     if BETAS_ARE_PTRS:
         beta1_weight = 1.0 - tl.load(beta1).to(tl.float32)
         one_minus_beta2 = 1.0 - beta2
-    param_sq = tl.zeros((), tl.float64)
-    update_sq = tl.zeros((), tl.float64)
-    nonfinite = tl.zeros((), tl.float64)
-    lost = tl.zeros((), tl.float64)
-    changed = tl.zeros((), tl.float64)
+    # per thread and row (multi_tensor.rows), across the program's blocks: reduced once after the loop
+    param_sq = zero_rows(BLOCK, ALIGNED, tl.float64)
+    update_sq = zero_rows(BLOCK, ALIGNED, tl.float64)
+    nonfinite = zero_rows(BLOCK, ALIGNED, tl.int32)
+    lost = zero_rows(BLOCK, ALIGNED, tl.int32)
+    changed = zero_rows(BLOCK, ALIGNED, tl.int32)
     if TELEMETRY:
         if skip:  # nothing to update; count the grads that made the step skip
             for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
                 _, row, numel, offs, _ = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
                 valid = offs < numel
                 g = tl.load(_table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED) + offs, mask=valid, other=0.0)
-                nonfinite += _nonfinite(g.to(tl.float32), valid).to(tl.float64)
+                nonfinite += _nonfinite(g.to(tl.float32), valid, ALIGNED)
     for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
@@ -557,28 +572,47 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         if full:  # unmasked, so full vectors
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
+        elif ALIGNED and not TELEMETRY:
+            # a short tensor or a last block: first its last numel % VECTOR elements one by one, VECTOR
+            # lanes wide, then its whole vectors masked a vector at a time (128-bit). (The other order
+            # kept the row's pointers live through the vectors' update: fp32 Adam 80 registers, not 64.
+            # With TELEMETRY the tail's registers took the 16-warp fp16 + master variants past their
+            # budget of 64, so those keep the element-by-element path below.)
+            vectors = whole_vectors(numel)
+            if vectors < numel:
+                tail_offs = vectors + tl.arange(0, VECTOR)
+                _rule_block(ptrs, tail_offs, tail_offs < numel, multiplier, block_seed, hypers, tensor_scalars,
+                            RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                            SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                            TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
+            stats = _rule_block(ptrs, offs, offs < vectors, multiplier, block_seed, hypers, tensor_scalars,
+                                RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
         else:
             stats = _rule_block(ptrs, offs, offs < numel, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
-                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC, TELEMETRY=TELEMETRY)
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
         if TELEMETRY:
-            param_sq += stats[0].to(tl.float64)
-            update_sq += stats[1].to(tl.float64)
-            nonfinite += stats[2].to(tl.float64)
-            lost += stats[3].to(tl.float64)
-            changed += stats[4].to(tl.float64)
+            param_sq += stats[0]
+            update_sq += stats[1]
+            nonfinite += stats[2]
+            lost += stats[3]
+            changed += stats[4]
     if TELEMETRY:
         mine = partials_ptr + tl.program_id(0) * _NTELEMETRY
-        tl.store(mine + _T_PARAM_SQ, param_sq)
-        tl.store(mine + _T_UPDATE_SQ, update_sq)
-        tl.store(mine + _T_NONFINITE, nonfinite)
-        tl.store(mine + _T_LOST, lost)
-        tl.store(mine + _T_CHANGED, changed)
+        tl.store(mine + _T_PARAM_SQ, tl.sum(param_sq, axis=0))
+        tl.store(mine + _T_UPDATE_SQ, tl.sum(update_sq, axis=0))
+        tl.store(mine + _T_NONFINITE, tl.sum(nonfinite.to(tl.float64), axis=0))
+        tl.store(mine + _T_LOST, tl.sum(lost.to(tl.float64), axis=0))
+        tl.store(mine + _T_CHANGED, tl.sum(changed.to(tl.float64), axis=0))
         finished = tl.atomic_add(done_ptr, 1)  # acq_rel: the partials stored before it are visible after it
         if finished == tl.num_programs(0) - 1:
             for field in tl.static_range(_NTELEMETRY):
-                total = _sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
+                total = sum_partials(partials_ptr + field, tl.num_programs(0), _NTELEMETRY, PARTIALS_WIDTH)
                 tl.store(telemetry_ptr + field, tl.load(telemetry_ptr + field) + total)
 
 

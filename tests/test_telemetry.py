@@ -62,6 +62,33 @@ def test_telemetry_matches_float64(case, dtype, precision):
         torch.testing.assert_close(ours, everything.to(ours.device), rtol=1e-5, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype, precision", PRECISIONS[:3], ids=lambda v: str(v).replace("torch.", ""))
+def test_telemetry_of_unaligned_params_matches_float64(dtype, precision):
+    """Params at storage offset 1 take the kernel's unaligned variant, whose per-thread rows are strided
+    (multi_tensor.rows); sizes around a vector and past a block, against float64."""
+    gen = torch.Generator().manual_seed(9)
+    bases = [torch.randn(n + 1, generator=gen).to(device=KERNEL_DEVICE, dtype=dtype) for n in (7, 9, 2047, 4097)]
+    params = [base[1:].detach().requires_grad_() for base in bases]
+    assert all(p.data_ptr() % 16 for p in params)
+    opt = mo.Adam(params, lr=1e-2, telemetry=True, **precision)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p)
+        if step == 2:
+            params[3].grad[4000] = math.nan
+            params[0].grad[6] = -math.inf
+        before = [_stored(opt, p) for p in params]
+        opt.step()
+        telemetry = opt.last_telemetry[0]
+        assert telemetry["nonfinite_grads"].item() == (2 if step == 2 else 0)
+        if step != 1:  # the first step makes the master copies; the last one's update is NaN
+            continue
+        torch.testing.assert_close(telemetry["param_norm"].double(),
+                                   sum(b.square().sum() for b in before).sqrt(), rtol=1e-5, atol=0)
+        update_sq = sum((_stored(opt, p) - b).square().sum() for p, b in zip(params, before))
+        torch.testing.assert_close(telemetry["update_norm"].double(), update_sq.sqrt(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("master", [False, True])
 def test_lost_updates_to_bf16_rounding(master):
     """A bf16 run with a tiny lr loses (nearly) every update to rounding; with masters, none."""

@@ -28,11 +28,13 @@ class Context:
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        """Tensor sizes: 1, odd, not a power of 2, more than one block (and empty in full runs)."""
+        """Tensor sizes: 1, odd, not a power of 2, more than one block (and empty in full runs); in full
+        runs also just below and above a 16-byte vector of 16-bit elements (multi_tensor.VECTOR: whole
+        vectors, then the rest one by one) and just below a block."""
         if self.quick:
             return (1, 3, 4097)
         large = (1 << 20) + 3 if self.device.type == "cuda" else 12289  # the interpreter is slow
-        return (0, 1, 3, 1000, 4097, large)
+        return (0, 1, 3, 7, 9, 1000, 2047, 4097, large)
 
     @property
     def steps(self) -> int:

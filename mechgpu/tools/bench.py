@@ -439,7 +439,8 @@ def render_results(results_dir: Path, *, include_smoke: bool = False) -> str:
                   f"{report['variants']} variants of {len(report['kernels'])} kernels, compiled for "
                   f"{' and '.join(report['archs'])}: at most {s['max_registers']} registers per thread, "
                   f"{s['spills']} bytes spilled, at least {s['min_ctas_per_sm']} resident CTAs per SM "
-                  f"({s['below_occupancy_floor']} variants under 2 CTAs or 32 warps), and "
+                  f"({s['below_occupancy_floor']} variants under 2 CTAs or 32 warps), "
+                  f"{s['with_loop_barriers']} rows with CTA barriers inside a loop, and "
                   f"{s['aligned_with_128bit_access']} of the "
                   f"{s['aligned_variants']} variants for aligned tensors use 128-bit loads or stores "
                   f"([{rel(report_path.with_suffix('.md'))}]({rel(report_path.with_suffix('.md'))})).", ""]
