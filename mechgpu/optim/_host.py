@@ -14,7 +14,8 @@ source, torch's version and the Python ABI: a fresh machine builds it once, and 
 process loads it in milliseconds. Nothing needs a network. ``MECHGPU_HOST_EXTENSION`` chooses:
 
 * ``auto`` (default): load it if built; else start building it in the background on the first
-  step (a compiler process; the steps meanwhile take the Python path) and load it once done;
+  step (one compiler process per machine, claimed by a marker file; the steps meanwhile take the
+  Python path) and load it once done;
 * ``build``: build it on the first step, waiting for the compiler, and raise if that fails;
 * ``off``: the Python path only.
 
@@ -38,6 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("_host.cpp")
 MODES = ("auto", "build", "off")
 POLL_S = 1.0  # while a background build runs, how often a step looks for its result
+STALE_S = 600.0  # a build marker this old belongs to a builder that died
 
 
 def mode() -> str:
@@ -66,6 +68,11 @@ def library() -> Path:
     return build_dir() / f"{name()}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
 
 
+def failed() -> Path:
+    """Where a background build that failed left the compiler's output."""
+    return library().with_name(f"{library().name}.failed")
+
+
 def compile_command(out: Path) -> list[str]:
     """The compiler's command line that builds ``out`` from ``_host.cpp``."""
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -77,6 +84,11 @@ def compile_command(out: Path) -> list[str]:
             *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
             str(SOURCE), "-o", str(out), f"-L{lib}", f"-Wl,-rpath,{lib}",
             "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+
+
+def load():
+    """The built extension, loaded (ImportError where it is not built)."""
+    return _load(library())
 
 
 def _load(path: Path):
@@ -100,6 +112,7 @@ def build():
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"mechgpu: building the host extension failed:\n{done.stdout}{done.stderr}")
     os.replace(tmp, target)  # atomic: another process sees no file or the whole one
+    failed().unlink(missing_ok=True)
     return _load(target)
 
 
@@ -109,9 +122,7 @@ class _Loader:
     def __init__(self) -> None:
         self.module = None
         self.failed: str | None = None  # why this process gave up on it
-        self._build: subprocess.Popen | None = None
-        self._build_pid = 0
-        self._tmp: Path | None = None
+        self._started = False  # this process (or the one it was forked from) started the build
         self._next_poll = 0.0
 
     def get(self):
@@ -132,6 +143,8 @@ class _Loader:
                 self.module = _load(target)
             elif chosen == "build":
                 self.module = build()
+            elif failed().exists():
+                self.failed = f"the background build failed; see {failed()} (remove it to retry)"
             else:
                 self._background(target)
         except (OSError, ImportError) as exc:
@@ -139,26 +152,38 @@ class _Loader:
         return self.module
 
     def _background(self, target: Path) -> None:
-        if self._build is None or self._build_pid != os.getpid():  # none yet, or started by a parent
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            self._build = subprocess.Popen(compile_command(self._tmp), stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL)
-            self._build_pid = os.getpid()
+        """Start the one build on this machine, unless another process has (a ``.building`` marker
+        claims it: forked or spawned children, test workers and other programs only look for its
+        file). The build installs its own result and drops the marker, so it finishes even if
+        this process does not."""
+        if self._started:
             return
-        code = self._build.poll()
-        if code is None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        marker = target.with_name(f"{target.name}.building")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            if time.time() - marker.stat().st_mtime > STALE_S:  # its builder died: the next look retries
+                marker.unlink(missing_ok=True)
             return
-        if code != 0:
-            self.failed = f"the compiler exited with {code}: run `python -m mechgpu.optim._host` to see why"
-            return
-        os.replace(self._tmp, target)
-        self.module = _load(target)
+        self._started = True
+        subprocess.Popen([sys.executable, "-m", "mechgpu.optim._host", "--marker", str(marker)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
 
 
 loader = _Loader()
 
 
 if __name__ == "__main__":
-    build()
+    marker = sys.argv[2] if sys.argv[1:2] == ["--marker"] else None  # a background build: drop its claim
+    try:
+        build()
+    except RuntimeError as exc:
+        if marker is None:
+            raise
+        failed().write_text(str(exc))  # no process on this machine retries until it is removed
+    finally:
+        if marker is not None:
+            Path(marker).unlink(missing_ok=True)
     print(f"built {library()}")
