@@ -114,7 +114,7 @@ class Bound:
     puts new values in the slots if they keep triton's choice (a float for a float; a tensor of
     the same dtype, device and alignment for a tensor), ``run`` launches on the current stream."""
 
-    __slots__ = ("compiled", "grid", "device", "template", "slots")
+    __slots__ = ("compiled", "launcher", "grid", "device", "template", "slots")
 
     @classmethod
     def of(cls, kernel, grid: tuple, arguments: dict, values: dict) -> Bound | None:
@@ -129,6 +129,7 @@ class Bound:
         compiled, names = entry
         bound = cls()
         bound.compiled, bound.grid, bound.device = compiled, tuple(grid) + (1,) * (3 - len(grid)), device
+        bound.launcher = compiled.run  # loaded by the launch just made
         bound.template = [arguments[name] for name in names]
         bound.slots = []
         for position, name in enumerate(names):
@@ -157,9 +158,10 @@ class Bound:
     def run(self, args: list) -> None:
         compiled, grid = self.compiled, self.grid
         stream = _driver.active.get_current_stream(self.device)
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *args), _knobs.runtime.launch_enter_hook,
-                     _knobs.runtime.launch_exit_hook, *args)
+        enter = _knobs.runtime.launch_enter_hook
+        metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args)  # as triton's
+        self.launcher(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                      enter, _knobs.runtime.launch_exit_hook, *args)
 
 
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.

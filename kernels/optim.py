@@ -711,14 +711,16 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
 
 
 #: kernel_arguments' arguments that step_values reads
-_STEP_VALUE_ARGUMENTS = ("lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening", "lr_decay", "control")
+_STEP_VALUE_ARGUMENTS = frozenset(("lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening", "lr_decay",
+                                   "control"))
 
 
 def _frozen(value):
     """A launch argument as part of a dict key."""
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is dict:
         return tuple(value.items())
-    if isinstance(value, Precision):
+    if kind is Precision:
         return tuple(vars(value).values())
     return value
 
@@ -734,7 +736,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, **argumen
     step, kinds = step_values(plan, **{k: arguments[k] for k in _STEP_VALUE_ARGUMENTS if k in arguments})
     key = (param_dtype, rule, kinds, control.clip is None, control.grad_scale is None, control.found_inf is None,
            control.telemetry is None, control.skip_nonfinite,
-           *((k, _frozen(v)) for k, v in arguments.items() if k not in _STEP_VALUE_ARGUMENTS))
+           *[(k, _frozen(v)) for k, v in arguments.items() if k not in _STEP_VALUE_ARGUMENTS])
     bound = plan.launches.get(key)
     if bound is not None:
         filled = [b.fill(step) for b in bound]

@@ -102,6 +102,8 @@ _stride = torch.Tensor.stride
 _get_device = torch.Tensor.get_device
 _storage = torch.Tensor.untyped_storage
 _nbytes = torch.UntypedStorage.nbytes
+_storage_offset = torch.Tensor.storage_offset
+_element_size = torch.Tensor.element_size
 
 
 def _where(tensors: list[torch.Tensor]) -> tuple[list, ...]:
@@ -201,6 +203,11 @@ class _GroupCache:
                     or g.stride() != stride or g.get_device() != device):
                 return False
         where = _where(local_grads)
+        # dense as its param: numel elements from the storage offset, which the storage must hold
+        reach = map(operator.mul, map(operator.add, map(_storage_offset, local_grads), where[1]),
+                    map(_element_size, local_grads))
+        if any(map(operator.gt, reach, where[5])):
+            return False
         ptrs = where[0]
         for bucket in self.buckets:
             if bucket.aligned and any(ptrs[i] % 16 for i in bucket.indices):
@@ -214,10 +221,11 @@ class _GroupCache:
         """Point the tables at the grads ``confirm`` or ``confirm_fast`` accepted (an upload only if
         they moved)."""
         if self.moved:
-            uploaded, grad_ptrs = self.fast[2], self.fast[14]
+            fast = self.fast
+            grad_ptrs = fast[14]
             for bucket in self.buckets:
                 bucket.plan.upload_column("grad", grad_ptrs if bucket.whole else grad_ptrs[bucket.index_tensor])
-            uploaded.copy_(grad_ptrs)
+            self.fast = (*fast[:2], grad_ptrs, *fast[3:14], fast[2], fast[15])  # uploaded <-> next step's buffer
             self.moved = False
             self.grad_ids = None  # the Python record no longer says what the tables hold
         if self.pending_grads is not None:
