@@ -42,8 +42,10 @@ def compiled_variants(jit_fn) -> int:
 # device and alignment of each tensor, every constexpr and launch option), then calls the
 # compiled kernel's launcher with the arguments in signature order, on the current stream (a
 # CUDA graph's capture stream included). It falls back to the normal call under the interpreter,
-# with pre-run hooks, and where triton's internals differ from 3.6-3.9's
-# (``CompiledKernel.run/function/packed_metadata/launch_metadata``, ``knobs.runtime`` hooks).
+# with pre-run hooks, and where triton's internals differ from 3.4-3.9's (``triton.knobs`` and its
+# ``runtime`` launch hooks, ``CompiledKernel.run/function/packed_metadata/launch_metadata``; a
+# compile future from asynchronous compilation is not bound). triton 3.4-3.6's ``JITFunction.run``
+# launches with the same call as 3.9's, which ``_run`` makes.
 try:
     from triton import knobs as _knobs
     from triton.runtime import driver as _driver
@@ -92,16 +94,22 @@ def launch(kernel, grid: tuple, arguments: dict) -> None:
     compiled, names = bound
     try:
         args = [arguments[name] for name in names]
-        stream = _driver.active.get_current_stream(device)
-        runner = compiled.run
-        metadata = compiled.launch_metadata(grid, stream, *args)
-    except (AttributeError, KeyError, TypeError):  # not the internals this was written for
+        launcher = compiled.run
+    except (AttributeError, KeyError):  # not the internals this was written for
         _UNBINDABLE.add(kernel)
         kernel[grid](**arguments)
         return
-    runner(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, compiled.function,
-           compiled.packed_metadata, metadata, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook,
-           *args)
+    _run(compiled, launcher, tuple(grid) + (1,) * (3 - len(grid)), device, args)
+
+
+def _run(compiled, launcher, grid: tuple, device: int, args: list) -> None:
+    """What ``JITFunction.run`` does once it has the compiled kernel (triton 3.4-3.9): the launcher
+    on the current stream, with the launch hooks and their metadata."""
+    stream = _driver.active.get_current_stream(device)
+    enter = _knobs.runtime.launch_enter_hook
+    metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args)
+    launcher(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
+             _knobs.runtime.launch_exit_hook, *args)
 
 
 def _tensor_spec(value: torch.Tensor) -> tuple:
@@ -156,12 +164,7 @@ class Bound:
         return args
 
     def run(self, args: list) -> None:
-        compiled, grid = self.compiled, self.grid
-        stream = _driver.active.get_current_stream(self.device)
-        enter = _knobs.runtime.launch_enter_hook
-        metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args)  # as triton's
-        self.launcher(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
-                      enter, _knobs.runtime.launch_exit_hook, *args)
+        _run(self.compiled, self.launcher, self.grid, self.device, args)
 
 
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.
