@@ -1,80 +1,330 @@
-"""Benchmark: the host time of an AdamW ``step()`` on real models' tensor counts, mechgpu against torch.
+"""Benchmark: the host time of an AdamW ``step()``, mechgpu against torch's own host floor.
 
 What it measures
 ----------------
-The Python work of one step, in steady state, for the tensor counts of the parameter lists
-of ``bench/optim.py``: ``gpt2-small`` (148 tensors), ``1b`` (183) and ``10k-x-1k`` (10,000).
-The host work scales with the number of tensors, not their size, so every tensor here has
-one element: the lists' counts, not their 1.01e9 parameters.
+The host work of one step, in steady state, for the tensor counts of the parameter lists
+of ``bench/optim.py``: ``gpt2-small`` (148 tensors), ``1b`` (183: the 1B list) and
+``10k-x-1k`` (10,000). Host work scales with the number of tensors, not their size, so every
+tensor here has one element: the lists' counts, not their 1.01e9 parameters (which a GPU
+would not wait for anyway: no side synchronises inside ``step()``).
 
-* mechgpu: ``mechgpu.optim.AdamW`` with its kernel launch stubbed out (``step_overhead.py``'s
-  ``LaunchStub``): validation, the address confirmation of every param, grad and state,
-  table uploads and argument assembly. Nothing else runs.
-* torch: ``torch.optim.AdamW(foreach=True)``'s whole ``step()`` on the same one-element
-  tensors: ``_init_group`` and the foreach dispatch, with math on one element per tensor
-  (its floor; on a GPU its kernels would be queued, not waited for).
+Like for like, in one process, with the kernels stubbed on every side:
 
-Grads are fresh tensors every step (``zero_grad()`` and a backward give that), and each step
-is timed alone after untimed warm-up steps (``step_overhead.measure``). The target of the
-design (issue 14) is mechgpu at most 25% of torch.
+* ``mechgpu_us``: ``mechgpu.optim.AdamW`` with the triton launch stubbed out
+  (``step_overhead.LaunchStub``): validation, the confirmation of every address, table
+  uploads and argument assembly;
+* ``torch_fused_us``: ``torch.optim.AdamW(fused=True)`` with its kernels
+  (``torch._fused_adamw_`` and the ``torch._foreach_*`` ops) replaced by no-ops
+  (``TorchKernelStub``): ``_init_group``, the grouping by device and dtype, the dispatch.
+  This is torch's host floor, what a GPU user pays before the first kernel is queued;
+* ``torch_foreach_us``: the same for ``foreach=True``;
+* ``mechgpu_with_launch_us``: mechgpu's step with triton's real launch path, in a child
+  process whose triton compiles for sm_90 and launches nothing (``tests/_compile_only.py``):
+  everything the host does for a launch except the driver call itself (cuLaunchKernelEx,
+  a few µs on a GPU);
+* ``torch_fused_interleaved_us``: torch fused (kernels stubbed) in that child, one step of it
+  after each of mechgpu's, so that both see the same moments of a busy machine; the ratio
+  ``fraction_of_fused`` is ``mechgpu_with_launch_us`` over this;
+* the phases of that step (median µs per step): ``confirm`` (``_GroupCache.confirm`` or
+  ``confirm_fast``, and ``_record_fast``: every address, grad and state checked), ``uploads``
+  (``_GroupCache.upload_grads``: moved grad addresses into the device tables) and ``launch``
+  (``FusedOptimizer._launch``: argument assembly and triton's launch path).
+
+Grads are fresh tensors every step (a backward gives that), each step is timed alone after
+untimed warm-up steps, median of 30. The goal (issue 24): ``fraction_of_fused`` at most
+``GOAL``; the design aim ``AIM``. On a GPU box the table is the same measurement (the
+benchmark times no kernel): the host's speed, not the GPU's, sets it.
 
 How to run
 ----------
-    python bench/host_overhead.py               # a table
-    python bench/host_overhead.py --json -      # the rows as JSON on stdout: list, tensors, mechgpu_us, torch_us
-    python bench/host_overhead.py --smoke       # a few steps on the smallest list
+    python bench/host_overhead.py                      # a table
+    python bench/host_overhead.py --json -             # the rows as JSON on stdout only
+    python bench/host_overhead.py --out bench/results --label after   # host-overhead-<device>[-label].json/.md
+    python bench/host_overhead.py --smoke              # a few steps on the smallest list
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-import step_overhead
-import torch
-from optim import PARAM_LISTS
+WITH_LAUNCH = "--with-launch-worker"
+if WITH_LAUNCH in sys.argv:  # triton's compiler, not its interpreter: before anything imports triton
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import _compile_only  # noqa: F401
 
+import _common as common  # noqa: E402
+import step_overhead  # noqa: E402
+import torch  # noqa: E402
+from optim import PARAM_LISTS  # noqa: E402
+
+import mechgpu.optim  # noqa: E402
+from mechgpu.optim import _fused  # noqa: E402
+
+BENCHMARK = "host-overhead"
 CASE, REGIME, NUMEL = "AdamW", "new", 1
 STEPS, WARMUP_STEPS = 30, 5
 SMOKE = {"lists": ("gpt2-small",), "steps": 3, "warmup": 1}
-TARGET = 0.25  # mechgpu's host time as a fraction of torch's, at most
+GOAL, AIM = 0.5, 0.25  # mechgpu's host time with its launch, as a fraction of torch fused's floor
+TORCH_FLAGS = {"torch fused": "fused", "torch foreach": "foreach"}
+# (name, class, method): the phases of mechgpu's step, timed by wrapping the method
+PHASES = (("confirm", _fused._GroupCache, "confirm"), ("confirm", _fused._GroupCache, "confirm_fast"),
+          ("confirm", _fused.FusedOptimizer, "_record_fast"),
+          ("uploads", _fused._GroupCache, "upload_grads"), ("launch", _fused.FusedOptimizer, "_launch"))
+
+
+class TorchKernelStub:
+    """Within ``with stub:``, torch's optimizer kernels are no-ops: ``torch._fused_*`` and
+    ``torch._foreach_*`` (the ops torch.optim's fused and foreach steps call through the
+    ``torch`` module). In-place ops return None; out-of-place ones return their first list
+    argument, so the step's Python goes on as it would with real results.
+
+    With ``host_steps``, ops on 0-d tensors run for real: foreach keeps its step counts in CPU
+    scalars (not capturable) and counts them on the host even on a GPU, and its next step
+    divides by ``1 - beta ** step``."""
+
+    def __init__(self, host_steps: bool = False) -> None:
+        self.names = [n for n in dir(torch) if n.startswith(("_fused_adam", "_foreach_"))]
+        self.host_steps = host_steps
+        self.calls = 0
+        self._saved: dict = {}
+
+    def _stub(self, name: str):
+        real = getattr(torch, name)
+
+        def op(*args, **kwargs):
+            if self.host_steps and args and isinstance(args[0], list) and args[0] and args[0][0].dim() == 0:
+                return real(*args, **kwargs)
+            self.calls += 1
+            if name.endswith("_"):
+                return None
+            return next((a for a in args if isinstance(a, (list, tuple))), [])
+        return op
+
+    def __enter__(self) -> TorchKernelStub:
+        self._saved = {n: getattr(torch, n) for n in self.names}
+        for n in self.names:
+            setattr(torch, n, self._stub(n))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for n, fn in self._saved.items():
+            setattr(torch, n, fn)
+
+
+class PhaseTimer:
+    """Within ``with timer:``, the time spent in each of ``PHASES``, per step."""
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys((name for name, _, _ in PHASES), 0.0)
+        self.steps: list[dict[str, float]] = []
+        self._saved: list = []
+
+    def _wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - start
+        return timed
+
+    def mark(self) -> None:
+        """End of one step: its phases are recorded and the totals start again."""
+        self.steps.append({k: 1e6 * v for k, v in self.totals.items()})
+        self.totals = dict.fromkeys(self.totals, 0.0)
+
+    def medians(self, skip: int) -> dict[str, float]:
+        return {k: statistics.median(s[k] for s in self.steps[skip:]) for k in self.totals}
+
+    def __enter__(self) -> PhaseTimer:
+        for name, cls, method in PHASES:
+            fn = cls.__dict__.get(method)
+            if fn is None:  # an older mechgpu (a "before" run) has no such step
+                continue
+            self._saved.append((cls, method, fn))
+            setattr(cls, method, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, method, fn in self._saved:
+            setattr(cls, method, fn)
+
+
+def time_mechgpu(count: int, *, steps: int, warmup: int, stubbed: bool) -> tuple[float, dict[str, float]]:
+    """Median µs of a mechgpu AdamW step over ``count`` one-element tensors, and its phases."""
+    torch.manual_seed(0)
+    params = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
+    step = mechgpu.optim.AdamW(params).step
+    timer = PhaseTimer()
+
+    def timed_step() -> None:
+        step()
+        timer.mark()
+
+    with timer:
+        if stubbed:
+            with step_overhead.LaunchStub() as stub:
+                times, _, launches = step_overhead.time_steps(timed_step, params, REGIME, steps=steps,
+                                                              warmup=warmup, stub=stub)
+            if min(launches) == 0:
+                raise RuntimeError(f"a step made no launch through {stub.patched}: the stub missed mechgpu's "
+                                   "launches (or the step fell back to torch)")
+        else:
+            times, _, _ = step_overhead.time_steps(timed_step, params, REGIME, steps=steps, warmup=warmup,
+                                                   stub=None)
+    return statistics.median(times), timer.medians(warmup)
+
+
+def time_torch(implementation: str, count: int, *, steps: int, warmup: int) -> float:
+    """Median µs of torch's AdamW step (``fused`` or ``foreach``) with its kernels stubbed."""
+    torch.manual_seed(0)
+    params = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
+    opt = torch.optim.AdamW(params, **{TORCH_FLAGS[implementation]: True})
+    with TorchKernelStub(host_steps=implementation == "torch foreach") as stub:
+        times, _, _ = step_overhead.time_steps(opt.step, params, REGIME, steps=steps, warmup=warmup, stub=None)
+    if stub.calls == 0:
+        raise RuntimeError(f"{implementation}: no stubbed kernel was called, so its kernels ran")
+    return statistics.median(times)
+
+
+def interleaved(count: int, *, steps: int, warmup: int) -> dict:
+    """mechgpu's step (unstubbed: in the compile-only child, triton's launch path) and torch fused's
+    (kernels stubbed), one step of each in turn, so that both are timed in the same moments of a
+    busy machine: the medians, and mechgpu's phases."""
+    torch.manual_seed(0)
+    ours = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
+    theirs = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
+    steps_of = {"mechgpu": mechgpu.optim.AdamW(ours).step, "torch fused": torch.optim.AdamW(theirs, fused=True).step}
+    params_of = {"mechgpu": ours, "torch fused": theirs}
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    timer = PhaseTimer()
+    gc.collect()
+    gc.disable()
+    try:
+        with timer, TorchKernelStub():
+            for i in range(warmup + steps):
+                for name, step in steps_of.items():
+                    step_overhead.new_grads(params_of[name])
+                    start = time.perf_counter()
+                    step()
+                    elapsed = time.perf_counter() - start
+                    if i >= warmup:
+                        times[name].append(1e6 * elapsed)
+                timer.mark()
+    finally:
+        gc.enable()
+    return {"median_us": statistics.median(times["mechgpu"]), "torch_fused_us": statistics.median(times["torch fused"]),
+            "phases_us": timer.medians(warmup)}
+
+
+def with_launch(lists: tuple[str, ...], *, steps: int, warmup: int) -> dict[str, dict]:
+    """Per list, mechgpu's step through triton's real launch path, from a compile-only child."""
+    command = [sys.executable, __file__, WITH_LAUNCH, "--steps", str(steps), "--warmup", str(warmup), *lists]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the compile-only run failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(lists: tuple[str, ...], *, steps: int, warmup: int) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launched = with_launch(lists, steps=steps, warmup=warmup)
     rows = []
     for name in lists:
         count = len(PARAM_LISTS[name]())
-        times = {impl: step_overhead.measure(CASE, impl, REGIME, count, NUMEL, device, steps=steps, warmup=warmup)
-                 for impl in (step_overhead.MECHGPU, "torch foreach")}
-        ours, theirs = times[step_overhead.MECHGPU]["median_us"], times["torch foreach"]["median_us"]
-        rows.append({"list": name, "tensors": count, "mechgpu_us": ours, "torch_us": theirs,
-                     "fraction": ours / theirs, "target": TARGET})
+        ours, phases = time_mechgpu(count, steps=steps, warmup=warmup, stubbed=True)
+        fused = time_torch("torch fused", count, steps=steps, warmup=warmup)
+        foreach = time_torch("torch foreach", count, steps=steps, warmup=warmup)
+        real = launched[name]
+        rows.append({"list": name, "tensors": count, "mechgpu_us": ours, "torch_fused_us": fused,
+                     "torch_foreach_us": foreach, "mechgpu_with_launch_us": real["median_us"],
+                     "torch_fused_interleaved_us": real["torch_fused_us"],
+                     "fraction_of_fused": real["median_us"] / real["torch_fused_us"], "goal": GOAL, "aim": AIM,
+                     "phases_us": real["phases_us"], "stubbed_phases_us": phases})
     return rows
 
 
+def to_markdown(results: dict) -> str:
+    label = f" ({results['label']})" if results.get("label") else ""
+    head = [
+        f"# Host time of an AdamW step(): mechgpu against torch's host floor{label}",
+        "",
+        f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']} · "
+        f"{results['cpus']} CPUs, 1-minute load {results['load_average']:.2f} at the start",
+        "",
+        "One-element fp32 tensors, a fresh grad per param every step, median of "
+        f"{results['steps']} steps after {results['warmup']} untimed. torch's kernels (`torch._fused_adamw_`, "
+        "`torch._foreach_*`) and mechgpu's triton launch are stubbed by no-ops in the same process; "
+        "*with launch* is mechgpu's step through triton's real launch path in a compile-only process "
+        "(tests/_compile_only.py: compiled for sm_90, nothing launched: all but the driver call), timed "
+        "step for step in turn with torch fused's (*interleaved*), which the ratio and the phases "
+        "(confirm, uploads, launch: median µs per step) come from. "
+        f"Goal: with launch <= {GOAL:.0%} of torch fused; aim {AIM:.0%}.",
+        "",
+    ]
+    header = ["list", "tensors", "mechgpu µs (launch stubbed)", "torch fused µs", "torch foreach µs",
+              "mechgpu with launch µs", "torch fused µs, interleaved", "with launch / fused", "confirm µs",
+              "uploads µs", "launch µs"]
+    rows = [[r["list"], f"{r['tensors']:,}", f"{r['mechgpu_us']:,.0f}", f"{r['torch_fused_us']:,.0f}",
+             f"{r['torch_foreach_us']:,.0f}", f"{r['mechgpu_with_launch_us']:,.0f}",
+             f"{r['torch_fused_interleaved_us']:,.0f}", f"{r['fraction_of_fused']:.2f}x",
+             *(f"{r['phases_us'][k]:,.0f}" for k in ("confirm", "uploads", "launch"))] for r in results["rows"]]
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=1)])
+
+
+def worker(argv: list[str]) -> int:
+    """The compile-only child: one JSON line, per list its median and phases."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument(WITH_LAUNCH, action="store_true")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("lists", nargs="+")
+    args = parser.parse_args(argv)
+    out = {}
+    for name in args.lists:
+        out[name] = interleaved(len(PARAM_LISTS[name]()), steps=args.steps, warmup=args.warmup)
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if WITH_LAUNCH in argv:
+        return worker(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few steps on the smallest list")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout, nothing else)")
+    parser.add_argument("--out", type=Path, help="write host-overhead-<device>[-<label>].json and .md here")
+    parser.add_argument("--label", help="names the run (before, after) in the report and the file names")
     args = parser.parse_args(argv)
     lists, steps, warmup = ((SMOKE["lists"], SMOKE["steps"], SMOKE["warmup"]) if args.smoke
                             else (tuple(PARAM_LISTS), STEPS, WARMUP_STEPS))
+    load = os.getloadavg()[0]
     rows = run(lists, steps=steps, warmup=warmup)
     if args.json == "-":
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(rows, indent=1) + "\n")
-    print(f"AdamW step(), host time, median of {steps} steps with fresh grads ({torch.get_num_threads()} torch "
-          f"threads); mechgpu's launch stubbed, torch foreach on one-element tensors")
-    print(f"{'list':<12} {'tensors':>8} {'mechgpu µs':>11} {'torch µs':>10} {'mechgpu/torch':>14}  "
-          f"target <= {TARGET:.0%}")
-    for r in rows:
-        print(f"{r['list']:<12} {r['tensors']:>8,} {r['mechgpu_us']:>11,.0f} {r['torch_us']:>10,.0f} "
-              f"{r['fraction']:>14.0%}")
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    results = {**common.environment(torch.device("cpu")), "benchmark": BENCHMARK, "label": args.label,
+               "cpus": os.cpu_count(), "load_average": load, "steps": steps, "warmup": warmup, "rows": rows}
+    markdown = to_markdown(results)
+    print(markdown)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        suffix = f"-{common.device_slug(args.label)}" if args.label else ""
+        stem = args.out / f"{BENCHMARK}-{common.device_slug(results['device'])}{suffix}"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown + "\n")
+        print(f"\nwrote {stem}.json and .md")
     return 0
 
 

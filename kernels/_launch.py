@@ -32,6 +32,141 @@ def compiled_variants(jit_fn) -> int:
     """
     return sum(len(entry[0]) for entry in getattr(jit_fn, "device_caches", {}).values())
 
+# ----------------------------------------------------------------------------------
+# The lean launch: triton's compiled kernel bound once per specialisation
+# ----------------------------------------------------------------------------------
+# ``kernel[grid](**arguments)`` binds the arguments to the signature, computes their
+# specialisation (types, 16-byte alignment of pointers, ints equal to 1 or divisible by 16) and
+# looks the compiled kernel up: about 20 µs of host time per launch. ``launch`` does that once for
+# each ``specialisation`` below, which is at least as fine as triton's (exact ints, the dtype,
+# device and alignment of each tensor, every constexpr and launch option), then calls the
+# compiled kernel's launcher with the arguments in signature order, on the current stream (a
+# CUDA graph's capture stream included). It falls back to the normal call under the interpreter,
+# with pre-run hooks, and where triton's internals differ from 3.4-3.9's (``triton.knobs`` and its
+# ``runtime`` launch hooks, ``CompiledKernel.run/function/packed_metadata/launch_metadata``; a
+# compile future from asynchronous compilation is not bound). triton 3.4-3.6's ``JITFunction.run``
+# launches with the same call as 3.9's, which ``_run`` makes.
+try:
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+    _LEAN = hasattr(_knobs.runtime, "launch_enter_hook") and hasattr(_knobs.runtime, "launch_exit_hook")
+except ImportError:  # an older triton: the normal call only
+    _LEAN = False
+
+#: (kernel, device, specialisation) -> (compiled kernel, argument names in signature order)
+_BOUND: dict[tuple, tuple] = {}
+_UNBINDABLE: set = set()  # kernels whose compiled form this triton does not let us call
+
+
+def specialisation(arguments: dict) -> tuple:
+    """What decides which compiled kernel triton picks for ``arguments``: a float is any float
+    (triton passes it as fp32 and never specialises on it), a tensor its dtype, device and 16-byte
+    alignment, anything else (ints, bools, constexprs, options) its value."""
+    key = []
+    for value in arguments.values():
+        kind = type(value)
+        if kind is float:
+            key.append(float)
+        elif isinstance(value, torch.Tensor):
+            key.append((value.dtype, value.get_device(), value.data_ptr() % 16 == 0))
+        else:
+            key.append(value)
+    return tuple(key)
+
+
+def launch(kernel, grid: tuple, arguments: dict) -> None:
+    """``kernel[grid](**arguments)``, through the bound launcher once triton has compiled it for
+    this specialisation."""
+    if not _LEAN or not isinstance(kernel, _JITFunction) or kernel.pre_run_hooks or kernel in _UNBINDABLE:
+        kernel[grid](**arguments)
+        return
+    device = _driver.active.get_current_device()
+    key = (kernel, device, specialisation(arguments))
+    bound = _BOUND.get(key)
+    if bound is None:
+        compiled = kernel[grid](**arguments)
+        if compiled is not None and all(hasattr(compiled, a) for a in ("function", "packed_metadata",
+                                                                          "launch_metadata")):
+            _BOUND[key] = (compiled, kernel.arg_names)
+        return
+    compiled, names = bound
+    try:
+        args = [arguments[name] for name in names]
+        launcher = compiled.run
+    except (AttributeError, KeyError):  # not the internals this was written for
+        _UNBINDABLE.add(kernel)
+        kernel[grid](**arguments)
+        return
+    _run(compiled, launcher, tuple(grid) + (1,) * (3 - len(grid)), device, args)
+
+
+def _run(compiled, launcher, grid: tuple, device: int, args: list) -> None:
+    """What ``JITFunction.run`` does once it has the compiled kernel (triton 3.4-3.9): the launcher
+    on the current stream, with the launch hooks and their metadata."""
+    stream = _driver.active.get_current_stream(device)
+    enter = _knobs.runtime.launch_enter_hook
+    metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args)
+    launcher(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
+             _knobs.runtime.launch_exit_hook, *args)
+
+
+def _tensor_spec(value: torch.Tensor) -> tuple:
+    return value.dtype, value.get_device(), value.data_ptr() % 16 == 0
+
+
+class Bound:
+    """One kernel's launch with every argument fixed but a few (``slots``): the compiled kernel
+    triton picked for a first launch, and that launch's arguments in signature order. ``fill``
+    puts new values in the slots if they keep triton's choice (a float for a float; a tensor of
+    the same dtype, device and alignment for a tensor), ``run`` launches on the current stream."""
+
+    __slots__ = ("compiled", "launcher", "grid", "device", "template", "slots")
+
+    @classmethod
+    def of(cls, kernel, grid: tuple, arguments: dict, values: dict) -> Bound | None:
+        """The bound form of the launch ``launch(kernel, grid, arguments)`` just made, with the
+        arguments named in ``values`` as its slots; None where triton's launcher cannot be bound."""
+        if not _LEAN or not isinstance(kernel, _JITFunction) or kernel in _UNBINDABLE:
+            return None
+        device = _driver.active.get_current_device()
+        entry = _BOUND.get((kernel, device, specialisation(arguments)))
+        if entry is None:
+            return None
+        compiled, names = entry
+        bound = cls()
+        bound.compiled, bound.grid, bound.device = compiled, tuple(grid) + (1,) * (3 - len(grid)), device
+        bound.launcher = compiled.run  # loaded by the launch just made
+        bound.template = [arguments[name] for name in names]
+        bound.slots = []
+        for position, name in enumerate(names):
+            if name in values:
+                value = arguments[name]
+                spec = float if type(value) is float else _tensor_spec(value) if isinstance(value, torch.Tensor) \
+                    else None
+                if spec is None:  # an int or constexpr slot would choose the kernel: not a slot
+                    return None
+                bound.slots.append((position, name, spec))
+                bound.template[position] = None  # no reference kept to a user's tensor
+        return bound
+
+    def fill(self, values: dict) -> list | None:
+        args = self.template.copy()
+        for position, name, spec in self.slots:
+            value = values[name]
+            if type(value) is float:
+                if spec is not float:
+                    return None
+            elif not isinstance(value, torch.Tensor) or _tensor_spec(value) != spec:
+                return None
+            args[position] = value
+        return args
+
+    def run(self, args: list) -> None:
+        _run(self.compiled, self.launcher, self.grid, self.device, args)
+
+
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.
 # Larger blocks amortise the per-program table reads; smaller blocks waste fewer
 # lanes on small tensors. We take the largest block whose padding costs at most

@@ -170,7 +170,9 @@ class MultiTensorPlan:
         self.done = torch.zeros(1, dtype=torch.int32, device=device)
         self.table = torch.zeros((len(self.numels), layout.width), dtype=torch.int64, device=device)
         self._uploaded: list[list[int]] | None = None
+        self._columns: dict[str, torch.Tensor] = {}  # upload_column's views of the table
         self.workspaces: dict = {}  # scratch buffers of the owner's kernels, made once
+        self.launches: dict = {}  # a kernel family's bound launches of this plan (optim.launch)
         self.uploads = 0  # host-to-device copies of the table so far (a steady state makes none)
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -187,6 +189,17 @@ class MultiTensorPlan:
             self.table.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
             self._uploaded = [list(row) for row in rows]
             self.uploads += 1
+
+    def upload_column(self, name: str, values: torch.Tensor) -> None:
+        """Upload one column from an int64 host tensor that the caller compared already (the
+        compiled confirmation's grad addresses); later ``set_rows``/``set_column`` calls upload
+        unconditionally, as the host copy they compare with no longer says what the table holds."""
+        column = self._columns.get(name)
+        if column is None:  # a view of the one table, which is never reallocated
+            column = self._columns[name] = self.table[:, self.layout.index(name)]
+        column.copy_(values, non_blocking=True)
+        self._uploaded = None
+        self.uploads += 1
 
     def set_column(self, name: str, values: list[int]) -> None:
         """Upload one column (say, the grad addresses of a new step) if it changed."""

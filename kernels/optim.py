@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
 from .multi_tensor import (
     PARTIALS_WIDTH,
@@ -657,6 +658,36 @@ def _hyper(value):
     return float(value), False
 
 
+def step_values(plan: MultiTensorPlan, *, lr, weight_decay=0.0, beta1=0.0, beta2=0.0, eps: float = 0.0,
+                momentum: float = 0.0, dampening: float = 0.0, lr_decay: float = 0.0,
+                control: StepControl | None = None) -> tuple[dict, tuple[bool, bool, bool]]:
+    """The kernel arguments a step may change without changing the compiled kernel, by name (the
+    hyperparameters and the control tensors), and (LR_IS_PTR, WD_IS_PTR, BETAS_ARE_PTRS)."""
+    control = control or StepControl()
+    spare = plan.table  # any device pointer, for arguments a variant never reads
+    lr, lr_is_ptr = _hyper(lr)
+    weight_decay, wd_is_ptr = _hyper(weight_decay)
+    betas_are_ptrs = isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)
+    if betas_are_ptrs:  # both read from device memory; a float beside a tensor becomes a 0-d tensor
+        beta1, beta2 = (b if isinstance(b, torch.Tensor) else torch.full((), float(b), device=plan.device)
+                        for b in (beta1, beta2))
+        one_minus_beta1 = one_minus_beta2 = 0.0
+    else:
+        # 1 - beta in double on the host, as torch.optim computes it
+        beta1, beta2 = float(beta1), float(beta2)
+        one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
+    values = dict(
+        lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2,
+        weight_decay=weight_decay, eps=float(eps), momentum=float(momentum),
+        one_minus_dampening=1.0 - float(dampening), lr_decay=float(lr_decay),
+        control_ptr=control.clip if control.clip is not None else spare,
+        grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare,
+        found_inf_ptr=control.found_inf if control.found_inf is not None else spare,
+        telemetry_ptr=control.telemetry if control.telemetry is not None else spare,
+    )
+    return values, (lr_is_ptr, wd_is_ptr, betas_are_ptrs)
+
+
 def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, *, aligned: bool,
                      states: tuple[bool, ...], flags: dict[str, bool], lr, weight_decay=0.0, beta1=0.0, beta2=0.0,
                      eps: float = 0.0, momentum: float = 0.0, dampening: float = 0.0, lr_decay: float = 0.0,
@@ -680,39 +711,27 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     fp32_streams = precision.master or (precision.state_dtype == torch.float32 and any(used))
     mixed = aligned and param_dtype != torch.float32 and fp32_streams
     warps = mixed_width_warps(plan.block) if mixed else plan.num_warps
-    spare = plan.table  # any device pointer, for arguments a variant never reads
-    lr, lr_is_ptr = _hyper(lr)
-    weight_decay, wd_is_ptr = _hyper(weight_decay)
-    betas_are_ptrs = isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)
-    if betas_are_ptrs:  # both read from device memory; a float beside a tensor becomes a 0-d tensor
-        beta1, beta2 = (b if isinstance(b, torch.Tensor) else torch.full((), float(b), device=plan.device)
-                        for b in (beta1, beta2))
-        one_minus_beta1 = one_minus_beta2 = 0.0
-    else:
-        # 1 - beta in double on the host, as torch.optim computes it
-        beta1, beta2 = float(beta1), float(beta2)
-        one_minus_beta1, one_minus_beta2 = 1.0 - beta1, 1.0 - beta2
+    step, (lr_is_ptr, wd_is_ptr, betas_are_ptrs) = step_values(
+        plan, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
+        dampening=dampening, lr_decay=lr_decay, control=control)
     num_tensors = len(plan.numels)
     scalars = plan.workspace("step_scalars", (num_tensors, STEP_SCALARS.width), torch.float32)
     partials = plan.workspace("telemetry_partials", (plan.grid, TELEMETRY_FIELDS.width), torch.float64)
-    clip = control.clip if control.clip is not None else spare
-    found_inf = control.found_inf if control.found_inf is not None else spare
     skip_nonfinite = control.skip_nonfinite and control.clip is not None
-    hypers = dict(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=one_minus_beta1, one_minus_beta2=one_minus_beta2)
+    hypers = {k: step[k] for k in ("lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2")}
     prologue = dict(
-        table_ptr=plan.table, scalars_ptr=scalars, done_ptr=plan.done, control_ptr=clip, found_inf_ptr=found_inf,
-        **hypers,
-        lr_decay=float(lr_decay), num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr,
+        table_ptr=plan.table, scalars_ptr=scalars, done_ptr=plan.done, control_ptr=step["control_ptr"],
+        found_inf_ptr=step["found_inf_ptr"], **hypers,
+        lr_decay=step["lr_decay"], num_tensors=num_tensors, RULE=rule, LR_IS_PTR=lr_is_ptr,
         BETAS_ARE_PTRS=betas_are_ptrs, SKIP_NONFINITE=skip_nonfinite, FOUND_INF=control.found_inf is not None,
         TENSORS=PROLOGUE_TENSORS, num_warps=PROLOGUE_WARPS,
     )
     update = dict(
         table_ptr=plan.table, blocks_ptr=plan.blocks, scalars_ptr=scalars, done_ptr=plan.done,
-        partials_ptr=partials, control_ptr=clip,
-        grad_scale_ptr=control.grad_scale if control.grad_scale is not None else spare, found_inf_ptr=found_inf,
-        telemetry_ptr=control.telemetry if control.telemetry is not None else spare, seed=precision.seed,
-        **hypers, eps=float(eps), weight_decay=weight_decay, momentum=float(momentum),
-        one_minus_dampening=1.0 - float(dampening), num_blocks=plan.num_blocks,
+        partials_ptr=partials, control_ptr=step["control_ptr"], grad_scale_ptr=step["grad_scale_ptr"],
+        found_inf_ptr=step["found_inf_ptr"], telemetry_ptr=step["telemetry_ptr"], seed=precision.seed,
+        **hypers, eps=step["eps"], weight_decay=step["weight_decay"], momentum=step["momentum"],
+        one_minus_dampening=step["one_minus_dampening"], num_blocks=plan.num_blocks,
         RULE=rule, **dict(zip(("STATE0", "STATE1", "STATE2"), used, strict=True)),
         PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
         LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr,
@@ -725,13 +744,50 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     return prologue, update
 
 
+#: kernel_arguments' arguments that step_values reads
+_STEP_VALUE_ARGUMENTS = frozenset(("lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "dampening", "lr_decay",
+                                   "control"))
+
+
+def _frozen(value):
+    """A launch argument as part of a dict key."""
+    kind = type(value)
+    if kind is dict:
+        return tuple(value.items())
+    if kind is Precision:
+        return tuple(vars(value).values())
+    return value
+
+
 def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, **arguments) -> None:
     """One step of ``rule`` over every tensor in ``plan``: the prologue and the update, every
-    argument by name (``kernel_arguments`` says which)."""
+    argument by name (``kernel_arguments`` says which).
+
+    The first step of each variant (the arguments other than ``step_values``', and the kinds of
+    those) goes through ``kernel_arguments`` and triton's launch, and binds both kernels to the plan
+    (``_launch.Bound``); later steps compute only ``step_values`` and call the bound launchers."""
+    control = arguments.get("control") or StepControl()
+    step, kinds = step_values(plan, **{k: arguments[k] for k in _STEP_VALUE_ARGUMENTS if k in arguments})
+    key = (param_dtype, rule, kinds, control.clip is None, control.grad_scale is None, control.found_inf is None,
+           control.telemetry is None, control.skip_nonfinite,
+           *[(k, _frozen(v)) for k, v in arguments.items() if k not in _STEP_VALUE_ARGUMENTS])
+    bound = plan.launches.get(key)
+    if bound is not None:
+        filled = [b.fill(step) for b in bound]
+        if None not in filled:
+            with device_guard(plan.device):
+                for b, args in zip(bound, filled):
+                    b.run(args)
+            return
     prologue, update = kernel_arguments(plan, param_dtype, rule, **arguments)
+    launches = ((step_prologue_kernel, (triton.cdiv(len(plan.numels), PROLOGUE_TENSORS),), prologue),
+                (optimizer_kernel, (plan.grid,), update))
     with device_guard(plan.device):
-        step_prologue_kernel[(triton.cdiv(len(plan.numels), PROLOGUE_TENSORS),)](**prologue)
-        optimizer_kernel[(plan.grid,)](**update)
+        for kernel, grid, kwargs in launches:
+            _launch.launch(kernel, grid, kwargs)
+        bound = [_launch.Bound.of(kernel, grid, kwargs, step) for kernel, grid, kwargs in launches]
+    if None not in bound:
+        plan.launches[key] = bound
 
 
 def aot_variants() -> list:

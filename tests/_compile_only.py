@@ -4,7 +4,9 @@ Imported first in a fresh interpreter without TRITON_INTERPRET. It makes a stand
 driver active, which answers what ``JITFunction.run`` asks before it compiles (device 0,
 stream 0, target sm_90), and turns every launch into triton's own ``warmup=True`` run:
 the specialisation key is computed, the kernel compiled and cached in
-``device_caches`` exactly as on a GPU, and nothing is launched. mechgpu's optimizers are
+``device_caches`` exactly as on a GPU, and nothing is launched. A compiled kernel's own
+launcher (``CompiledKernel.run``, which ``kernels._launch.launch`` calls once it has bound a
+kernel) is a no-op: the driver call is all that is left out. mechgpu's optimizers are
 told that their kernels run on CPU tensors, so a real ``step()`` goes through its real
 launchers. The params never change; only what triton compiles and caches is real.
 """
@@ -18,6 +20,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile-only runs need t
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -51,6 +54,19 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 
 JITFunction.run = _compile_only
+
+def _launch_nothing(*args) -> None:
+    return None
+
+
+def _no_module(self) -> None:
+    """What ``CompiledKernel._init_handles`` does on a GPU (load the binary, make its launcher),
+    with a launcher that launches nothing."""
+    if self._run is None:
+        self._run, self.function = _launch_nothing, 0
+
+
+CompiledKernel._init_handles = _no_module
 
 import mechgpu.optim._fused as _fused  # noqa: E402
 

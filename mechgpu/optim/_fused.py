@@ -14,6 +14,7 @@ write, so a bad group leaves every param, state and step count as it was.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import itertools
@@ -28,6 +29,7 @@ from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
 from ..kernels.optim import TELEMETRY_FIELDS, Precision, StepControl
 from ..kernels.optim_spec import OptimizerSpec
+from . import _host
 from . import options as _options
 from ._state_dict import ELEMENT_KEYS, MASTER_KEY, check_state_dict, state_problem, storage_holds
 
@@ -83,22 +85,34 @@ class StateKeyError(KeyError):
 class _Bucket:
     """One launch: the tensors of a group with one dtype and one alignment."""
 
-    __slots__ = ("plan", "dtype", "aligned", "precision", "indices")
+    __slots__ = ("plan", "dtype", "aligned", "precision", "indices", "whole", "index_tensor")
 
     def __init__(self, plan, dtype, aligned, precision, indices):
         self.plan, self.dtype, self.aligned, self.precision, self.indices = plan, dtype, aligned, precision, indices
+        self.whole = False  # the group's only bucket: its params in order, no gather (_build_cache)
+        self.index_tensor = torch.tensor(indices, dtype=torch.int64)
 
 
+#: the types of ``optimizer.state`` the compiled path reads as torch does (torch's is a defaultdict)
+_STATE_TYPES = (dict, collections.defaultdict)
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _dtype_of = operator.attrgetter("dtype")
 _stride = torch.Tensor.stride
+_get_device = torch.Tensor.get_device
+_storage = torch.Tensor.untyped_storage
+_nbytes = torch.UntypedStorage.nbytes
+_storage_offset = torch.Tensor.storage_offset
+_element_size = torch.Tensor.element_size
 
 
 def _where(tensors: list[torch.Tensor]) -> tuple[list, ...]:
-    """What a launch relies on for each tensor: its address, element count, dtype and layout."""
+    """What a launch relies on for each tensor: its address, element count, dtype, layout, device and
+    the bytes of its storage (a dense tensor whose storage keeps the size it had when its row was
+    built, at the same address, still holds it: ``_check_group`` checked that then)."""
     return (list(map(_data_ptr, tensors)), list(map(_numel, tensors)), list(map(_dtype_of, tensors)),
-            list(map(_stride, tensors)))
+            list(map(_stride, tensors)), list(map(_get_device, tensors)),
+            list(map(_nbytes, map(_storage, tensors))))
 
 
 def _locals(tensors: list[torch.Tensor], plain: bool) -> list[torch.Tensor]:
@@ -121,7 +135,16 @@ class _GroupCache:
     what ``_where`` read: no memory kept alive, and no weak reference to stop
     ``torch.utils.swap_tensors`` (``Module.to`` with swapping on, FSDP2). An ``id`` may be reused
     by a new tensor once the old one is gone; what the kernel relies on (address, element
-    count, dtype, strides) is confirmed afresh on the live tensors either way.
+    count, dtype, strides, device, storage) is confirmed afresh on the live tensors either way.
+
+    Two paths confirm the same facts. ``confirm`` is Python. ``confirm_fast`` is one call into the
+    compiled extension (``_host.cpp``, when loaded) over a record ``record_fast`` made at the end of
+    a step the Python path confirmed. It walks ``optimizer.state`` and each param's state dict
+    comparing every key and value with the record by identity (no hashing and no Python code, so
+    a ``dict.__setitem__`` that bypasses any hook, a dict replaced wholesale or a new entry all
+    show), walks the group's params list reading each grad, and compares every live tensor the
+    launch reads with its record. Anything else sends the group to the Python path, which
+    rebuilds where needed; the compiled record is then made again.
     """
 
     def __init__(self, signature: tuple, params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -140,7 +163,12 @@ class _GroupCache:
         self.grad_ids = list(map(id, grads))
         self.grad_where = _where(_locals(grads, self.plain))  # grads keep their param's layout
         self.pending_grads: list[int] | None = None  # grad addresses confirmed but not yet uploaded
-        self.held: list[torch.Tensor] = []  # the confirmed states, held during one step only
+        self.held: list = states  # the confirmed states (or their dicts), held during one step only
+        self.device = _local(params[0]).device
+        self.fast: tuple | None = None  # the compiled path's record (``record_fast``), or None
+        self.moved = False  # confirm_fast found grads at new addresses, not yet uploaded
+        self.own_steps: dict | None = None  # the optimizer's counters dict the record was made with
+        self.fast_counters = 0  # and its length
 
     def confirm(self, optimizer: FusedOptimizer, signature: tuple, params: list[torch.Tensor],
                 grads: list[torch.Tensor]) -> bool:
@@ -175,6 +203,11 @@ class _GroupCache:
                     or g.stride() != stride or g.get_device() != device):
                 return False
         where = _where(local_grads)
+        # dense as its param: numel elements from the storage offset, which the storage must hold
+        reach = map(operator.mul, map(operator.add, map(_storage_offset, local_grads), where[1]),
+                    map(_element_size, local_grads))
+        if any(map(operator.gt, reach, where[5])):
+            return False
         ptrs = where[0]
         for bucket in self.buckets:
             if bucket.aligned and any(ptrs[i] % 16 for i in bucket.indices):
@@ -185,11 +218,86 @@ class _GroupCache:
         return True
 
     def upload_grads(self) -> None:
-        """Point the tables at the grads ``confirm`` accepted (an upload only if they moved)."""
+        """Point the tables at the grads ``confirm`` or ``confirm_fast`` accepted (an upload only if
+        they moved)."""
+        if self.moved:
+            fast = self.fast
+            grad_ptrs = fast[14]
+            for bucket in self.buckets:
+                bucket.plan.upload_column("grad", grad_ptrs if bucket.whole else grad_ptrs[bucket.index_tensor])
+            self.fast = (*fast[:2], grad_ptrs, *fast[3:14], fast[2], fast[15])  # uploaded <-> next step's buffer
+            self.moved = False
+            self.grad_ids = None  # the Python record no longer says what the tables hold
         if self.pending_grads is not None:
             for bucket in self.buckets:
                 bucket.plan.set_column("grad", [self.pending_grads[i] for i in bucket.indices])
             self.pending_grads = None
+
+    def confirm_fast(self, host, optimizer: FusedOptimizer, signature: tuple, group_params) -> bool:
+        """``confirm`` through the compiled extension: True when this step can launch from the cache.
+        Writes nothing but the cache itself."""
+        state = optimizer.state
+        if signature != self.signature or type(group_params) is not list or type(state) not in _STATE_TYPES:
+            return False
+        if self.counters is not None:
+            own = optimizer.__dict__.get("_own_steps")
+            if own is not self.own_steps or len(own) != self.fast_counters:
+                return False
+        status = host.confirm(group_params, state, self.fast)
+        if status < 0:
+            return False
+        self.moved = status == 1
+        return True
+
+    def record_fast(self, host, optimizer: FusedOptimizer, group_params, params: list[torch.Tensor]) -> None:
+        """The compiled path's record of this step's confirmed tensors (``self.held``: the states),
+        of ``optimizer.state``'s keys and values and of each param's state dict, all read now (at
+        the end of a step the Python path confirmed, with nothing run since). None where the
+        extension cannot describe a tensor: the Python path stays."""
+        self.fast = None
+        state = optimizer.state
+        if (not self.plain or type(group_params) is not list or type(state) not in _STATE_TYPES
+                or len(self.held) != len(self.state_ids)):
+            return
+        allowed = PLAIN_TENSORS
+        owned = self.counters or []
+        records = [host.where(tensors, allowed) for tensors in (params, self.held, owned)]
+        if any(r is None for r in records):
+            return
+        where_p, where_s, where_o = records
+        position = {id(k): i for i, k in enumerate(state)}
+        entries = [state[p] for p in params]
+        if any(type(e) is not dict for e in entries):
+            return
+        starts, entry_keys, entry_values, state_entry = [0], [], [], []
+        held = iter(self.held)
+        for entry, keys in zip(entries, self.keys):
+            first = len(entry_keys)
+            order = list(entry)
+            for key in keys:
+                value = entry[key]
+                if value is not next(held):  # not what this step confirmed
+                    return
+                state_entry.append(first + order.index(key))
+            entry_keys += map(id, order)
+            entry_values += map(id, entry.values())
+            starts.append(len(entry_keys))
+        aligned = [0] * len(params)
+        for bucket in self.buckets:
+            for i in bucket.indices:
+                aligned[i] = int(bucket.aligned)
+
+        def int64(values) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.int64)
+
+        self.fast = (int64(p.grad is not None for p in group_params), where_p,
+                     int64(map(_data_ptr, [p.grad for p in params])), int64(aligned),
+                     int64(position.get(id(p), -1) for p in params), int64(map(id, state)),
+                     int64(map(id, state.values())), int64(starts), int64(entry_keys), int64(entry_values),
+                     int64(state_entry), where_s, list(owned), where_o,
+                     torch.empty(len(params), dtype=torch.int64), allowed)
+        self.own_steps = optimizer.__dict__.get("_own_steps")
+        self.fast_counters = len(self.own_steps or ())
 
 
 class FusedOptimizer:
@@ -535,14 +643,22 @@ class FusedOptimizer:
     def _step(self, caches: dict[int, _GroupCache], loss):
         # 1. confirm or validate every group; nothing is written
         self._check_options()
+        host = _host.loader.get()  # the compiled confirmation, once built
         work, fallback_groups = [], []
         for group_index, group in enumerate(self.param_groups):
+            cache = caches.get(group_index)
+            if (cache is not None and cache.fast is not None
+                    and cache.confirm_fast(host, self, self._signature(group), group["params"])):
+                self._check_hyperparameters(group_index, group, cache.device)
+                work.append((group_index, group, None, cache))  # params: read again only if needed
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             self._check_hyperparameters(group_index, group, _local(params[0]).device)
             grads = [p.grad for p in params]
-            cache = caches.get(group_index)
+            if cache is not None:
+                cache.fast, cache.moved = None, False  # made again once this step is confirmed
             if cache is not None and cache.confirm(self, self._signature(group), params, grads):
                 work.append((group_index, group, params, cache))
                 continue
@@ -552,16 +668,16 @@ class FusedOptimizer:
                 work.append((group_index, group, params, None))
             else:
                 fallback_groups.append(group)
-        devices = {_local(params[0]).device for _, _, params, _ in work}
+        work_devices = [cache.device if params is None else _local(params[0]).device for _, _, params, cache in work]
+        devices = set(work_devices)
         if self.max_grad_norm is not None and len(devices) > 1:
             raise self._error(f"max_grad_norm needs all params on one device; they are on {sorted(map(str, devices))}")
 
         # 2. write: states made or repaired, tables built or re-pointed, then the launches
         telemetry = None
         if (self.track_update_norm or self.telemetry) and (work or fallback_groups):
-            first = work[0][2][0] if work else next(p for g in fallback_groups for p in g["params"]
-                                                     if p.grad is not None)
-            telemetry = self._telemetry_buffer(_local(first).device)
+            telemetry = self._telemetry_buffer(work_devices[0] if work else _local(next(
+                p for g in fallback_groups for p in g["params"] if p.grad is not None)).device)
         found_inf = self.__dict__.get("found_inf")  # set by torch.amp.GradScaler.step
         if found_inf is not None and self._makes_state(work) and found_inf.item():
             # GradScaler found inf/NaN on a step that would make optimizer state: torch's step is
@@ -578,7 +694,8 @@ class FusedOptimizer:
             if self._clip_out is None or self._clip_out.device != device:
                 self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
             clip = self._clip_out
-            grads = [p.grad for _, _, params, _ in work for p in params]
+            grads = [p.grad for _, group, params, _ in work
+                     for p in (params if params is not None else group["params"]) if p.grad is not None]
             grads += [p.grad for g in fallback_groups for p in g["params"] if p.grad is not None]
             total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
         if fallback_groups:
@@ -600,7 +717,15 @@ class FusedOptimizer:
                 control = dataclasses.replace(control, telemetry=telemetry[group_index])
             for bucket in cache.buckets:
                 self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
+        if host is not None:
+            self._record_fast(host, work)
         return loss
+
+    def _record_fast(self, host, work: list) -> None:
+        """The compiled path's record of each group the Python path confirmed this step."""
+        for _, group, params, cache in work:
+            if params is not None:
+                cache.record_fast(host, self, group["params"], params)
 
     def _telemetry_buffer(self, device: torch.device) -> torch.Tensor:
         """The fp64 [groups, TELEMETRY_FIELDS.width] this step's telemetry is summed into, zeroed."""
@@ -654,6 +779,7 @@ class FusedOptimizer:
                                   seed=self._rounding_seed)
             plan.set_rows([rows[i] for i in indices])
             buckets.append(_Bucket(plan, dtype, aligned, precision, indices))
+        buckets[0].whole = len(buckets) == 1
         return _GroupCache(self._signature(group), params, [p.grad for p in params], keys, states, counters,
                            buckets)
 
