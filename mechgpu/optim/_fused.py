@@ -371,8 +371,12 @@ class FusedOptimizer:
 
     def _check_options(self) -> None:
         """mechgpu's options, checked at construction and again at every step (they are plain
-        attributes a user may set)."""
-        self._options().check()
+        attributes a user may set). Values equal to the last ones that passed are not checked
+        again: ``Options.check`` reads nothing but them."""
+        values = tuple(getattr(self, name) for name in _options.NAMES)
+        if values != self.__dict__.get("_checked_options"):
+            self._options().check()
+            self._checked_options = values
 
     def _check_hyperparameters(self, group_index: int, group: dict, device: torch.device) -> None:
         """Every hyperparameter the kernel reads is a real number, or a one-element real tensor on
