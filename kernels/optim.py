@@ -643,6 +643,10 @@ class Precision:
     seed: int = 0
 
 
+#: The largest block of a launch with 8-bit states: they run 4 elements per thread (``kernel_arguments``),
+#: so 1,024 elements are 8 warps, whose 128-register budget holds the codec beside clipping and
+#: telemetry without spills (16 warps' 64 did not)
+QUANTIZED_MAX_BLOCK = 1024
 #: the dtypes a launch's states may have: the float ones, or uint8 for 8-bit codes
 _STATE_TL_DTYPES = {**TL_DTYPES, torch.uint8: tl.uint8}
 
@@ -686,10 +690,12 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     quantized = any(k in (STATE_SIGNED8, STATE_UNSIGNED8) for k in kinds)
     # bf16/fp16 params beside fp32 states or masters, with vector access: 4 elements per thread
     # (_launch.mixed_width_warps); unaligned tensors are accessed element by element anyway.
-    # 8-bit states too: their uint8 codes then share the fp32 streams' layout, and a quant block
-    # (quant8.QUANT_BLOCK) is one warp's elements, so its max needs no shared memory.
+    # 8-bit states beside fp32 params or masters too: their uint8 codes then share the fp32
+    # streams' layout (with 16-bit params alone, 8 per thread suits both). Either way a quant
+    # block (quant8.QUANT_BLOCK) lies within one warp, so its max needs no shared memory.
     fp32_streams = precision.master or (precision.state_dtype == torch.float32 and any(used))
-    mixed = aligned and ((param_dtype != torch.float32 and fp32_streams) or quantized)
+    mixed = aligned and ((param_dtype != torch.float32 and fp32_streams)
+                         or (quantized and (param_dtype == torch.float32 or precision.master)))
     warps = mixed_width_warps(plan.block) if mixed else plan.num_warps
     spare = plan.table  # any device pointer, for arguments a variant never reads
     lr, lr_is_ptr = _hyper(lr)
@@ -761,8 +767,9 @@ def aot_variants() -> list:
 
     def arguments(spec, options: dict, dtype=torch.float32, aligned=True, **more) -> tuple[dict, dict]:
         more.setdefault("lr", 1e-3)
-        return kernel_arguments(plan, dtype, spec.rule, aligned=aligned, states=spec.states_used(options),
-                                flags=spec.kernel_flags(options), **more)
+        quantized = "precision" in more and more["precision"].state_dtype == torch.uint8
+        return kernel_arguments(quantized_plan if quantized else plan, dtype, spec.rule, aligned=aligned,
+                                states=spec.states_used(options), flags=spec.kernel_flags(options), **more)
 
     variants = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -774,6 +781,8 @@ def aot_variants() -> list:
                     label = "".join(f",{k}" for k in options)
                     variants.append(launched_variant(f"{spec.name.lower()}[{tag}{label}]", optimizer_kernel,
                                                      arguments(spec, options, dtype, aligned)[1], aligned))
+    eight_bit = Precision(state_dtype=torch.uint8)
+    quantized_plan = MultiTensorPlan([MULTI_TENSOR_BLOCKS[0] * 4], torch.device("cpu"), TABLE, QUANTIZED_MAX_BLOCK)
     adam = rules[0]
     tensors = dict(lr=torch.zeros(()), beta1=torch.zeros(()), beta2=torch.zeros(()))
     variants.append(launched_variant("adam[fp32,tensor-lr-betas]", optimizer_kernel,
@@ -785,6 +794,10 @@ def aot_variants() -> list:
             ("bf16,bf16-states", torch.bfloat16, dict(precision=Precision(state_dtype=torch.bfloat16))),
             ("bf16,stochastic", torch.bfloat16, dict(precision=Precision(stochastic=True))),
             ("fp16,master,clip,amp", torch.float16, dict(control=everything, precision=Precision(master=True))),
+            ("fp32,8bit", torch.float32, dict(precision=eight_bit)),
+            ("fp32,8bit,clip,amp,telemetry", torch.float32, dict(control=everything, precision=eight_bit)),
+            ("bf16,8bit", torch.bfloat16, dict(precision=eight_bit)),
+            ("bf16,master,8bit", torch.bfloat16, dict(precision=Precision(state_dtype=torch.uint8, master=True))),
         )
         for mode, dtype, more in modes:
             variants.append(launched_variant(f"{spec.name.lower()}[{mode}]", optimizer_kernel,

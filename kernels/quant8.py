@@ -98,37 +98,36 @@ def _decode_magnitude(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _per_element(values, BLOCK: tl.constexpr):
-    """A [BLOCK // QUANT_BLOCK] vector, each value repeated for its block's elements: [BLOCK]."""
-    return tl.reshape(tl.broadcast_to(values[:, None], (BLOCK // _QB, _QB)), (BLOCK,))
+def _block_max(values):
+    """Each element's QUANT_BLOCK-sized block's max, for every element of the block: a reduction
+    within the warp that holds the block (see the module docstring), then a broadcast."""
+    BLOCK: tl.constexpr = values.shape[0]
+    blocks = tl.reshape(values, (BLOCK // _QB, _QB))
+    return tl.reshape(tl.broadcast_to(tl.max(blocks, axis=1)[:, None], (BLOCK // _QB, _QB)), (BLOCK,))
 
 
 @triton.jit
-def _block_index(offs, mask, BLOCK: tl.constexpr):
-    """(absmax index, absmax mask) of the QUANT_BLOCK-sized blocks a [BLOCK] slice covers."""
-    first = tl.min(tl.reshape(offs, (BLOCK // _QB, _QB)), axis=1)
-    index = first // _QB
-    if mask is None:
-        return index, None
-    else:
-        return index, tl.max(tl.reshape(mask.to(tl.int32), (BLOCK // _QB, _QB)), axis=1) > 0
+def _absmax_lanes(offs, mask):
+    """The lanes that read or write a block's absmax: the first element of each block (elementwise,
+    so that no [blocks]-shaped tensor needs a layout of its own)."""
+    lead = (offs % _QB) == 0
+    if mask is not None:
+        lead = lead & mask
+    return lead
 
 
 @triton.jit
 def load_state8(codes_ptr, absmax_ptr, offs, mask, UNSIGNED: tl.constexpr):
     """A quantized state's fp32 values at ``offs`` (for an unsigned state, the square of the
-    stored sqrt). Reads 1 B per element and 4 B per block."""
-    BLOCK: tl.constexpr = offs.shape[0]
-    index, block_mask = _block_index(offs, mask, BLOCK)
-    absmax = tl.load(absmax_ptr + index, mask=block_mask)
+    stored sqrt). Reads 1 B per element and 4 B per block (one lane reads the absmax, the block's
+    max hands it to the others)."""
+    absmax = _block_max(tl.load(absmax_ptr + offs // _QB, mask=_absmax_lanes(offs, mask), other=0.0))
     code = tl.load(codes_ptr + offs, mask=mask).to(tl.int32)
     if UNSIGNED:
-        scale = _per_element(absmax * (1.0 / _U_MAX), BLOCK)
-        root = _decode_magnitude(code, _U_MANTISSA, _U_BIAS) * scale
+        root = _decode_magnitude(code, _U_MANTISSA, _U_BIAS) * (absmax * (1.0 / _U_MAX))
         return root * root
     else:
-        scale = _per_element(absmax * (1.0 / _S_MAX), BLOCK)
-        value = _decode_magnitude(code & 127, _S_MANTISSA, _S_BIAS) * scale
+        value = _decode_magnitude(code & 127, _S_MANTISSA, _S_BIAS) * (absmax * (1.0 / _S_MAX))
         return tl.where(code >= 128, -value, value)
 
 
@@ -136,24 +135,22 @@ def load_state8(codes_ptr, absmax_ptr, offs, mask, UNSIGNED: tl.constexpr):
 def store_state8(codes_ptr, absmax_ptr, x, offs, mask, UNSIGNED: tl.constexpr):
     """Quantize fp32 ``x`` block by block and store its codes and absmax (an unsigned state
     stores sqrt(x)). Writes 1 B per element and 4 B per block."""
-    BLOCK: tl.constexpr = offs.shape[0]
     if UNSIGNED:
         x = tl.sqrt_rn(x)
     magnitude = tl.abs(x)
     magnitude = tl.where(magnitude != magnitude, float("inf"), magnitude)  # NaN: the block's absmax is inf
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
-    absmax = tl.max(tl.reshape(magnitude, (BLOCK // _QB, _QB)), axis=1)
+    absmax = _block_max(magnitude)
     if UNSIGNED:
         top = _U_MAX
     else:
         top = _S_MAX
-    y = magnitude * _per_element(tl.where(absmax > 0.0, top / absmax, 0.0), BLOCK)
+    y = magnitude * tl.where(absmax > 0.0, top / absmax, 0.0)
     if UNSIGNED:
         code = _encode_magnitude(y, _U_MANTISSA, _U_BIAS, 255)
         code = tl.where((code == 0) & (y > 0.0), 1, code)  # a positive value never becomes 0
     else:
         code = _encode_magnitude(y, _S_MANTISSA, _S_BIAS, 127) | tl.where(x < 0.0, 128, 0)
     tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
-    index, block_mask = _block_index(offs, mask, BLOCK)
-    tl.store(absmax_ptr + index, absmax, mask=block_mask)
+    tl.store(absmax_ptr + offs // _QB, absmax, mask=_absmax_lanes(offs, mask))

@@ -692,7 +692,8 @@ class FusedOptimizer:
             state_dtype = torch.uint8 if quantized else self._float_state_dtype()
             plan = old_plans.get((dtype, aligned, state_dtype))
             if plan is None or plan.numels != numels or plan.device != device:
-                plan = MultiTensorPlan(numels, device, optim_kernels.TABLE)
+                plan = MultiTensorPlan(numels, device, optim_kernels.TABLE,
+                                       optim_kernels.QUANTIZED_MAX_BLOCK if quantized else None)
             precision = Precision(state_dtype=state_dtype, master=self._uses_master(params[indices[0]]),
                                   stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
                                   seed=self._rounding_seed)
