@@ -119,9 +119,10 @@ def _absmax_lanes(offs, mask):
 @triton.jit
 def load_state8(codes_ptr, absmax_ptr, offs, mask, UNSIGNED: tl.constexpr):
     """A quantized state's fp32 values at ``offs`` (for an unsigned state, the square of the
-    stored sqrt). Reads 1 B per element and 4 B per block (one lane reads the absmax, the block's
-    max hands it to the others)."""
-    absmax = _block_max(tl.load(absmax_ptr + offs // _QB, mask=_absmax_lanes(offs, mask), other=0.0))
+    stored sqrt). Reads 1 B per element and 4 B per block: every lane of a block loads its absmax,
+    one address, which the memory system serves once (in the values' own register layout, where a
+    load of a [blocks] vector would need a conversion through shared memory)."""
+    absmax = tl.load(absmax_ptr + offs // _QB, mask=mask)
     code = tl.load(codes_ptr + offs, mask=mask).to(tl.int32)
     if UNSIGNED:
         root = _decode_magnitude(code, _U_MANTISSA, _U_BIAS) * (absmax * (1.0 / _U_MAX))
@@ -153,4 +154,8 @@ def store_state8(codes_ptr, absmax_ptr, x, offs, mask, UNSIGNED: tl.constexpr):
     else:
         code = _encode_magnitude(y, _S_MANTISSA, _S_BIAS, 127) | tl.where(x < 0.0, 128, 0)
     tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + offs // _QB, absmax, mask=_absmax_lanes(offs, mask))
+    # Only a block's first lane stores (the mask), so the other lanes' addresses are never used: the
+    # hint that they run on, 4 by 4, gives the store the layout of the values, not one of its own
+    # with a conversion through shared memory; the mask keeps it to scalar stores.
+    index = tl.multiple_of(tl.max_contiguous(offs // _QB, 4), 4)
+    tl.store(absmax_ptr + index, absmax, mask=_absmax_lanes(offs, mask))

@@ -27,6 +27,7 @@ from mechgpu.optim.quant8 import (
     dequantized_state_dict,
     quantize,
 )
+from mechgpu.testing.parity import PARITY, parity_loss
 
 #: over the 8-bit threshold: odd, a partial last absmax block, a 2-D param; and one that stays fp32
 SHAPES = ((MIN_8BIT_NUMEL + 129,), (70, 64 + 3), (100,))
@@ -250,50 +251,12 @@ def test_state_dict_whose_codes_do_not_fit_is_refused_and_changes_nothing():
             assert torch.equal(after["state"][0][key], value), key
 
 
-def _teacher_student(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    teacher = [torch.randn(32, 128, generator=gen) / 5.7, torch.randn(128, 8, generator=gen) / 11.3]
-    data = torch.randn(1024, 32, generator=gen)
-    target = torch.tanh(data @ teacher[0]) @ teacher[1]
-    target = target + 0.1 * target.std() * torch.randn(target.shape, generator=gen)
-    student = [torch.randn(32, 128, generator=gen) / 5.7, torch.randn(128, 64, generator=gen) / 11.3,
-               torch.randn(64, 8, generator=gen) / 8]
-    return data.to(KERNEL_DEVICE), target.to(KERNEL_DEVICE), student
-
-
-def parity_loss(optimizer: str, options: dict, steps: int, seed: int = 0) -> float:
-    """Final full-data MSE of a 32-128-64-8 tanh MLP student fitting a noisy teacher (two of its
-    three weights have >= 4,096 elements, so 8-bit states there)."""
-    data, target, student = _teacher_student(seed)
-    ws = [w.to(KERNEL_DEVICE).requires_grad_() for w in student]
-    opt = getattr(mo, optimizer)(ws, **options)
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def loss_of(x, y):
-        h = x
-        for w in ws[:-1]:
-            h = torch.tanh(h @ w)
-        return torch.nn.functional.mse_loss(h @ ws[-1], y)
-
-    for _ in range(steps):
-        batch = torch.randint(0, data.shape[0], (128,), generator=gen).to(KERNEL_DEVICE)
-        opt.zero_grad()
-        loss_of(data[batch], target[batch]).backward()
-        opt.step()
-    with torch.no_grad():
-        return float(loss_of(data, target))
-
-
-PARITY = {"AdamW": {"lr": 3e-3, "weight_decay": 0.01}, "RMSprop": {"lr": 1e-3},
-          "SGD": {"lr": 0.05, "momentum": 0.9}}
-
-
 @pytest.mark.parametrize("optimizer", PARITY)
 def test_training_parity_with_fp32_states(optimizer):
     """A short run: 8-bit states end within 10% of fp32 states' loss (bench/quant8_parity.py runs
     longer and prints the figures)."""
-    fp32 = parity_loss(optimizer, PARITY[optimizer], steps=60)
-    eight = parity_loss(optimizer, {**PARITY[optimizer], "state_dtype": "8bit"}, steps=60)
-    start = parity_loss(optimizer, {**PARITY[optimizer], "lr": 0.0}, steps=1)
+    fp32 = parity_loss(optimizer, PARITY[optimizer], steps=60, device=KERNEL_DEVICE)
+    eight = parity_loss(optimizer, {**PARITY[optimizer], "state_dtype": "8bit"}, steps=60, device=KERNEL_DEVICE)
+    start = parity_loss(optimizer, {**PARITY[optimizer], "lr": 0.0}, steps=1, device=KERNEL_DEVICE)
     assert fp32 < 0.7 * start, "the run must learn for the comparison to mean anything"
     assert abs(eight / fp32 - 1) < 0.10, f"8-bit {eight:.5f} against fp32 {fp32:.5f}"

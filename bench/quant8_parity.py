@@ -1,0 +1,41 @@
+"""Training parity of 8-bit optimizer states: final loss against fp32 and bf16 states.
+
+``mechgpu.testing.parity``'s teacher-student MLP (a noisy tanh teacher, a 32-128-64-8 student,
+two of whose three weights get 8-bit states) trained by mechgpu's AdamW, RMSprop and SGD with
+momentum, with each ``state_dtype``; prints the final full-data loss and its ratio to fp32's.
+On a CPU the kernels run in Triton's interpreter (a few minutes at the default 400 steps).
+
+    python bench/quant8_parity.py [--steps 400] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import _common  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+import torch
+
+from mechgpu.testing.parity import PARITY, parity_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{'optimizer':10s} {'state_dtype':>14s} {'final loss (mean of seeds)':>28s} {'vs fp32':>8s}")
+    for optimizer, options in PARITY.items():
+        losses = {}
+        for state_dtype in (torch.float32, torch.bfloat16, "8bit"):
+            runs = [parity_loss(optimizer, {**options, "state_dtype": state_dtype}, args.steps, seed, device)
+                    for seed in range(args.seeds)]
+            losses[state_dtype] = statistics.mean(runs)
+            ratio = losses[state_dtype] / losses[torch.float32] - 1
+            print(f"{optimizer:10s} {str(state_dtype).replace('torch.', ''):>14s} {losses[state_dtype]:28.6f} "
+                  f"{100 * ratio:+7.2f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
