@@ -21,12 +21,20 @@ The code book is an 8-bit float, not bitsandbytes' dynamic tree map:
   rounded to 0 would turn m / (sqrt(v) + eps) into m / eps.
 
 Why a float and not the dynamic map (``bench/quant8_scheme.py`` measures both in float64 on
-real Adam moments and in training): the errors are alike, but a dynamic-map encode is a
-binary search, 8 dependent table gathers per element, while this encode is ~10 integer
-instructions on the fp32 bits (round the mantissa to nearest-even, rebias the exponent) and
-the decode 3. It is written with bit operations, not triton's fp8 casts: e4m3 (``fp8e4nv``)
-is a hardware cast only from sm_89 and triton refuses it on sm_80, and the bit version runs
-the same in the interpreter, on sm_80 and on sm_90a, bit for bit.
+real Adam moments and in training): a dynamic-map encode is a binary search, 8 dependent table
+gathers per element, while this encode is ~10 integer instructions on the fp32 bits (round the
+mantissa to nearest-even, rebias the exponent) and the decode 3. It is written with bit
+operations, not triton's fp8 casts: e4m3 (``fp8e4nv``) is a hardware cast only from sm_89 and
+triton refuses it on sm_80, and the bit version runs the same in the interpreter, on sm_80 and
+on sm_90a, bit for bit. Measured (one teacher-student MLP, AdamW, 600 steps): the error of the
+Adam direction m / (sqrt(v) + eps) is 1.4% with the dynamic map and 2.9% with this scheme, and
+the training ends within noise of fp32 with both (6-11% *below* fp32's loss on one seed, the
+dynamic map and e4m3 alike). More mantissa bits lower the direction error (e3m4 for m and u3m5
+for sqrt(v): 1.4%, as the dynamic map; one change of ``SIGNED_FORMAT``/``UNSIGNED_FORMAT``) but
+narrow the range: a value under 2^-10 of its block's maximum (5e-4) would become 0, where e4m3
+keeps values down to 2^-17 / 1.875 (4e-6). We keep the range, which protects small elements
+beside a large one in the same block (the zero-point failure Dettmers et al. and Li et al. 2023,
+"Memory Efficient Optimizers with 4-bit States", describe), until a run shows the precision matters.
 
 Block size: ``QUANT_BLOCK = 128``, half of bitsandbytes' and torchao's 256. The update kernel
 gives each thread 4 consecutive elements (``_launch.mixed_width_warps``: every stream, fp32,
@@ -100,7 +108,8 @@ def _decode_magnitude(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
 @triton.jit
 def _block_max(values):
     """Each element's QUANT_BLOCK-sized block's max, for every element of the block: a reduction
-    within the warp that holds the block (see the module docstring), then a broadcast."""
+    within the warp that holds the block (see the module docstring: shuffles, no shared memory),
+    then a broadcast in registers."""
     BLOCK: tl.constexpr = values.shape[0]
     blocks = tl.reshape(values, (BLOCK // _QB, _QB))
     return tl.reshape(tl.broadcast_to(tl.max(blocks, axis=1)[:, None], (BLOCK // _QB, _QB)), (BLOCK,))
@@ -108,8 +117,8 @@ def _block_max(values):
 
 @triton.jit
 def _absmax_lanes(offs, mask):
-    """The lanes that read or write a block's absmax: the first element of each block (elementwise,
-    so that no [blocks]-shaped tensor needs a layout of its own)."""
+    """The lanes that write a block's absmax: the first element of each block (elementwise, so that
+    no [blocks]-shaped tensor needs a layout of its own)."""
     lead = (offs % _QB) == 0
     if mask is not None:
         lead = lead & mask
