@@ -260,3 +260,34 @@ def test_training_parity_with_fp32_states(optimizer):
     start = parity_loss(optimizer, {**PARITY[optimizer], "lr": 0.0}, steps=1, device=KERNEL_DEVICE)
     assert fp32 < 0.7 * start, "the run must learn for the comparison to mean anything"
     assert abs(eight / fp32 - 1) < 0.10, f"8-bit {eight:.5f} against fp32 {fp32:.5f}"
+
+
+def test_composes_with_clipping_grad_scale_and_telemetry():
+    """8-bit AdamW clipping in the step, with GradScaler's scale and telemetry, against 8-bit AdamW
+    stepping grads that torch unscaled and clipped first: the same codes but at ties, the same params
+    to fp32 rounding, and the telemetry's update norm that of the params it wrote."""
+    params, plain = _params(0), _params(0)
+    clipped = mo.AdamW(params, lr=1e-2, state_dtype="8bit", max_grad_norm=0.5, telemetry=True)
+    reference = mo.AdamW(plain, lr=1e-2, state_dtype="8bit")
+    gen = torch.Generator().manual_seed(4)
+    scale = 1024.0
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen).to(KERNEL_DEVICE) for p in params]
+        for p, q, g in zip(params, plain, grads):
+            p.grad = g * scale
+            q.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(plain, 0.5)
+        clipped.grad_scale = torch.tensor(scale, device=KERNEL_DEVICE)  # as GradScaler.step sets it
+        before = [p.detach().clone() for p in params]
+        clipped.step()
+        del clipped.grad_scale
+        reference.step()
+        update = torch.sqrt(sum(((p.detach() - b).double() ** 2).sum() for p, b in zip(params, before)))
+        torch.testing.assert_close(clipped.last_update_norm.double().cpu(), update.cpu(), rtol=1e-5, atol=0)
+    for p, q in zip(params, plain):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        for key, value in reference.state[q].items():
+            if value.dtype == torch.uint8:
+                unsigned = key in NONNEGATIVE_KEYS
+                diff = _code_rank(clipped.state[p][key].cpu(), unsigned) - _code_rank(value.cpu(), unsigned)
+                assert int(diff.abs().max()) <= 1, key
