@@ -2,7 +2,8 @@
 
 ``mechgpu.testing.parity``'s teacher-student MLP (a noisy tanh teacher, a 32-128-64-8 student,
 two of whose three weights get 8-bit states) trained by mechgpu's AdamW, RMSprop and SGD with
-momentum, with each ``state_dtype``; prints the final full-data loss and its ratio to fp32's.
+momentum, with each ``state_dtype``, and bitsandbytes' 8-bit twin where it imports (it runs on a CPU);
+prints the final full-data loss and its ratio to fp32's.
 On a CPU the kernels run in Triton's interpreter (a few minutes at the default 400 steps).
 
     python bench/quant8_parity.py [--steps 400] [--seeds 3]
@@ -35,6 +36,21 @@ def main() -> None:
             ratio = losses[state_dtype] / losses[torch.float32] - 1
             print(f"{optimizer:10s} {str(state_dtype).replace('torch.', ''):>14s} {losses[state_dtype]:28.6f} "
                   f"{100 * ratio:+7.2f}%", flush=True)
+        bnb_class = _bitsandbytes_twin(optimizer)
+        if bnb_class is not None:
+            runs = [parity_loss(bnb_class, options, args.steps, seed, device) for seed in range(args.seeds)]
+            loss = statistics.mean(runs)
+            print(f"{optimizer:10s} {'bnb ' + bnb_class.__name__:>14s} {loss:28.6f} "
+                  f"{100 * (loss / losses[torch.float32] - 1):+7.2f}%", flush=True)
+
+
+def _bitsandbytes_twin(optimizer: str):
+    """bitsandbytes' 8-bit optimizer of the same rule (block-wise dynamic map, 256 per block), where it imports."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return getattr(bnb.optim, f"{optimizer}8bit", None)
 
 
 if __name__ == "__main__":

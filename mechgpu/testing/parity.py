@@ -19,12 +19,13 @@ def _teacher_student(seed: int, device):
     return data.to(device), target.to(device), student
 
 
-def parity_loss(optimizer: str, options: dict, steps: int, seed: int = 0, device="cpu") -> float:
+def parity_loss(optimizer: str | type, options: dict, steps: int, seed: int = 0, device="cpu") -> float:
     """Final full-data MSE of a 32-128-64-8 tanh MLP student fitting a noisy teacher (two of its
-    three weights have >= 4,096 elements, so 8-bit states there)."""
+    three weights have >= 4,096 elements, so 8-bit states there). ``optimizer``: a class of
+    ``mechgpu.optim`` by name, or any optimizer class (bitsandbytes', for the benchmark)."""
     data, target, student = _teacher_student(seed, device)
     ws = [w.to(device).requires_grad_() for w in student]
-    opt = getattr(mo, optimizer)(ws, **options)
+    opt = (getattr(mo, optimizer) if isinstance(optimizer, str) else optimizer)(ws, **options)
     gen = torch.Generator().manual_seed(seed + 1)
 
     def loss_of(x, y):
