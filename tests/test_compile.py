@@ -14,8 +14,10 @@ import subprocess
 import sys
 
 import pytest
+import triton.language as tl
 from conftest import HAS_CUDA, long, run_without_interpreter
 from mechgpu.kernels import aot
+from mechgpu.kernels.quant8 import QUANT_BLOCK
 
 from mechgpu.testing.optim_cases import FEATURED, one_per_rule
 
@@ -58,8 +60,15 @@ def test_kernel_compiles_without_spills(report, variant, arch):
     if variant.fn.__name__ == "optimizer_kernel" and not (variant.constexprs["TELEMETRY"] or
                                                           variant.constexprs["CLIP"]):
         # no layout conversion through shared memory, mixed bf16/fp32 streams included (only the
-        # block-wide sums of telemetry and clip-with-AMP use it, issue 25's part 2)
-        assert result["shared"] == 0, f"shared-memory staging: {result}"
+        # block-wide sums of telemetry and clip-with-AMP use it, issue 25's part 2). One exception,
+        # 8-bit states beside 16-bit params without masters: the params stream 8 elements per thread
+        # (128-bit), an fp32 store at most 4, so the block maxima (one fp32 per QUANT_BLOCK elements,
+        # never the streams) change layout through shared memory: at most one state's worth.
+        allowed = 0
+        if variant.constexprs["STATE_DTYPE"] == tl.uint8 and variant.constexprs["PARAM_DTYPE"] != tl.float32 \
+                and not variant.constexprs["MASTER"]:
+            allowed = 4 * (variant.constexprs["BLOCK"] // QUANT_BLOCK)
+        assert result["shared"] <= allowed, f"shared-memory staging: {result}"
 
 
 def test_report_covers_every_kernel():
