@@ -13,7 +13,7 @@ import io
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
+from conftest import KERNEL_DEVICE, run_without_interpreter
 from mechgpu.kernels.optim_spec import NONNEGATIVE_KEYS, SPECS
 
 import mechgpu.optim as mo
@@ -291,3 +291,29 @@ def test_composes_with_clipping_grad_scale_and_telemetry():
                 unsigned = key in NONNEGATIVE_KEYS
                 diff = _code_rank(clipped.state[p][key].cpu(), unsigned) - _code_rank(value.cpu(), unsigned)
                 assert int(diff.abs().max()) <= 1, key
+
+
+def test_torch_fallback_steps_dequantized_states():
+    """Where torch.optim's own step runs (CPU without the interpreter), 8-bit states are dequantized
+    for it: the step equals torch's from those values."""
+    script = """
+import warnings; warnings.simplefilter("ignore")
+import torch, mechgpu.optim as mo
+from mechgpu.optim.quant8 import quantize, dequantize
+torch.manual_seed(0)
+p = torch.randn(5000, requires_grad=True); q = p.detach().clone().requires_grad_()
+ours, ref = mo.AdamW([p], lr=1e-2, state_dtype="8bit"), torch.optim.AdamW([q], lr=1e-2)
+m, v = torch.randn(5000) * 0.1, torch.rand(5000) * 0.01
+codes_m, absmax_m = quantize(m, False); codes_v, absmax_v = quantize(v, True)
+ours.state[p] = {"step": torch.tensor(3.0), "exp_avg": codes_m, "exp_avg_absmax": absmax_m,
+                 "exp_avg_sq": codes_v, "exp_avg_sq_absmax": absmax_v}
+ref.state[q] = {"step": torch.tensor(3.0), "exp_avg": dequantize(codes_m, absmax_m, False),
+                "exp_avg_sq": dequantize(codes_v, absmax_v, True)}
+g = torch.randn(5000); p.grad, q.grad = g.clone(), g.clone()
+ours.step(); ref.step()
+assert torch.equal(p, q), (p - q).abs().max()
+assert torch.equal(ours.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+print("ok")
+"""
+    out = run_without_interpreter(script)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
