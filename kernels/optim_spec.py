@@ -99,6 +99,8 @@ class OptimizerSpec:
     makes_missing_states: bool = False
     #: the group options of the "everything on" variant that the AOT report compiles
     aot_options: dict = field(default_factory=dict)
+    #: flags whose math 8-bit states cannot carry (``state_dtype="8bit"`` refuses them), and why
+    not_8bit: dict[str, str] = field(default_factory=dict)
 
     @property
     def torch_class(self) -> type[torch.optim.Optimizer]:
@@ -159,6 +161,9 @@ SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
         flags=(Flag("CENTERED", "centered", "centered=True"),
                Flag(_HAS_MOMENTUM, "momentum", "momentum > 0", _positive), _MAXIMIZE),
         aot_options={"centered": True, "momentum": 0.9},
+        not_8bit={"CENTERED": "its variance square_avg - grad_avg^2 is a difference of two quantized states, "
+                              "which their rounding can make negative (a NaN update); bitsandbytes' RMSprop8bit "
+                              "refuses it too"},
     ),
     OptimizerSpec(
         "SGD", SGD,

@@ -151,6 +151,20 @@ def test_kernel_codec_matches_the_float64_code_books():
     assert int(codes[:QUANT_BLOCK].max()) == 0
 
 
+def test_centered_rmsprop_is_refused_before_any_write():
+    """centered=True needs square_avg - grad_avg^2 >= 0, which two independently rounded 8-bit states
+    do not keep (a NaN update; bitsandbytes refuses it too): a clear error, nothing written."""
+    p = torch.randn(MIN_8BIT_NUMEL, device=KERNEL_DEVICE, requires_grad=True)
+    opt = mo.RMSprop([p], lr=1e-3, state_dtype="8bit")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["centered"] = True
+    with pytest.raises(ValueError, match=r"group 0 has centered=True, which state_dtype='8bit' does not support"):
+        opt.step()
+    assert torch.equal(p, before[0]) and all(torch.equal(v, opt.state[p][k]) for k, v in before[1].items())
+
+
 def test_unknown_state_dtype_is_refused():
     p = torch.zeros(3, requires_grad=True)
     for bad in ("int8", torch.float16, 8):

@@ -353,6 +353,12 @@ class FusedOptimizer:
 
     def _check_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
         """Every check of params and grads that can fail, before anything is written."""
+        if self.state_dtype == STATE_8BIT:
+            for name, why in self._spec.not_8bit.items():
+                flag = self._spec._flag(name)
+                if flag.of(group):
+                    raise ValueError(f"mechgpu.optim.{self._torch_name}: group {group_index} has {flag.meaning}, "
+                                     f"which state_dtype={STATE_8BIT!r} does not support: {why}")
         device = _local(params[0]).device
         for i, param in enumerate(params):
             p, g = _local(param), _local(param.grad)

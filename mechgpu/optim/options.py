@@ -37,6 +37,7 @@ class Options:
       ``state_dict()`` holds each 8-bit state as uint8 codes (``key``, the param's shape) and fp32
       block maxima (``key + "_absmax"``); ``dequantized_state_dict`` turns it into torch's layout,
       and ``load_state_dict`` of a torch (fp32) state_dict quantizes it at the next step.
+      RMSprop's ``centered=True`` is refused with it (``OptimizerSpec.not_8bit`` says why).
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.
     * ``track_update_norm``: ``last_update_norm``, ||p_after - p_before|| over every param the
