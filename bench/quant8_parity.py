@@ -7,6 +7,23 @@ prints the final full-data loss and its ratio to fp32's.
 On a CPU the kernels run in Triton's interpreter (a few minutes at the default 400 steps).
 
     python bench/quant8_parity.py [--steps 400] [--seeds 3]
+
+Measured here (2-core CPU, interpreter; ``--steps 300 --seeds 2``; bitsandbytes 0.50.2 from a
+separate run of the same problem, ``PYTHONPATH`` to its wheel):
+
+optimizer  state_dtype        final loss   vs fp32
+AdamW      float32              0.015436    +0.00%
+AdamW      bfloat16             0.015490    +0.35%
+AdamW      8bit                 0.014678    -4.91%
+AdamW      bnb AdamW8bit        0.014954    -3.12%
+RMSprop    float32              0.019864    +0.00%
+RMSprop    bfloat16             0.019899    +0.18%
+RMSprop    8bit                 0.019327    -2.71%
+RMSprop    bnb RMSprop8bit      0.019356    -2.56%
+SGD        float32              0.029681    +0.00%
+SGD        bfloat16             0.029682    +0.00%
+SGD        8bit                 0.029710    +0.10%
+SGD        bnb SGD8bit          0.029692    +0.04%
 """
 
 from __future__ import annotations
