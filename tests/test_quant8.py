@@ -331,3 +331,28 @@ print("ok")
 """
     out = run_without_interpreter(script)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_switching_state_dtype_converts_the_states():
+    """state_dtype set between steps: 8-bit states become their fp32 values and back (codes equal
+    but at ties), and no stale block maxima stay behind."""
+    params = _params(0)
+    opt = _train(lambda ps: mo.AdamW(ps, lr=1e-2, state_dtype="8bit"), params, 2)
+    big = params[0]
+    codes = {k: v.clone() for k, v in opt.state[big].items()}
+    values = {k: opt._float_state(big, k) for k in ("exp_avg", "exp_avg_sq")}
+    opt.state_dtype = torch.float32
+    opt.defaults["lr"] = 0.0
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()  # lr 0 and zero grads: the states decay by beta only
+    assert set(opt.state[big]) == {"step", "exp_avg", "exp_avg_sq"}
+    torch.testing.assert_close(opt.state[big]["exp_avg"], values["exp_avg"] * 0.9, rtol=1e-6, atol=0)
+    opt.state_dtype = "8bit"
+    for group in opt.param_groups:
+        group["betas"] = (0.0, 0.0)  # the next step keeps only g^2 and g: zeros
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.uint8 and int(opt.state[big]["exp_avg"].max()) == 0
+    assert codes["exp_avg"].shape == opt.state[big]["exp_avg"].shape
