@@ -177,10 +177,13 @@ MULTI_TENSOR_BLOCKS = (2048, 1024, 512)
 MAX_PADDING = 0.125
 
 
-def multi_tensor_block(numels: list[int]) -> int:
-    """Largest block in MULTI_TENSOR_BLOCKS whose masked-off lanes stay under MAX_PADDING."""
+def multi_tensor_block(numels: list[int], max_block: int | None = None) -> int:
+    """Largest block in MULTI_TENSOR_BLOCKS (up to ``max_block``) whose masked-off lanes stay under
+    MAX_PADDING."""
     useful = sum(numels)
     for block in MULTI_TENSOR_BLOCKS:
+        if max_block is not None and block > max_block and block != MULTI_TENSOR_BLOCKS[-1]:
+            continue
         lanes = sum(max(1, -(-n // block)) * block for n in numels)
         if lanes - useful <= MAX_PADDING * max(useful, 1):
             return block

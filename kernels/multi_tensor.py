@@ -150,11 +150,12 @@ class TableLayout:
 class MultiTensorPlan:
     """The tables and launch shape for one fixed list of tensor sizes on one device."""
 
-    def __init__(self, numels: list[int], device: torch.device, layout: TableLayout) -> None:
+    def __init__(self, numels: list[int], device: torch.device, layout: TableLayout,
+                 max_block: int | None = None) -> None:
         self.layout = layout
         self.numels = list(numels)
         self.device = device
-        self.block = multi_tensor_block(self.numels)
+        self.block = multi_tensor_block(self.numels, max_block)
         self.num_warps = multi_tensor_warps(self.block)
         counts = torch.tensor([max(1, -(-n // self.block)) for n in self.numels], dtype=torch.int64)
         tensor_index = torch.repeat_interleave(torch.arange(len(self.numels)), counts)

@@ -53,31 +53,38 @@ from .multi_tensor import (
     whole_vectors,
     zero_rows,
 )
-from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, STATE_COLUMNS
+from .optim_spec import ADAGRAD, ADAM, FLAG_BITS, RMSPROP, SGD, SPECS, STATE_COLUMNS
+from .quant8 import load_state8, store_state8
 from .rounding import round_like
 
 _STATE_COLUMNS = tuple(f"state{i}" for i in range(STATE_COLUMNS))
+_ABSMAX_COLUMNS = tuple(f"absmax{i}" for i in range(STATE_COLUMNS))
 #: One row per tensor: its param, grad, the rule's states (in its spec's ``states`` order;
-#: 0 where its options make none), its fp32 step counter, its element count and its fp32 master.
-TABLE = TableLayout("param", "grad", *_STATE_COLUMNS, "step", "numel", "master")
+#: 0 where its options make none), its fp32 step counter, its element count and its fp32 master;
+#: then, for 8-bit states, each state's fp32 block maxima (``quant8.py``; the state column then
+#: holds the uint8 codes). Codes and absmax are two tensors, so each is a state_dict entry of its
+#: own (codes in the param's shape) and each is confirmed before a launch like any other state.
+TABLE = TableLayout("param", "grad", *_STATE_COLUMNS, "step", "numel", "master", *_ABSMAX_COLUMNS)
 _COL_PARAM, _COL_GRAD, _COL_STATE0, _COL_STATE1, _COL_STATE2, _COL_STEP, _COL_NUMEL, _COL_MASTER = TABLE.constexprs(
     "param", "grad", "state0", "state1", "state2", "step", "numel", "master")
+_COL_ABSMAX0, _COL_ABSMAX1, _COL_ABSMAX2 = TABLE.constexprs(*_ABSMAX_COLUMNS)
 _NCOL = tl.constexpr(TABLE.width)
 
 
 def row_is_aligned(row: list[int]) -> bool:
     """Whether every address the kernel streams through (not the step counter) is 16-byte aligned,
     as the ``ALIGNED`` variant assumes; columns left 0 are."""
-    return all(row[TABLE.index(c)] % 16 == 0 for c in ("param", "grad", *_STATE_COLUMNS, "master"))
+    return all(row[TABLE.index(c)] % 16 == 0 for c in ("param", "grad", *_STATE_COLUMNS, "master", *_ABSMAX_COLUMNS))
 
 
-def table_row(*, param: int, grad: int, states: list[int], step: int, numel: int, master: int = 0) -> list[int]:
+def table_row(*, param: int, grad: int, states: list[int], step: int, numel: int, master: int = 0,
+              absmax: list[int] = ()) -> list[int]:
     """One optimizer table row; ``states`` are the addresses of the kernel's state columns in
-    order (0 for one the kernel does not read)."""
-    if len(states) > len(_STATE_COLUMNS):
-        raise ValueError(f"at most {len(_STATE_COLUMNS)} state columns, got {len(states)}")
+    order (0 for one the kernel does not read), ``absmax`` those of 8-bit states' block maxima."""
+    if len(states) > len(_STATE_COLUMNS) or len(absmax) > len(_STATE_COLUMNS):
+        raise ValueError(f"at most {len(_STATE_COLUMNS)} state columns, got {len(states)} and {len(absmax)}")
     return TABLE.row(param=param, grad=grad, step=step, numel=numel, master=master,
-                     **dict(zip(_STATE_COLUMNS, states)))
+                     **dict(zip(_STATE_COLUMNS, states)), **dict(zip(_ABSMAX_COLUMNS, absmax)))
 
 
 # ----------------------------------------------------------------------------------
@@ -370,19 +377,33 @@ def adagrad_update(p, g, state_sum, clr, eps, weight_decay, FLAGS: tl.constexpr)
 # ----------------------------------------------------------------------------------
 # the one multi-tensor optimizer kernel
 # ----------------------------------------------------------------------------------
+#: A state column's KIND (the kernel's STATE0..2): unused, stored in STATE_DTYPE, or 8-bit codes
+#: with block maxima (``quant8.py``), signed or of a non-negative state's square root
+STATE_UNUSED, STATE_FLOAT, STATE_SIGNED8, STATE_UNSIGNED8 = range(4)
+_FLOAT, _SIGNED8, _UNSIGNED8 = tl.constexpr(STATE_FLOAT), tl.constexpr(STATE_SIGNED8), tl.constexpr(STATE_UNSIGNED8)
+
+
 @triton.jit
-def _load_state(ptr, offs, mask, USED: tl.constexpr, unused):
+def _load_state(ptr, absmax_ptr, offs, mask, KIND: tl.constexpr, unused):
     """A state column as fp32 where the rule's options use it; else ``unused``, never stored."""
-    if USED:
+    if KIND == _FLOAT:
         return tl.load(ptr + offs, mask=mask).to(tl.float32)
+    elif KIND == _SIGNED8:
+        return load_state8(ptr, absmax_ptr, offs, mask, False)
+    elif KIND == _UNSIGNED8:
+        return load_state8(ptr, absmax_ptr, offs, mask, True)
     else:
         return unused
 
 
 @triton.jit
-def _store_state(ptr, value, offs, mask, USED: tl.constexpr):
-    if USED:
+def _store_state(ptr, absmax_ptr, value, offs, mask, KIND: tl.constexpr):
+    if KIND == _FLOAT:
         tl.store(ptr + offs, round_like(value, ptr), mask=mask)
+    elif KIND == _SIGNED8:
+        store_state8(ptr, absmax_ptr, value, offs, mask, False)
+    elif KIND == _UNSIGNED8:
+        store_state8(ptr, absmax_ptr, value, offs, mask, True)
 
 
 @triton.jit
@@ -390,17 +411,18 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                 RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
                 FLAGS: tl.constexpr, SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
                 TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr):
-    """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec),
-    update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2, master), ``hypers``
+    """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec: each
+    a ``STATE_*`` kind), update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2,
+    master, absmax0, absmax1, absmax2), ``hypers``
     the kernel's runtime hyperparameters and ``scalars`` the tensor's (step size, sqrt(1 -
     beta2^t), first step). Returns the block's ``_block_telemetry`` with TELEMETRY, else zeros."""
-    param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr = ptrs
+    param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, absmax0_ptr, absmax1_ptr, absmax2_ptr = ptrs
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening = hypers
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
-    s0 = _load_state(state0_ptr, offs, mask, STATE0, g)
-    s1 = _load_state(state1_ptr, offs, mask, STATE1, g)
-    s2 = _load_state(state2_ptr, offs, mask, STATE2, g)
+    s0 = _load_state(state0_ptr, absmax0_ptr, offs, mask, STATE0, g)
+    s1 = _load_state(state1_ptr, absmax1_ptr, offs, mask, STATE1, g)
+    s2 = _load_state(state2_ptr, absmax2_ptr, offs, mask, STATE2, g)
     # the tensor's scalars from the step prologue, read after the data loads are issued
     first = tl.load(scalars + _SCALAR_STEP) == 0.0  # SGD's first step sets the buffer to the grad
     step_size = tl.load(scalars + _SCALAR_STEP_SIZE)
@@ -422,9 +444,9 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                                FLAGS=FLAGS)
     else:
         tl.static_assert(False, "optimizer_kernel: unknown RULE")
-    _store_state(state0_ptr, s0, offs, mask, STATE0)
-    _store_state(state1_ptr, s1, offs, mask, STATE1)
-    _store_state(state2_ptr, s2, offs, mask, STATE2)
+    _store_state(state0_ptr, absmax0_ptr, s0, offs, mask, STATE0)
+    _store_state(state1_ptr, absmax1_ptr, s1, offs, mask, STATE1)
+    _store_state(state2_ptr, absmax2_ptr, s2, offs, mask, STATE2)
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     stats = (0.0, 0.0, 0, 0, 0)
     if TELEMETRY:
@@ -566,18 +588,24 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         state1_ptr = _state_ptr(row, _COL_STATE1, STATE1, grad_ptr, STATE_DTYPE, ALIGNED)
         state2_ptr = _state_ptr(row, _COL_STATE2, STATE2, grad_ptr, STATE_DTYPE, ALIGNED)
         master_ptr = _state_ptr(row, _COL_MASTER, MASTER, grad_ptr, tl.float32, ALIGNED)
+        absmax0_ptr = _state_ptr(row, _COL_ABSMAX0, STATE0 >= _SIGNED8, grad_ptr, tl.float32, ALIGNED)
+        absmax1_ptr = _state_ptr(row, _COL_ABSMAX1, STATE1 >= _SIGNED8, grad_ptr, tl.float32, ALIGNED)
+        absmax2_ptr = _state_ptr(row, _COL_ABSMAX2, STATE2 >= _SIGNED8, grad_ptr, tl.float32, ALIGNED)
         tensor_scalars = scalars_ptr + tensor_idx * _NSCALARS
         block_seed = _rounding_seed(seed, tensor_idx, tl.load(tensor_scalars + _SCALAR_NEW_STEP))
-        ptrs = (param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr)
+        ptrs = (param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, absmax0_ptr, absmax1_ptr,
+                absmax2_ptr)
         hypers = (lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening)
         if full:  # unmasked, so full vectors
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
                                 TELEMETRY=TELEMETRY, ALIGNED=ALIGNED)
-        elif ALIGNED and not TELEMETRY:
+        elif ALIGNED and not TELEMETRY and STATE0 < _SIGNED8 and STATE1 < _SIGNED8 and STATE2 < _SIGNED8:
             # a short tensor or a last block: first its last numel % VECTOR elements one by one, VECTOR
-            # lanes wide, then its whole vectors masked a vector at a time (128-bit). (The other order
+            # lanes wide, then its whole vectors masked a vector at a time (128-bit). (8-bit states take
+            # the masked path below: a quant block's codes share one absmax, so it is encoded in one
+            # call, never split between the tail and the vectors.) (The other order
             # kept the row's pointers live through the vectors' update: fp32 Adam 80 registers, not 64.
             # With TELEMETRY the tail's registers took the 16-warp fp16 + master variants past their
             # budget of 64, so those keep the element-by-element path below.)
@@ -643,12 +671,31 @@ class StepControl:
 
 @dataclass
 class Precision:
-    """How params and states are stored: state dtype, fp32 master copy, stochastic rounding."""
+    """How params and states are stored: state dtype (torch.uint8: 8-bit codes with block maxima,
+    ``quant8.py``), fp32 master copy, stochastic rounding."""
 
     state_dtype: torch.dtype = torch.float32
     master: bool = False
     stochastic: bool = False
     seed: int = 0
+
+
+#: The largest block of a launch with 8-bit states: they run 4 elements per thread (``kernel_arguments``),
+#: so 1,024 elements are 8 warps, whose 128-register budget holds the codec beside clipping and
+#: telemetry without spills (16 warps' 64 did not)
+QUANTIZED_MAX_BLOCK = 1024
+#: the dtypes a launch's states may have: the float ones, or uint8 for 8-bit codes
+_STATE_TL_DTYPES = {**TL_DTYPES, torch.uint8: tl.uint8}
+
+
+def state_kinds(rule: int, used: tuple[bool, ...], state_dtype: torch.dtype) -> tuple[int, ...]:
+    """The kernel's STATE0..2 (``STATE_*`` kinds) for the state columns ``used`` of ``rule``: with uint8
+    ``state_dtype``, each state is 8-bit, unsigned where its spec's ``State`` is non-negative."""
+    if state_dtype != torch.uint8:
+        return tuple(STATE_FLOAT if u else STATE_UNUSED for u in used)
+    states = next(spec for spec in SPECS.values() if spec.rule == rule).states
+    return tuple(STATE_UNUSED if not u else STATE_UNSIGNED8 if states[i].nonnegative else STATE_SIGNED8
+                 for i, u in enumerate(used))
 
 
 def _hyper(value):
@@ -706,10 +753,16 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
     used = (*states, *(False,) * (STATE_COLUMNS - len(states)))
     control = control or StepControl()
     precision = precision or Precision()
+    kinds = state_kinds(rule, used, precision.state_dtype)
+    quantized = any(k in (STATE_SIGNED8, STATE_UNSIGNED8) for k in kinds)
     # bf16/fp16 params beside fp32 states or masters, with vector access: 4 elements per thread
-    # (_launch.mixed_width_warps); unaligned tensors are accessed element by element anyway
+    # (_launch.mixed_width_warps); unaligned tensors are accessed element by element anyway.
+    # 8-bit states beside fp32 params or masters too: their uint8 codes then share the fp32
+    # streams' layout (with 16-bit params alone, 8 per thread suits both). Either way a quant
+    # block (quant8.QUANT_BLOCK) lies within one warp, so its max needs no shared memory.
     fp32_streams = precision.master or (precision.state_dtype == torch.float32 and any(used))
-    mixed = aligned and param_dtype != torch.float32 and fp32_streams
+    mixed = aligned and ((param_dtype != torch.float32 and fp32_streams)
+                         or (quantized and (param_dtype == torch.float32 or precision.master)))
     warps = mixed_width_warps(plan.block) if mixed else plan.num_warps
     step, (lr_is_ptr, wd_is_ptr, betas_are_ptrs) = step_values(
         plan, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum,
@@ -732,8 +785,8 @@ def kernel_arguments(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int,
         found_inf_ptr=step["found_inf_ptr"], telemetry_ptr=step["telemetry_ptr"], seed=precision.seed,
         **hypers, eps=step["eps"], weight_decay=step["weight_decay"], momentum=step["momentum"],
         one_minus_dampening=step["one_minus_dampening"], num_blocks=plan.num_blocks,
-        RULE=rule, **dict(zip(("STATE0", "STATE1", "STATE2"), used, strict=True)),
-        PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=TL_DTYPES[precision.state_dtype],
+        RULE=rule, **dict(zip(("STATE0", "STATE1", "STATE2"), kinds, strict=True)),
+        PARAM_DTYPE=TL_DTYPES[param_dtype], STATE_DTYPE=_STATE_TL_DTYPES[precision.state_dtype],
         LR_IS_PTR=lr_is_ptr, BETAS_ARE_PTRS=betas_are_ptrs, WD_IS_PTR=wd_is_ptr,
         FLAGS=sum(FLAG_BITS[name] for name, on in flags.items() if on),
         CLIP=control.clip is not None, SKIP_NONFINITE=skip_nonfinite,
@@ -806,8 +859,9 @@ def aot_variants() -> list:
 
     def arguments(spec, options: dict, dtype=torch.float32, aligned=True, **more) -> tuple[dict, dict]:
         more.setdefault("lr", 1e-3)
-        return kernel_arguments(plan, dtype, spec.rule, aligned=aligned, states=spec.states_used(options),
-                                flags=spec.kernel_flags(options), **more)
+        quantized = "precision" in more and more["precision"].state_dtype == torch.uint8
+        return kernel_arguments(quantized_plan if quantized else plan, dtype, spec.rule, aligned=aligned,
+                                states=spec.states_used(options), flags=spec.kernel_flags(options), **more)
 
     variants = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -819,6 +873,8 @@ def aot_variants() -> list:
                     label = "".join(f",{k}" for k in options)
                     variants.append(launched_variant(f"{spec.name.lower()}[{tag}{label}]", optimizer_kernel,
                                                      arguments(spec, options, dtype, aligned)[1], aligned))
+    eight_bit = Precision(state_dtype=torch.uint8)
+    quantized_plan = MultiTensorPlan([MULTI_TENSOR_BLOCKS[0] * 4], torch.device("cpu"), TABLE, QUANTIZED_MAX_BLOCK)
     adam = rules[0]
     tensors = dict(lr=torch.zeros(()), beta1=torch.zeros(()), beta2=torch.zeros(()))
     variants.append(launched_variant("adam[fp32,tensor-lr-betas]", optimizer_kernel,
@@ -830,6 +886,10 @@ def aot_variants() -> list:
             ("bf16,bf16-states", torch.bfloat16, dict(precision=Precision(state_dtype=torch.bfloat16))),
             ("bf16,stochastic", torch.bfloat16, dict(precision=Precision(stochastic=True))),
             ("fp16,master,clip,amp", torch.float16, dict(control=everything, precision=Precision(master=True))),
+            ("fp32,8bit", torch.float32, dict(precision=eight_bit)),
+            ("fp32,8bit,clip,amp,telemetry", torch.float32, dict(control=everything, precision=eight_bit)),
+            ("bf16,8bit", torch.bfloat16, dict(precision=eight_bit)),
+            ("bf16,master,8bit", torch.bfloat16, dict(precision=Precision(state_dtype=torch.uint8, master=True))),
         )
         for mode, dtype, more in modes:
             variants.append(launched_variant(f"{spec.name.lower()}[{mode}]", optimizer_kernel,

@@ -79,6 +79,8 @@ class State:
     key: str
     flag: str | None = None
     fill: str | None = None  # the group entry a new state is filled with (None: zeros)
+    #: never negative (a sum of squares): 8-bit states keep its square root, unsigned (``quant8.py``)
+    nonnegative: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class OptimizerSpec:
     makes_missing_states: bool = False
     #: the group options of the "everything on" variant that the AOT report compiles
     aot_options: dict = field(default_factory=dict)
+    #: flags whose math 8-bit states cannot carry (``state_dtype="8bit"`` refuses them), and why
+    not_8bit: dict[str, str] = field(default_factory=dict)
 
     @property
     def torch_class(self) -> type[torch.optim.Optimizer]:
@@ -136,7 +140,8 @@ class OptimizerSpec:
 _MAXIMIZE = Flag("MAXIMIZE", "maximize", "maximize=True")
 _ADAM = OptimizerSpec(
     "Adam", ADAM,
-    states=(State("exp_avg"), State("exp_avg_sq"), State("max_exp_avg_sq", flag="AMSGRAD")),
+    states=(State("exp_avg"), State("exp_avg_sq", nonnegative=True),
+            State("max_exp_avg_sq", flag="AMSGRAD", nonnegative=True)),
     hypers={"lr": "lr", "betas": ("beta1", "beta2"), "eps": "eps", "weight_decay": "weight_decay"},
     flags=(Flag("AMSGRAD", "amsgrad", "amsgrad=True"), _MAXIMIZE,
            Flag("DECOUPLED_WD", "decoupled_weight_decay", "decoupled_weight_decay=True")),
@@ -149,13 +154,16 @@ SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     replace(_ADAM, name="AdamW"),
     OptimizerSpec(
         "RMSprop", RMSPROP,
-        states=(State("square_avg"), State("momentum_buffer", flag=_HAS_MOMENTUM),
+        states=(State("square_avg", nonnegative=True), State("momentum_buffer", flag=_HAS_MOMENTUM),
                 State("grad_avg", flag="CENTERED")),
         hypers={"lr": "lr", "alpha": "beta2", "eps": "eps", "weight_decay": "weight_decay",
                 "momentum": "momentum"},
         flags=(Flag("CENTERED", "centered", "centered=True"),
                Flag(_HAS_MOMENTUM, "momentum", "momentum > 0", _positive), _MAXIMIZE),
         aot_options={"centered": True, "momentum": 0.9},
+        not_8bit={"CENTERED": "its variance square_avg - grad_avg^2 is a difference of two quantized states, "
+                              "which their rounding can make negative (a NaN update); bitsandbytes' RMSprop8bit "
+                              "refuses it too"},
     ),
     OptimizerSpec(
         "SGD", SGD,
@@ -168,7 +176,7 @@ SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     ),
     OptimizerSpec(
         "Adagrad", ADAGRAD,
-        states=(State("sum", fill="initial_accumulator_value"),),
+        states=(State("sum", fill="initial_accumulator_value", nonnegative=True),),
         hypers={"lr": "lr", "lr_decay": "lr_decay", "eps": "eps", "weight_decay": "weight_decay"},
         flags=(_MAXIMIZE,),
         aot_options={"maximize": True},
@@ -180,3 +188,5 @@ ALL_FLAGS = tuple(dict.fromkeys(f.name for spec in SPECS.values() for f in spec.
 FLAG_BITS = {name: 1 << i for i, name in enumerate(ALL_FLAGS)}
 #: Every per-element state entry a rule keeps (torch's keys)
 STATE_KEYS = tuple(dict.fromkeys(s.key for spec in SPECS.values() for s in spec.states))
+#: The state entries that are never negative (each key means the same in every rule that keeps it)
+NONNEGATIVE_KEYS = frozenset(s.key for spec in SPECS.values() for s in spec.states if s.nonnegative)

@@ -14,12 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernels.optim_spec import SPECS
+from .kernels.quant8 import QUANT_BLOCK
 
 FP32 = 4
+BF16 = 2
 MASK_BYTES = 1 / 8  # a bit-packed mask: one bit per element
+#: bytes per element of an 8-bit state (``state_dtype="8bit"``): a uint8 code, plus one fp32 absmax per
+#: QUANT_BLOCK elements (exact for tensors whose size QUANT_BLOCK divides; more for a partial last block)
+STATE_8BIT = 1 + FP32 / QUANT_BLOCK
 
-def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int = FP32, *, master: bool = False,
-                         **options) -> int:
+def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: float = FP32, *, master: bool = False,
+                         **options) -> float:
     """The least one step of ``optimizer`` reads and writes per parameter element.
 
     With P the param size (the grad has the param's dtype) and S a state's: g is read (P) and
@@ -27,7 +32,9 @@ def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int
     too (8), the param read only to see whether it was edited since the last step. Each state
     the options make (as the optimizer's ``optim_spec`` record declares them) is read and written
     (2S). So 3P + 2S * states, + 8 with masters: fp32 Adam 28 B, bf16 params with fp32 states
-    22 B, with bf16 states 14 B, bf16 with masters 30 B; SGD without momentum 12 B.
+    22 B, with bf16 states 14 B, bf16 with masters 30 B; SGD without momentum 12 B. With 8-bit
+    states S is ``STATE_8BIT`` (codes and block maxima are both read and written): fp32 AdamW
+    16.125 B.
     ``options`` are the optimizer's torch options (amsgrad, momentum, centered); those that make no
     state are ignored.
     """
@@ -41,7 +48,8 @@ def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: int
 STEP_PROLOGUE_BYTES_PER_TENSOR = 32
 
 
-def optimizer_state_bytes(optimizer: str, state_size: int = FP32, *, master: bool = False, **options) -> int:
+def optimizer_state_bytes(optimizer: str, state_size: float = FP32, *, master: bool = False,
+                          **options) -> float:
     """Optimizer state kept between steps per parameter element: each state buffer, plus the
     fp32 master copy when there is one."""
     return state_size * SPECS[optimizer].state_count(options) + (FP32 if master else 0)
@@ -117,6 +125,12 @@ TABLE: tuple[Traffic, ...] = (
             TORCH_FOREACH_ADAM + 8 + GRAD_NORM + GRAD_SCALE,
             "`max_grad_norm=`: the norm reads g once and the step scales g in registers; torch's "
             "clip_grad_norm_ reads g, then reads and writes it, then steps"),
+    Traffic("AdamW + clip, bf16 states", optimizer_step_bytes("AdamW", FP32, BF16) + GRAD_NORM,
+            ADAM_STEP + GRAD_NORM + GRAD_SCALE, None, "fp32 params; `state_dtype=torch.bfloat16`"),
+    Traffic("AdamW + clip, 8-bit states", optimizer_step_bytes("AdamW", FP32, STATE_8BIT) + GRAD_NORM,
+            ADAM_STEP + GRAD_NORM + GRAD_SCALE, None,
+            f"fp32 params; `state_dtype=\"8bit\"`: 1 B codes + an fp32 absmax per {QUANT_BLOCK}, "
+            "dequantized and requantized in registers"),
     Traffic("clip_grad_norm_ alone", GRAD_NORM + GRAD_SCALE, None, GRAD_NORM + GRAD_SCALE,
             "same bytes; one launch per pass for any number of tensors, fp64 across blocks"),
     Traffic("ReLU forward (bf16)", activation_bytes("relu", "forward", 2), None,
@@ -143,6 +157,8 @@ PRECISION_MODES = (
     ("bf16 params, fp32 states", 2, 4, False, True),
     ("bf16 params, bf16 states (`state_dtype=torch.bfloat16`)", 2, 2, False, False),
     ("bf16 params + fp32 masters (`master_weights=True`)", 2, 4, True, False),
+    ("fp32 params, 8-bit states (`state_dtype=\"8bit\"`)", 4, STATE_8BIT, False, False),
+    ("bf16 params + fp32 masters, 8-bit states", 2, STATE_8BIT, True, False),
     ("bf16 + stochastic rounding", 2, 4, False, False),
     ("fp16 + fp32 masters + GradScaler", 2, 4, True, False),
 )
@@ -155,8 +171,8 @@ def precision_markdown() -> str:
     for mode, p, s, master, torch_row in PRECISION_MODES:
         torch_text = (f"{optimizer_step_bytes('Adam', p, p)} B, {optimizer_state_bytes('Adam', p)} B"
                       if torch_row else "–")
-        lines.append(f"| {mode} | {optimizer_step_bytes('Adam', p, s, master=master)} B | "
-                     f"{optimizer_state_bytes('Adam', s, master=master)} B | {torch_text} |")
+        lines.append(f"| {mode} | {bytes_text(optimizer_step_bytes('Adam', p, s, master=master))} | "
+                     f"{bytes_text(optimizer_state_bytes('Adam', s, master=master))} | {torch_text} |")
     return "\n".join(lines)
 
 

@@ -14,8 +14,10 @@ import subprocess
 import sys
 
 import pytest
+import triton.language as tl
 from conftest import HAS_CUDA, long, run_without_interpreter
 from mechgpu.kernels import aot
+from mechgpu.kernels.quant8 import QUANT_BLOCK
 
 from mechgpu.testing.optim_cases import FEATURED, one_per_rule
 
@@ -41,10 +43,20 @@ def shared_exemption(variant: aot.KernelVariant) -> tuple[int, str] | None:
     Each exemption is named here and bounded: a staging buffer (8,192 B for a mixed bf16/fp32
     layout conversion) fails all of them."""
     name, constexprs = variant.fn.__name__, variant.constexprs
+    allowed, why = 0, []
     if (name == "optimizer_kernel" and constexprs["TELEMETRY"]) or name == "grad_norm_kernel":
         # the two-stage reduction: once per program, after the block loop, each field's sum across the
         # CTA's warps (one fp64 a warp) and the broadcast of the done-counter atomic's result
-        return 8 * variant.num_warps, "one cross-warp reduction after the block loop"
+        allowed, why = allowed + 8 * variant.num_warps, [*why, "one cross-warp reduction after the block loop"]
+    if (name == "optimizer_kernel" and constexprs["STATE_DTYPE"] == tl.uint8
+            and constexprs["PARAM_DTYPE"] != tl.float32 and not constexprs["MASTER"]):
+        # 8-bit states beside 16-bit params without masters: the params stream 8 elements a thread
+        # (128-bit), an fp32 store at most 4, so the block maxima (one fp32 per QUANT_BLOCK elements,
+        # never the streams) change layout through shared memory: at most one state's worth
+        allowed += 4 * (constexprs["BLOCK"] // QUANT_BLOCK)
+        why.append("the 8-bit states' block maxima beside 16-bit params")
+    if allowed:
+        return allowed, "; ".join(why)
     if name == "activation_fwd_kernel" and constexprs["SAVE_MASK"]:
         # relu/leaky_relu pack their mask bits into int32 words; a thread holds its elements in runs
         # of 4 (one 128-bit fp32 access), so a word's bits span threads and reach the words' store

@@ -572,8 +572,13 @@ def test_table_rows_are_built_by_column_name():
     from mechgpu.kernels import optim as kernels
 
     row = kernels.table_row(param=16, grad=32, states=[48, 64], step=8, numel=5, master=80)
-    assert row == [16, 32, 48, 64, 0, 8, 5, 80] and len(row) == kernels.TABLE.width
+    assert row == [16, 32, 48, 64, 0, 8, 5, 80, 0, 0, 0] and len(row) == kernels.TABLE.width
     assert kernels.row_is_aligned(row)
+    # 8-bit states' block maxima, one column per state, streamed too
+    quantized = kernels.table_row(param=16, grad=32, states=[48, 64], step=8, numel=5, absmax=[96, 112])
+    assert quantized[kernels.TABLE.index("absmax0"):] == [96, 112, 0] and kernels.row_is_aligned(quantized)
+    assert not kernels.row_is_aligned(kernels.table_row(param=16, grad=32, states=[48], step=8, numel=5,
+                                                        absmax=[100]))
     assert not kernels.row_is_aligned(kernels.table_row(param=16, grad=32, states=[52], step=8, numel=5))
     # the step counter is not streamed, so its alignment does not matter
     assert kernels.row_is_aligned(kernels.table_row(param=16, grad=32, states=[], step=4, numel=5))

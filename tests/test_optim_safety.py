@@ -67,7 +67,13 @@ def isolated(fn, *args):
 # ----------------------------------------------------------------------------------
 # a pair of optimizers, mechgpu's and torch's, stepped alike
 # ----------------------------------------------------------------------------------
-SIZES = ((0, 1, 3, 1000), (4097, 5))  # two groups: empty, tiny, odd, more than one block
+SIZES = ((0, 1, 3, 1000), (4097, 5))  # two groups: empty, tiny, odd, more than one block (and 8-bit states)
+#: With 8-bit states, a param's distance from torch's, as a fraction of lr times the steps (Adam's
+#: per-step bound), and a state's, as a fraction of its largest value: a few quantization steps
+QUANTIZED_STEP_ERROR = 0.2
+QUANTIZED_STATE_ERROR = 0.15
+#: the configurations whose mutations also run with 8-bit states: one per rule (interpreter time)
+EIGHT_BIT_CONFIGS = ("Adam-amsgrad", "AdamW", "RMSprop", "SGD-momentum", "Adagrad")  # (8-bit refuses centered)
 CONFIGS = {c.name: c for c in MUTATED}  # the case database's configurations to mutate, by name
 
 
@@ -122,17 +128,31 @@ class Pair:
         mutate(self.ref, self.ref_p)
 
     def assert_close(self) -> None:
+        """torch's params and states to fp32 rounding; where the states are 8-bit (``state_dtype="8bit"``,
+        tensors of MIN_8BIT_NUMEL elements or more), to what quantization allows: each param within
+        QUANTIZED_STEP_ERROR of the distance ``lr`` moves it in all the steps, each state within
+        QUANTIZED_STATE_ERROR of its largest value. A wild write or a wrong address is far outside both."""
         for i, (a, b) in enumerate(zip(self.ours_p, self.ref_p)):
-            torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6,
+            quantized = self.ours._quantized(a)
+            atol = QUANTIZED_STEP_ERROR * self.lr * self.steps if quantized else 1e-6
+            torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=0 if quantized else 1e-5, atol=atol,
                                        msg=lambda m, i=i: f"param {i}: {m}")
         for i, (a, b) in enumerate(zip(self.ours_p, self.ref_p)):
             s_ours, s_ref = self.ours.state.get(a, {}), self.ref.state.get(b, {})
             assert set(s_ref) <= set(s_ours), (i, set(s_ours), set(s_ref))
             for key, expected in s_ref.items():
-                expected = expected.detach().cpu().float()
-                atol = 1e-6 * expected.abs().max().item() if expected.numel() else 0.0
-                torch.testing.assert_close(s_ours[key].detach().cpu().float(), expected, rtol=1e-5, atol=atol,
-                                           msg=lambda m, i=i, k=key: f"state {k} of param {i}: {m}")
+                expected = expected.detach().cpu().float() if expected is not None else expected
+                ours = s_ours[key]
+                if expected is None or ours is None:
+                    assert ours is expected, (i, key)
+                    continue
+                quantized = self.ours._quantized(a) and key != "step"
+                scale = expected.abs().max().item() if expected.numel() else 0.0
+                if quantized:
+                    ours = self.ours._float_state(a, key)
+                atol = (QUANTIZED_STATE_ERROR if quantized else 1e-6) * scale
+                torch.testing.assert_close(ours.detach().cpu().float(), expected, rtol=0 if quantized else 1e-5,
+                                           atol=atol, msg=lambda m, i=i, k=key: f"state {k} of param {i}: {m}")
 
 
 def _copy(v):
@@ -281,8 +301,8 @@ LEGAL = {  # mutation -> configs it applies to (None: all)
 LEGAL_CASES = [(m, c) for m, (_, configs) in LEGAL.items() for c in (configs or CONFIGS)]
 
 
-def run_legal(mutation: str, config: str) -> str:
-    pair = Pair(config)
+def run_legal(mutation: str, config: str, state_dtype=torch.float32) -> str:
+    pair = Pair(config, state_dtype=state_dtype)
     pair.step(2)
     mutate = LEGAL[mutation][0]
     if mutation == "torch_state_dict_loaded":
@@ -301,6 +321,16 @@ def run_legal(mutation: str, config: str) -> str:
 @pytest.mark.parametrize("mutation,config", LEGAL_CASES, ids=[f"{m}-{c}" for m, c in LEGAL_CASES])
 def test_legal_mutation_matches_torch(mutation, config):
     assert isolated(run_legal, mutation, config) == "ok"
+
+
+LEGAL_8BIT_CASES = [(m, c) for m, c in LEGAL_CASES if c in EIGHT_BIT_CONFIGS]
+
+
+@pytest.mark.parametrize("mutation,config", LEGAL_8BIT_CASES, ids=[f"{m}-{c}" for m, c in LEGAL_8BIT_CASES])
+def test_legal_mutation_with_8bit_states_matches_torch(mutation, config):
+    """The same mutations with ``state_dtype="8bit"``: fp32 states a mutation puts in are quantized,
+    cleared ones start again, and torch's results hold to quantization's tolerance."""
+    assert isolated(run_legal, mutation, config, "8bit") == "ok"
 
 
 # ----------------------------------------------------------------------------------
@@ -385,8 +415,8 @@ REJECTED = {  # mutation -> (configs, exception, message)
 REJECTED_CASES = [(m, c) for m, (_, configs, _, _) in REJECTED.items() for c in (configs or CONFIGS)]
 
 
-def run_rejected(mutation: str, config: str) -> str:
-    pair = Pair(config)
+def run_rejected(mutation: str, config: str, state_dtype=torch.float32) -> str:
+    pair = Pair(config, state_dtype=state_dtype)
     pair.step(2)
     mutate, _, exc, message = REJECTED[mutation]
     pair.grads()
@@ -408,6 +438,52 @@ def run_rejected(mutation: str, config: str) -> str:
 @pytest.mark.parametrize("mutation,config", REJECTED_CASES, ids=[f"{m}-{c}" for m, c in REJECTED_CASES])
 def test_rejected_mutation_raises_and_writes_nothing(mutation, config):
     assert isolated(run_rejected, mutation, config) == "ok"
+
+
+def _absmax_truncated(opt, params):
+    p = params[4]  # 4,097 elements: 8-bit states
+    key = _first_key(opt, p)
+    opt.state[p][key + "_absmax"] = opt.state[p][key + "_absmax"][:-1].clone()
+
+
+def _codes_without_absmax(opt, params):
+    p = params[4]
+    del opt.state[p][_first_key(opt, p) + "_absmax"]
+
+
+def _absmax_storage_freed(opt, params):
+    p = params[4]
+    opt.state[p][_first_key(opt, p) + "_absmax"].untyped_storage().resize_(0)
+
+
+REJECTED_8BIT = {  # mutation -> (what it does, the message's tail): each a RuntimeError naming the param
+    "absmax_truncated": (_absmax_truncated, r"'\w+_absmax' is a torch.float32 tensor of shape \(32,\); 8-bit codes "
+                                            r"of 4097 elements need float32 \(33,\)"),
+    "codes_without_absmax": (_codes_without_absmax, r"'\w+' holds uint8 codes but there is no '\w+_absmax'"),
+    "absmax_storage_freed": (_absmax_storage_freed,
+                             r"'\w+_absmax' must be a contiguous tensor with data, holding all its elements"),
+}
+REJECTED_8BIT_CASES = [(m, c) for m in REJECTED_8BIT for c in EIGHT_BIT_CONFIGS]
+
+
+def run_rejected_8bit(mutation: str, config: str) -> str:
+    pair = Pair(config, state_dtype="8bit")
+    pair.step(2)
+    mutate, message = REJECTED_8BIT[mutation]
+    pair.grads()
+    mutate(pair.ours, pair.ours_p)
+    before = snapshot(pair.ours, pair.ours_p)
+    for _ in range(2):  # and again: a failed step leaves nothing half-built
+        with pytest.raises(RuntimeError, match="the state of param 0 of group 1 does not fit it: " + message):
+            pair.ours.step()
+        assert_unchanged(before, pair.ours, pair.ours_p)
+    return "ok"
+
+
+@pytest.mark.parametrize("mutation,config", REJECTED_8BIT_CASES, ids=[f"{m}-{c}" for m, c in REJECTED_8BIT_CASES])
+def test_rejected_8bit_state_raises_and_writes_nothing(mutation, config):
+    """8-bit codes whose block maxima are missing, of the wrong size or freed: a clear error before any write."""
+    assert isolated(run_rejected_8bit, mutation, config) == "ok"
 
 
 def run_mismatched_state_dict(config: str) -> str:

@@ -21,6 +21,7 @@ import mechgpu.init as mi
 import mechgpu.nn.functional as MF
 import mechgpu.optim as mo
 from mechgpu import traffic
+from mechgpu.optim.quant8 import ABSMAX_SUFFIX, MIN_8BIT_NUMEL, QUANT_BLOCK
 from mechgpu.testing.optim_cases import MUTATED, VARIANTS, first_of_each
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="counts loads and stores in triton's interpreter, which a GPU "
@@ -42,14 +43,16 @@ class Bytes:
         spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in within or ()]
 
         def counted_bytes(ptrs, mask) -> int:
-            """Active lanes (inside ``within``'s tensors, when given) times the element size."""
+            """Distinct addresses of the active lanes (inside ``within``'s tensors, when given) times the
+            element size: lanes of one access that read the same address (an 8-bit state's block
+            absmax, which every lane of the block loads) are one read of memory."""
             if ptrs.data.size <= 1:
                 return 0
             active = mask.data.astype(bool)
+            addresses = ptrs.data.astype(np.int64)
             if spans:
-                addresses = ptrs.data.astype(np.int64)
                 active = active & np.any([(addresses >= lo) & (addresses < hi) for lo, hi in spans], axis=0)
-            return int(active.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
+            return int(np.unique(addresses[active]).size) * (ptrs.get_element_ty().primitive_bitwidth // 8)
 
         def counting_load(builder, ptrs, mask, *args, **kwargs):
             self.read += counted_bytes(ptrs, mask)
@@ -175,3 +178,31 @@ def test_fill_writes_each_element_once(monkeypatch, dtype):
     counted = Bytes(monkeypatch)
     mi.kaiming_normal_(w)
     assert counted.read == 0 and counted.written == traffic.fill_bytes(DTYPE_SIZE[dtype]) * w.numel()
+
+
+#: sizes that QUANT_BLOCK divides, each with 8-bit states (at least MIN_8BIT_NUMEL elements)
+SIZES_8BIT = (MIN_8BIT_NUMEL, MIN_8BIT_NUMEL + 9 * QUANT_BLOCK)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16-master"])
+@pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=lambda c: c.name)
+def test_8bit_step_moves_what_the_model_says(monkeypatch, case, dtype, master):
+    """Codes and block maxima (each absmax read once per block and written by one lane) are what the
+    model's ``STATE_8BIT`` counts, and the states kept are ``optimizer_state_bytes`` of it."""
+    name, options = case.optimizer, case.options
+    if any(SPECS[name].kernel_flags(options)[flag] for flag in SPECS[name].not_8bit):
+        pytest.skip(f"{case.name}: state_dtype='8bit' refuses it (OptimizerSpec.not_8bit)")
+    params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in SIZES_8BIT]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = getattr(mo, name)(params, lr=1e-3, **options, state_dtype="8bit", master_weights=master)
+    opt.step()
+    streams = _streams(opt) + [v for p in params for k, v in opt.state[p].items() if k.endswith(ABSMAX_SUFFIX)]
+    counted = Bytes(monkeypatch, within=streams)
+    opt.step()
+    numel = sum(SIZES_8BIT)
+    assert counted.per_element(numel) == traffic.optimizer_step_bytes(name, DTYPE_SIZE[dtype], traffic.STATE_8BIT,
+                                                                      master=master, **options)
+    assert traffic.optimizer_state_bytes(name, traffic.STATE_8BIT, master=master, **options) * numel == sum(
+        v.numel() * v.element_size() for p in params for k, v in opt.state[p].items() if k != "step")

@@ -7,6 +7,9 @@ Differences from torch:
 * two Triton launches per step for each (param group, dtype), whatever the number of tensors;
   the step counter lives on the device and ``step()`` never synchronises with the host;
 * optimizer states are fp32 for bf16/fp16 params (torch keeps them in the param's dtype);
+  ``state_dtype="8bit"`` keeps them block-wise quantized (``quant8``: 1 B per element plus an
+  fp32 absmax per 128; tensors under 4,096 elements keep fp32), and ``state_dict()`` then holds
+  codes and absmax, which ``dequantized_state_dict`` turns into torch's layout;
 * extra keyword-only options (``Options``): ``max_grad_norm`` and ``skip_nonfinite`` (clipping
   fused into the step), ``master_weights``, ``state_dtype``, ``stochastic_rounding``,
   ``track_update_norm`` and ``telemetry``; GradScaler's ``grad_scale``/``found_inf`` are
@@ -37,6 +40,7 @@ from ._state_dict import check_state_dict
 from .groups import weight_decay_groups
 from .options import NAMES as MECHGPU_OPTIONS
 from .options import Options
+from .quant8 import dequantized_state_dict
 
 
 def _optimizer_class(spec) -> type[FusedOptimizer]:
@@ -49,5 +53,5 @@ def _optimizer_class(spec) -> type[FusedOptimizer]:
 _CLASSES = {name: _optimizer_class(spec) for name, spec in SPECS.items()}
 globals().update(_CLASSES)
 
-__all__ = [*_CLASSES, "MECHGPU_OPTIONS", "Options", "StateKeyError", "check_state_dict", "telemetry_from_sums",
-           "weight_decay_groups"]
+__all__ = [*_CLASSES, "MECHGPU_OPTIONS", "Options", "StateKeyError", "check_state_dict", "dequantized_state_dict",
+           "telemetry_from_sums", "weight_decay_groups"]

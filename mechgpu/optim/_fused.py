@@ -28,12 +28,15 @@ from .._backend import local as _local
 from ..kernels import optim as optim_kernels
 from ..kernels.multi_tensor import MultiTensorPlan
 from ..kernels.optim import TELEMETRY_FIELDS, Precision, StepControl
-from ..kernels.optim_spec import OptimizerSpec
+from ..kernels.optim_spec import NONNEGATIVE_KEYS, OptimizerSpec
 from . import _host
 from . import options as _options
-from ._state_dict import ELEMENT_KEYS, MASTER_KEY, check_state_dict, state_problem, storage_holds
+from ._state_dict import ABSMAX_KEYS, ELEMENT_KEYS, MASTER_KEY, check_state_dict, state_problem, storage_holds
+from .quant8 import ABSMAX_SUFFIX, MIN_8BIT_NUMEL, STATE_8BIT, dequantize, quantize
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: state entries a step writes (besides the param): checked for aliasing
+_WRITTEN_KEYS = frozenset(("step", *ELEMENT_KEYS, *ABSMAX_KEYS))
 #: what pickling keeps beside torch's own state and mechgpu's options
 _PICKLED = ("_rounding_seed", "_own_steps")
 
@@ -360,11 +363,10 @@ class FusedOptimizer:
             for p in group["params"]:
                 if p.dtype not in SUPPORTED_DTYPES:  # stepped by torch, in torch's state
                     continue
-                for key in self.state.get(p, ()):
+                for key in list(self.state.get(p, ())):
                     fill = key in ELEMENT_KEYS and self._spec.fill_of(key)
                     if fill:  # made again from the exact fill value, in mechgpu's state dtype
-                        self.state[p][key] = torch.full_like(p, group[fill], dtype=self.state_dtype,
-                                                             memory_format=torch.preserve_format)
+                        self._new_state(p, key, group[fill])
 
     def _options(self) -> _options.Options:
         return _options.Options(**{name: getattr(self, name) for name in _options.NAMES})
@@ -471,6 +473,12 @@ class FusedOptimizer:
 
     def _check_group(self, group_index: int, group: dict, params: list[torch.Tensor]) -> None:
         """Every check of params and grads that can fail, before anything is written."""
+        if self.state_dtype == STATE_8BIT:
+            for name, why in self._spec.not_8bit.items():
+                flag = self._spec._flag(name)
+                if flag.of(group):
+                    raise ValueError(f"mechgpu.optim.{self._torch_name}: group {group_index} has {flag.meaning}, "
+                                     f"which state_dtype={STATE_8BIT!r} does not support: {why}")
         device = _local(params[0]).device
         for i, param in enumerate(params):
             p, g = _local(param), _local(param.grad)
@@ -525,7 +533,7 @@ class FusedOptimizer:
         owners: dict[int, str] = {}
         for i, p in enumerate(params):
             tensors = [("the param", p)] + [(f"state {k!r}", v) for k, v in self.state.get(p, {}).items()
-                                            if torch.is_tensor(v) and (k == "step" or k in ELEMENT_KEYS)]
+                                            if torch.is_tensor(v) and k in _WRITTEN_KEYS]
             for what, t in tensors:
                 local = _local(t)
                 if local.numel() == 0 or local.device.type == "meta":
@@ -561,9 +569,55 @@ class FusedOptimizer:
     def _uses_master(self, p: torch.Tensor) -> bool:
         return self.master_weights and p.dtype != torch.float32
 
+    def _quantized(self, p: torch.Tensor) -> bool:
+        """Whether p's states are 8-bit: ``state_dtype="8bit"`` and at least MIN_8BIT_NUMEL elements."""
+        return self.state_dtype == STATE_8BIT and _local(p).numel() >= MIN_8BIT_NUMEL
+
+    def _float_state_dtype(self) -> torch.dtype:
+        """The dtype of states that are not 8-bit (those of small tensors under ``"8bit"``: fp32)."""
+        return torch.float32 if self.state_dtype == STATE_8BIT else self.state_dtype
+
+    def _new_state(self, p: torch.Tensor, key: str, value: float | torch.Tensor) -> None:
+        """Set state ``key`` of p to ``value`` (a fill, or a tensor of p's shape), in p's layout and on
+        its device: 8-bit codes and block maxima where p's states are 8-bit, else the state dtype."""
+        state = self.state[p]
+        state.pop(key + ABSMAX_SUFFIX, None)
+        if self._quantized(p):
+            if isinstance(value, torch.Tensor):  # in p's layout, so that its blocks are the kernel's
+                value = _local(torch.empty_like(p, dtype=torch.float32,
+                                                memory_format=torch.preserve_format).copy_(value))
+            state[key], state[key + ABSMAX_SUFFIX] = quantize(value, key in NONNEGATIVE_KEYS, like=_local(p))
+            return
+        dtype = self._float_state_dtype()
+        if isinstance(value, torch.Tensor):
+            state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+        else:
+            state[key] = torch.full_like(p, value, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _fits_kernel(self, p: torch.Tensor, key: str) -> bool:
+        """Whether state ``key`` of p is in the form the kernel reads: its dtype (uint8 codes beside
+        fp32 block maxima for 8-bit states), p's device and layout."""
+        state, local = self.state[p], _local(p)
+        buf = _local(state[key])
+        if buf.device != local.device or buf.stride() != local.stride():
+            return False
+        if not self._quantized(p):
+            return buf.dtype == self._float_state_dtype() and key + ABSMAX_SUFFIX not in state
+        absmax = state.get(key + ABSMAX_SUFFIX)
+        return (buf.dtype == torch.uint8 and absmax is not None and _local(absmax).device == local.device
+                and absmax.dtype == torch.float32 and _local(absmax).is_contiguous())
+
+    def _float_state(self, p: torch.Tensor, key: str) -> torch.Tensor:
+        """State ``key`` of p as stored values: 8-bit codes dequantized (fp32), else as it is."""
+        state = self.state[p]
+        buf, absmax = state[key], state.get(key + ABSMAX_SUFFIX)
+        if buf.dtype == torch.uint8 and absmax is not None:
+            return dequantize(_local(buf), _local(absmax), key in NONNEGATIVE_KEYS)
+        return buf
+
     def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
         """Create p's state (zeros, or the spec's fill), or repair it for the kernel (state dtype,
-        p's device and layout)."""
+        8-bit codes or not, p's device and layout)."""
         keys = [k for k in self._state_keys(group) if k is not None]
         state = self.state[p]
         if not self._step_keys and any(state.get(k) is None for k in keys):
@@ -574,12 +628,9 @@ class FusedOptimizer:
             buf = state.get(key)
             if buf is None:
                 fill = self._spec.fill_of(key)
-                state[key] = torch.full_like(p, 0.0 if fill is None else group[fill], dtype=self.state_dtype,
-                                             memory_format=torch.preserve_format)
-            elif (buf.dtype != self.state_dtype or _local(buf).device != local.device
-                  or _local(buf).stride() != local.stride()):
-                fixed = torch.empty_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-                state[key] = fixed.copy_(buf)
+                self._new_state(p, key, 0.0 if fill is None else group[fill])
+            elif not self._fits_kernel(p, key):
+                self._new_state(p, key, self._float_state(p, key))
         if self._uses_master(p):
             master = state.get(MASTER_KEY)
             if master is None:
@@ -593,6 +644,8 @@ class FusedOptimizer:
     def _kernel_keys(self, p: torch.Tensor, group: dict) -> tuple[str, ...]:
         """The state entries of p whose addresses its table row holds."""
         keys = self._entry_keys(group)
+        if self._quantized(p):
+            keys = (*keys, *(k + ABSMAX_SUFFIX for k in self._state_keys(group) if k is not None))
         return (*keys, MASTER_KEY) if self._uses_master(p) else keys
 
     def _own_counters(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -749,21 +802,24 @@ class FusedOptimizer:
     def _build_cache(self, group_index: int, group: dict, params: list[torch.Tensor]) -> _GroupCache:
         """States made or repaired, params sorted into (dtype, alignment) buckets, tables built."""
         state_keys = self._state_keys(group)
-        by_bucket: dict[tuple[torch.dtype, bool], list[int]] = {}
+        by_bucket: dict[tuple[torch.dtype, bool, bool], list[int]] = {}
         rows, keys, states = [], [], []
         for index, p in enumerate(params):
             self._ensure_state(p, group)
             state = self.state[p]
             step = self._step_counter(p)
             local = _local(p)
+            quantized = self._quantized(p)
             row = optim_kernels.table_row(
                 param=local.data_ptr(), grad=_local(p.grad).data_ptr(),
                 states=[_local(state[k]).data_ptr() if k is not None else 0 for k in state_keys],
                 step=step.data_ptr(), numel=local.numel(),
-                master=_local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0)
+                master=_local(state[MASTER_KEY]).data_ptr() if self._uses_master(p) else 0,
+                absmax=[_local(state[k + ABSMAX_SUFFIX]).data_ptr() if k is not None and quantized else 0
+                        for k in state_keys])
             aligned = optim_kernels.row_is_aligned(row)
             rows.append(row)
-            by_bucket.setdefault((p.dtype, aligned), []).append(index)
+            by_bucket.setdefault((p.dtype, aligned, quantized), []).append(index)
             kernel_keys = self._kernel_keys(p, group)
             keys.append(kernel_keys)
             states += [state[k] for k in kernel_keys]
@@ -771,14 +827,17 @@ class FusedOptimizer:
 
         device = _local(params[0]).device
         old = self._group_caches.get(group_index)
-        old_plans = {} if old is None else {(b.dtype, b.aligned): b.plan for b in old.buckets}
+        old_plans = {} if old is None else {(b.dtype, b.aligned, b.precision.state_dtype): b.plan
+                                            for b in old.buckets}
         buckets = []
-        for (dtype, aligned), indices in by_bucket.items():
+        for (dtype, aligned, quantized), indices in by_bucket.items():
             numels = [_local(params[i]).numel() for i in indices]
-            plan = old_plans.get((dtype, aligned))
+            state_dtype = torch.uint8 if quantized else self._float_state_dtype()
+            plan = old_plans.get((dtype, aligned, state_dtype))
             if plan is None or plan.numels != numels or plan.device != device:
-                plan = MultiTensorPlan(numels, device, optim_kernels.TABLE)
-            precision = Precision(state_dtype=self.state_dtype, master=self._uses_master(params[indices[0]]),
+                plan = MultiTensorPlan(numels, device, optim_kernels.TABLE,
+                                       optim_kernels.QUANTIZED_MAX_BLOCK if quantized else None)
+            precision = Precision(state_dtype=state_dtype, master=self._uses_master(params[indices[0]]),
                                   stochastic=self.stochastic_rounding and dtype == torch.bfloat16,
                                   seed=self._rounding_seed)
             plan.set_rows([rows[i] for i in indices])
@@ -802,6 +861,11 @@ class FusedOptimizer:
         amp = {name: self.__dict__[name] for name in ("grad_scale", "found_inf") if name in self.__dict__}
         grad_scale, found_inf = amp.get("grad_scale"), amp.get("found_inf")
         params = [p for g in groups for p in g["params"] if p.grad is not None]
+        for p in params:  # torch's step reads float states: 8-bit ones are dequantized for it
+            state = self.state.get(p, {})
+            for key in [k for k in state if k + ABSMAX_SUFFIX in state]:
+                state[key] = self._float_state(p, key)
+                del state[key + ABSMAX_SUFFIX]
         rows = [next(i for i, pg in enumerate(self.param_groups) if pg is g) for g in groups]
         field = TELEMETRY_FIELDS.index
         if telemetry is not None:  # non-finite grads are counted even when the step is then skipped

@@ -11,10 +11,29 @@ import torch
 from .._backend import has_data
 from .._backend import local as _local
 from ..kernels.optim_spec import STATE_KEYS
+from .quant8 import ABSMAX_SUFFIX, absmax_count
 
 MASTER_KEY = "master_param"
 #: state entries with one value per param element (torch's names, and the fp32 master)
 ELEMENT_KEYS = (*STATE_KEYS, MASTER_KEY)
+#: the block maxima of 8-bit states: ``key + ABSMAX_SUFFIX`` beside the uint8 codes in ``key``
+ABSMAX_KEYS = tuple(key + ABSMAX_SUFFIX for key in STATE_KEYS)
+
+
+def _quantized_problem(state: dict, key: str, codes_numel: int, local: bool) -> str | None:
+    """Why 8-bit codes ``state[key]`` of ``codes_numel`` elements lack fitting block maxima, or None."""
+    absmax = state.get(key + ABSMAX_SUFFIX)
+    expected = absmax_count(codes_numel)
+    if not torch.is_tensor(absmax):
+        return f"{key!r} holds uint8 codes but there is no {key + ABSMAX_SUFFIX!r} tensor of their block maxima"
+    if absmax.dtype != torch.float32 or _local(absmax).dim() != 1 or _local(absmax).numel() != expected:
+        return (f"{key + ABSMAX_SUFFIX!r} is a {absmax.dtype} tensor of shape {tuple(_local(absmax).shape)}; "
+                f"8-bit codes of {codes_numel} elements need float32 ({expected},)")
+    t = _local(absmax)
+    if local and (t.layout is not torch.strided or t.device.type == "meta" or not t.is_contiguous()
+                  or not storage_holds(t)):
+        return f"{key + ABSMAX_SUFFIX!r} must be a contiguous tensor with data, holding all its elements"
+    return None
 
 
 def state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
@@ -30,12 +49,15 @@ def state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
                     return f"{expected} {value.dtype} {tuple(value.shape)}"
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 return f"{expected} {type(value).__name__}"
+        elif key in ABSMAX_KEYS:
+            continue  # checked with its codes; beside a float state (a user's .data swap) it is stale, and dropped
         elif key in ELEMENT_KEYS and value is not None:  # None: absent, as torch's SGD reads it
             if not torch.is_tensor(value):
                 return f"{key!r} is a {type(value).__name__}, not a tensor"
-            if not (value.is_floating_point() or (value.is_complex() and p.is_complex())):
+            quantized = value.dtype == torch.uint8 and key != MASTER_KEY and not p.is_complex()
+            if not (value.is_floating_point() or (value.is_complex() and p.is_complex()) or quantized):
                 return (f"{key!r} has dtype {value.dtype}; it must be a floating-point tensor "
-                        "(complex for a complex param)")
+                        "(complex for a complex param), or uint8 codes of an 8-bit state")
             t = _local(value)
             if local and (t.layout is not torch.strided or t.is_nested or t.device.type == "meta"):
                 kind = "nested" if t.is_nested else str(t.layout)
@@ -43,6 +65,10 @@ def state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
             value_shape = t.shape if local else value.shape
             if value_shape != shape:
                 return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(shape)}"
+            if quantized:
+                problem = _quantized_problem(state, key, t.numel() if local else value.numel(), local)
+                if problem is not None:
+                    return problem
             if local:  # what the kernel will read: real memory behind every element
                 if not storage_holds(t):
                     return f"{key!r}'s storage holds {t.untyped_storage().nbytes()} bytes, too few for its elements"

@@ -10,7 +10,9 @@ import dataclasses
 
 import torch
 
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+from .quant8 import STATE_8BIT
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, STATE_8BIT)
 
 
 @dataclasses.dataclass
@@ -27,7 +29,15 @@ class Options:
       (``master_param``); the kernel updates it and writes the rounded param in one pass.
       The param is read too (2 B per element): where it was edited since the last step (a
       hook's clamp, ``load_state_dict``, steps with master_weights off), the edit seeds the master.
-    * ``state_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` optimizer states.
+    * ``state_dtype``: ``torch.float32`` (default), ``torch.bfloat16`` or ``"8bit"`` optimizer
+      states. ``"8bit"``: block-wise quantized states (``mechgpu.optim.quant8``; the scheme is
+      ``mechgpu.kernels.quant8``'s), dequantized, updated and requantized in registers by the same
+      one-launch step: 1 B per state element plus an fp32 absmax per 128 elements. Tensors under
+      ``MIN_8BIT_NUMEL`` (4,096) elements keep fp32 states, as bitsandbytes' ``min_8bit_size``.
+      ``state_dict()`` holds each 8-bit state as uint8 codes (``key``, the param's shape) and fp32
+      block maxima (``key + "_absmax"``); ``dequantized_state_dict`` turns it into torch's layout,
+      and ``load_state_dict`` of a torch (fp32) state_dict quantizes it at the next step.
+      RMSprop's ``centered=True`` is refused with it (``OptimizerSpec.not_8bit`` says why).
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.
     * ``track_update_norm``: ``last_update_norm``, ||p_after - p_before|| over every param the
@@ -53,8 +63,10 @@ class Options:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}")
         if self.skip_nonfinite and self.max_grad_norm is None:
             raise ValueError("skip_nonfinite=True needs max_grad_norm (the norm is what is checked)")
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {self.state_dtype}; use torch.float32 or torch.bfloat16")
+        if not any(self.state_dtype is d or (type(self.state_dtype) is type(d) and self.state_dtype == d)
+                   for d in STATE_DTYPES):
+            raise ValueError(f"Invalid state_dtype: {self.state_dtype!r}; use torch.float32, torch.bfloat16 "
+                             f"or {STATE_8BIT!r}")
         if self.stochastic_rounding and self.master_weights:
             raise ValueError("stochastic_rounding applies to bf16 params without master weights; "
                              "with master_weights=True the params are rounded from an fp32 copy")
