@@ -164,12 +164,13 @@ def copy_bandwidth(device: torch.device, buffer_bytes: int, *, quick: bool = Fal
     return {"buffer_bytes": buffer_bytes, "bytes": moved, "ms": ms, "gbps": gbps(moved, ms)}
 
 
-def run_header(benchmark: str, device: torch.device, *, quick: bool) -> dict:
+def run_header(benchmark: str, device: torch.device, *, quick: bool, copy_bytes: int = 1 << 30) -> dict:
     """The head every result file starts with: environment, timing method, copy bandwidth.
 
-    The copy is measured on 1 GiB on a GPU (1 MiB for a smoke run) and released again.
+    The copy is measured on ``copy_bytes`` (default 1 GiB) on a GPU (1 MiB for a smoke run) and
+    released again.
     """
-    copy = copy_bandwidth(device, (1 << 20) if quick else (1 << 30), quick=quick)
+    copy = copy_bandwidth(device, (1 << 20) if quick else copy_bytes, quick=quick)
     free_memory()
     timing = ({"method": "time.perf_counter median", "reps": QUICK_REPS} if quick else
               {"method": "triton.testing.do_bench median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS})

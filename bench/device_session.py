@@ -2,7 +2,7 @@
 core benchmarks, within a time budget, with every result written as it comes.
 
     python bench/device_session.py --dry-run            # the plan: each step's estimate, the total
-    python bench/device_session.py --out DIR [--budget 480] [--archive FILE]
+    python bench/device_session.py --out DIR [--budget 500] [--archive FILE]
     python bench/device_session.py --cpu-smoke --out DIR  # every step's plumbing on CPU (CI runs it)
 
 On the device machine (the ``device`` tool's ``run``, with ``timeout_s`` 600), one command:
@@ -24,6 +24,12 @@ The steps, in order (``--dry-run`` prints them with their estimates):
    gelu forward and backward in bf16; sqrt checkpointing against none on the training model; and
    the many-tensor list (10,000 x 1,000) timed as CUDA-graph replays, its host time beside it.
    Each script measures the copy bandwidth in the same run.
+6. ``bench-dram``: DRAM throughput without ncu: the AdamW step at 1B parameters in fp32 and in
+   bf16 with fp32 masters (``bench/mixed_precision.py --lists 1b --modes ...``), each as effective
+   GB/s (``mechgpu.traffic.optimizer_step_bytes`` / the median of do_bench's CUDA-event timings,
+   after its warm-up) and as a fraction of the copy bandwidth of a buffer as large as the fp32
+   params, measured in the same run. The step's record and the summary's table carry both rows.
+7. ``fit``: ``mechgpu fit`` unconstrained, then in a quarter of that peak.
 
 Each step has an estimate (``Step.estimate_s``). Before a step starts, the session compares its
 estimate with the budget left and skips it if it would not fit; a running step is killed at
@@ -72,7 +78,11 @@ BENCH = ROOT / "bench"
 # yet, and an install made by the preflight is seen only by new processes. What needs the installed
 # package (the merged benchmarks and their plots) runs in one: ``--merge``.
 sys.path.insert(0, str(ROOT))
-DEFAULT_BUDGET_S = 480
+# The device tool runs one command for at most DEVICE_CALL_S: the steps' budget, the merge after
+# them (MERGE_S at most) and the start (imports, the plan) fit in it.
+DEVICE_CALL_S = 600
+DEFAULT_BUDGET_S = 500
+MERGE_S = 60
 # do_bench's warm-up and repetitions in the session (the scripts' own defaults are 100 and 1000 ms)
 SESSION_WARMUP_MS = 25
 SESSION_REP_MS = 200
@@ -305,6 +315,27 @@ def fit_step(s: Session, deadline: float) -> dict:
     return {"status": "ok", **found}
 
 
+#: bench/mixed_precision.py's modes that bench-dram compares: the fp32 step and bf16 + fp32 masters
+DRAM_MODES = ("fp32", "bf16, master weights")
+_DRAM = bench_step("bench-dram", "mixed_precision", ("--lists", "1b"), ("--modes", *DRAM_MODES))
+
+
+def dram_step(s: Session, deadline: float) -> dict:
+    """``bench/mixed_precision.py`` on DRAM_MODES (the 1B list on a GPU), its findings lifted into
+    the record: ``dram`` holds the copy bandwidth and, per mode, bytes, ms, GB/s and fraction of copy."""
+    found = _DRAM(s, deadline)
+    if found["status"] != "ok":
+        return found
+    doc = json.loads((s.steps_dir / "bench-dram" / found["files"][0]).read_text())
+    rows = [{k: r[k] for k in ("mode", "bytes_per_param", "bytes", "ms", "gbps", "copy_fraction")}
+            for r in doc["rows"]]
+    if [r["mode"] for r in rows] != list(DRAM_MODES):
+        return {**found, "status": "failed", "error": f"modes {[r['mode'] for r in rows]}, not {list(DRAM_MODES)}"}
+    copy = doc["copy"]
+    return {**found, "dram": {"list": doc["list"], "copy_gbps": copy["gbps"], "copy_buffer_bytes": copy["buffer_bytes"],
+                              "timing": doc["timing"], "rows": rows}}
+
+
 # Estimates on an H100/H200, in seconds. First figures from the work each step does; the
 # first real session records every step's wall time in <device>-session.json: replace these with them.
 ESTIMATES_BASIS = {
@@ -319,6 +350,9 @@ ESTIMATES_BASIS = {
     "bench-train": "building the 24 x 1024 model twice and 12 bf16 steps of 16 x 512 tokens, none and sqrt",
     "bench-optim-many": "10,000 tensors: 10 implementations, each eager, host-timed and a graph capture; "
                         "mechgpu's first step builds a 10,000-row table on the host",
+    "bench-dram": "a 3.8 GiB copy, then 2 modes at 1B (16 GB of params, grads and states each): 3 warm-up "
+                  "steps and 0.25 s of do_bench at ~10 ms a step; the fp32 kernel compiled by bench-optim, "
+                  "the bf16 + master one by the GPU tests (else ~5 s); ~8 s of imports",
     "fit": "two mechgpu fit runs of the 12 x 384 model: probes at each micro-batch size dividing 64 and "
            "3 confirming steps each",
 }
@@ -341,9 +375,11 @@ STEPS = (
                     timed=False)),
     Step("bench-optim-many", 40, "10,000 x 1,000: CUDA-graph replay and host time per step",
          bench_step("bench-optim-many", "optim", ("--lists", "10k-x-1k"), ("--no-compile",))),
+    Step("bench-dram", 20, "DRAM throughput of AdamW at 1B, fp32 against bf16 + fp32 masters, each as a "
+         "fraction of copy bandwidth in the same run", dram_step),
     Step("fit", 25, "mechgpu fit unconstrained, then with a quarter of that peak as the budget", fit_step),
 )
-BENCH_SCRIPTS = ("optim", "clip", "activations", "train")
+BENCH_SCRIPTS = ("optim", "clip", "activations", "train", "mixed_precision")
 
 
 def plan(steps: tuple[Step, ...], budget_s: float) -> list[tuple[Step, bool]]:
@@ -463,7 +499,29 @@ def to_markdown(doc: dict) -> str:
     rows = [[r["step"], r["status"], session_findings(r), f"{r['estimate_s']:.0f}",
              "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in doc["steps"]]
     table = markdown_table(["step", "status", "found", "estimate s", "wall s"], rows, text_columns=3)
-    return "\n".join(head + [table, ""])
+    return "\n".join(head + [table, ""] + dram_markdown(doc))
+
+
+def dram_markdown(doc: dict) -> list[str]:
+    """The bench-dram step's table (none where it did not finish): per mode, effective GB/s and
+    its fraction of the copy bandwidth measured in the same run."""
+    dram = next((r["dram"] for r in doc["steps"] if r.get("dram")), None)
+    if dram is None:
+        return []
+    from _common import markdown_table
+
+    info = dram["list"]
+    text = ["## DRAM throughput of the AdamW step, without ncu", "",
+            f"{info['name']} list ({info['tensors']:,} tensors, {info['params']:,} params); effective GB/s = "
+            "`mechgpu.traffic.optimizer_step_bytes` x params / the median step time "
+            f"({dram['timing']['method']}); copy: `dst.copy_(src)` of {dram['copy_buffer_bytes'] / 2**30:.2f} GiB, "
+            f"{dram['copy_gbps']:,.1f} GB/s in the same run.", ""]
+    rows = [[r["mode"], str(r["bytes_per_param"]), f"{r['ms']:.3f}", f"{r['gbps']:,.1f}", f"{r['copy_fraction']:.1%}"]
+            for r in dram["rows"]]
+    first, *others = dram["rows"]
+    ratios = [f"{r['mode']} reaches {r['copy_fraction'] / first['copy_fraction']:.2f}x the {first['mode']} "
+              "step's fraction of copy bandwidth." for r in others]
+    return text + [markdown_table(["AdamW mode", "B/param", "ms", "GB/s", "of copy"], rows), "", *ratios, ""]
 
 
 def write_summary(s: Session) -> None:
@@ -520,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     run_steps(s, steps)
     if any(r["step"].startswith("bench-") and r["status"] == "ok" for r in s.results):
         s.python("merge", [__file__, "--merge", str(s.out / f"{s.slug}-session.json")],
-                 deadline=time.monotonic() + 120)
+                 deadline=time.monotonic() + MERGE_S)
         write_summary(s)  # the archive takes the merged files
     print(f"\n{to_markdown(summary(s))}")
     print(f"wrote {s.slug}-session.json, .md and the merged benchmarks in {s.out}; logs in {s.steps_dir}")

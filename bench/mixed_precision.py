@@ -4,8 +4,8 @@ What it measures
 ----------------
 The time of one full ``opt.step()`` of AdamW (torch's defaults: lr 1e-3, weight decay
 1e-2) on GPT-2 small's tensors (the ``gpt2-small`` list of ``bench/optim.py``: 148 tensors,
-124.4M parameters), in each mode mechgpu offers, against ``torch.optim.AdamW(fused=True)``
-on fp32 params:
+124.4M parameters; ``--lists 1b`` takes its 1B list instead), in each mode mechgpu offers
+(``--modes`` picks some), against ``torch.optim.AdamW(fused=True)`` on fp32 params:
 
 =============================  ======  ===============  =====================
 mode                           params  states           mechgpu options
@@ -39,11 +39,14 @@ Every mode checks after its untimed steps that each of them was taken (step coun
 and that the params are finite. Rows report ms, B/param, effective GB/s, the fraction of
 the device-to-device copy bandwidth measured in the same run, and torch fused fp32's ms
 divided by the mode's ms. Results go to ``bench/results/<device>-mixed_precision.json``
-and ``.md``.
+and ``.md``. The copy is of a buffer as large as the list's fp32 params, at least 1 GiB, so that
+it streams through DRAM as the step does (bench/device_session.py compares the DRAM throughput of
+the fp32 and bf16 + master steps at 1B this way, without ncu).
 
 How to run
 ----------
     python bench/mixed_precision.py            # needs CUDA
+    python bench/mixed_precision.py --lists 1b --modes fp32 "bf16, master weights"
     python bench/mixed_precision.py --smoke    # a tiny run, works on a CPU-only machine
 """
 
@@ -55,12 +58,12 @@ from dataclasses import dataclass, field
 
 import _common as common
 import torch
-from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small
+from optim import SMOKE_LISTS, WARMUP_STEPS, Shapes, gpt2_small, llama_1b
 
 import mechgpu.optim
 from mechgpu import traffic
 
-PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small}
+PARAM_LISTS: dict[str, Callable[[], Shapes]] = {"gpt2-small": gpt2_small, "1b": llama_1b}
 
 # GradScaler's default initial scale, and the spread of the unscaled grads in that mode
 # (so that scaled grads, ~65 here, fit fp16 comfortably).
@@ -181,13 +184,13 @@ def time_mode(mode: Mode, params: list[torch.Tensor], *, quick: bool) -> dict:
 # ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
-def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
-    """Benchmark every mode on one list; returns the results as written to JSON."""
+def run(list_name: str, shapes: Callable[[], Shapes], modes: tuple[Mode, ...] = MODES, *, quick: bool) -> dict:
+    """Benchmark ``modes`` on one list; returns the results as written to JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = common.run_header("mixed_precision", device, quick=quick)
-    copy = header["copy"]
     shape_list = shapes()
     numel = sum(torch.Size(s).numel() for s in shape_list)
+    header = common.run_header("mixed_precision", device, quick=quick, copy_bytes=max(1 << 30, 4 * numel))
+    copy = header["copy"]
     results = {
         **header,
         "warmup_steps": WARMUP_STEPS,
@@ -197,8 +200,8 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
         "list": {"name": list_name, "tensors": len(shape_list), "params": numel},
         "rows": [],
     }
-    reference_ms = None
-    for mode in MODES:
+    reference_ms = None  # torch fused fp32's, when it is among the modes (it runs first)
+    for mode in modes:
         params = make_params(shape_list, device, mode)
         timing = time_mode(mode, params, quick=quick)
         del params
@@ -221,7 +224,7 @@ def run(list_name: str, shapes: Callable[[], Shapes], *, quick: bool) -> dict:
             "param_plus_state_bytes_per_param": _size(mode.param_dtype) + mode.state_bytes_per_param(),
             "ms": ms, "warmup_s": timing["warmup_s"],
             "gbps": common.gbps(moved, ms), "copy_fraction": common.gbps(moved, ms) / copy["gbps"],
-            "speedup_vs_torch_fused_fp32": reference_ms / ms,
+            "speedup_vs_torch_fused_fp32": reference_ms / ms if reference_ms else None,
         }
         results["rows"].append(row)
         print(f"{list_name} {mode.name}: {ms:.3f} ms", flush=True)
@@ -246,16 +249,23 @@ def to_markdown(results: dict) -> str:
               "param + state B/param", "vs torch"]
     rows = [[r["mode"], r["options"], f"{r['ms']:.3f}", str(r["bytes_per_param"]), f"{r['gbps']:,.1f}",
              f"{r['copy_fraction']:.0%}", str(r["state_bytes_per_param"]),
-             str(r["param_plus_state_bytes_per_param"]), f"{r['speedup_vs_torch_fused_fp32']:.2f}x"]
+             str(r["param_plus_state_bytes_per_param"]), _times(r["speedup_vs_torch_fused_fp32"])]
             for r in results["rows"]]
     return "\n".join(head + [common.markdown_table(header, rows, text_columns=2)])
 
 
+def _times(speedup: float | None) -> str:
+    return "–" if speedup is None else f"{speedup:.2f}x"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser, _ = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter")
+    parser, which = common.bench_parser(__doc__, f"tiny run on {', '.join(SMOKE_LISTS)} timed with time.perf_counter")
+    which.add_argument("--lists", choices=list(PARAM_LISTS), default="gpt2-small", help="default: gpt2-small")
+    parser.add_argument("--modes", nargs="+", choices=[m.name for m in MODES], default=[m.name for m in MODES],
+                        help="default: all, in this order")
     args = common.parse_bench_args(parser, argv)
-    (list_name, shapes), = (SMOKE_LISTS if args.smoke else PARAM_LISTS).items()
-    results = run(list_name, shapes, quick=args.smoke)
+    (list_name, shapes), = (SMOKE_LISTS if args.smoke else {args.lists: PARAM_LISTS[args.lists]}).items()
+    results = run(list_name, shapes, tuple(m for m in MODES if m.name in args.modes), quick=args.smoke)
     common.publish(args.out, "mixed_precision", results, to_markdown(results))
 
 

@@ -221,7 +221,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     train.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N",
                        help="evaluate on held-out text every N steps; 0 for never (default %(default)s)")
     train.add_argument("--log-dir", default=None, metavar="DIR",
-                       help="write train_log.csv, train_log.jsonl and summary.json here (default: no log)")
+                       help="write train_log.csv, train_log.jsonl, summary.json and the step-size plot "
+                            "telemetry.png here (default: no log)")
     train.add_argument("--torch-baseline", action="store_true",
                        help="torch.optim.AdamW and torch.nn.GELU instead of mechgpu's")
     train.add_argument("--distributed", choices=["ddp", "fsdp"], default=None,

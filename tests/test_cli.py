@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.metadata
 import io
+import json
 import os
 import re
 import subprocess
@@ -365,3 +366,81 @@ def test_train_log_line_names_each_file_with_its_folder(tmp_path, capsys):
     files = [Path(name) for name in line.removeprefix("log: ").split(", ")]
     assert [f.name for f in files] == ["train_log.csv", "train_log.jsonl", "summary.json", "telemetry.png"], line
     assert all(f.parent == tmp_path / "log" and f.is_file() for f in files), line
+
+
+def _kept_telemetry_figures(monkeypatch) -> list:
+    """The figures ``mechgpu.tools.jobs.telemetry_figure`` draws from now on (it still saves them)."""
+    from mechgpu.tools import jobs
+
+    figures, draw = [], jobs.telemetry_figure
+    monkeypatch.setattr(jobs, "telemetry_figure", lambda trainer: figures.append(draw(trainer)) or figures[-1])
+    return figures
+
+
+def _check_telemetry_figure(fig, history: list[dict], lossy: bool) -> None:
+    """The panels, their scales and data, integer step ticks and y-ranges from 0 for counts and fractions."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes = fig.axes
+    titles = ["loss", "step size ||dp|| / ||p|| (log)",
+              f"non-finite grad elements ({sum(int(r['nonfinite_grads']) for r in history):,} in all)"]
+    titles += ["updates lost to rounding (% of changed elements)"] if lossy else []
+    assert [ax.get_title() for ax in axes] == titles
+    assert [ax.get_yscale() for ax in axes] == ["linear", "log", "linear"] + ["linear"] * lossy
+    steps = [r["step"] for r in history]
+    (loss,), (ratio,) = axes[0].get_lines(), axes[1].get_lines()
+    assert list(loss.get_xdata()) == steps and list(loss.get_ydata()) == [r["loss"] for r in history]
+    assert list(ratio.get_ydata()) == [r["update_ratio"] for r in history]
+    assert [bar.get_height() for bar in axes[2].patches] == [int(r["nonfinite_grads"]) for r in history]
+    if lossy:
+        (lost,) = axes[3].get_lines()
+        assert list(lost.get_ydata()) == [100 * r["lost_update_fraction"] for r in history]
+    for ax in axes:
+        assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(t == int(t) for t in ticks), ticks
+    for ax in [axes[0], *axes[2:]]:  # loss, counts, fractions: never a negative range
+        assert ax.get_ylim()[0] >= 0 and ax.get_ylim()[1] > 0, (ax.get_title(), ax.get_ylim())
+    assert axes[2].get_ylim() == (0, 1) or any(int(r["nonfinite_grads"]) for r in history)
+
+
+def test_train_telemetry_picture_fp32_has_no_lost_update_panel(tmp_path, monkeypatch, capsys):
+    """fp32 params round nothing away: loss, step size and non-finite counts only, over 3 integer steps."""
+    figures = _kept_telemetry_figures(monkeypatch)
+    assert main(["train", "--dim", "16", "--depth", "1", "--heads", "2", "--context", "8", "--micro-batch", "2",
+                 "--steps", "3", "--no-progress", "--device", "cpu", "--log-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step size ||dp||/||p||" in out and "updates lost" not in out, out
+    history = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    (fig,) = figures
+    _check_telemetry_figure(fig, history, lossy=False)
+    assert (tmp_path / "telemetry.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["bf16", "bf16+master"])
+def test_train_telemetry_picture_shows_lost_updates_only_where_rounding_loses_them(master, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """bf16 params: the lost-update panel appears without fp32 masters (and its curve is the logged,
+    non-zero fraction), never with them."""
+    import torch
+
+    import mechgpu.optim as mo
+    from mechgpu.tools.gpt import CharBatches, CharCorpus, TokenLoss
+    from mechgpu.tools.jobs import TrainConfig, build_model, print_summary
+    from mechgpu.train import Trainer
+
+    figures = _kept_telemetry_figures(monkeypatch)
+    cfg = TrainConfig(dim=16, depth=1, heads=2, context=8, micro_batch=2, accum_steps=1, steps=3).resolve()
+    corpus = CharCorpus()
+    model = build_model(cfg, corpus.vocab, "cpu").to(torch.bfloat16)
+    opt = mo.AdamW(model.parameters(), lr=1e-3, telemetry=True, master_weights=master)
+    assert opt.can_lose_updates is not master
+    trainer = Trainer(model, TokenLoss(), opt, accum_steps=1, log_dir=tmp_path, progress=False)
+    summary = trainer.fit(CharBatches(corpus.train, 2, 8, batches=10**9, seed=0), 3)
+    print_summary(summary, trainer)
+    out = capsys.readouterr().out
+    assert ("updates lost to torch.bfloat16 rounding" in out) is not master, out
+    lost = [r["lost_update_fraction"] for r in trainer.history]
+    assert (max(lost) > 0) is not master, lost  # bf16 round-to-nearest swallows some of lr 1e-3's updates
+    (fig,) = figures
+    _check_telemetry_figure(fig, trainer.history, lossy=not master)

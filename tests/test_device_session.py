@@ -19,7 +19,7 @@ from mechgpu.tools import bench
 sys.path.insert(0, str(bench.BENCH_DIR))
 import device_session as ds  # noqa: E402
 
-SMOKE_TIMEOUT_S = 900  # the smoke session takes about 90 s on two cores; this only stops a hang
+SMOKE_TIMEOUT_S = 900  # the smoke session took 207 s on two busy cores; this only stops a hang
 
 
 def test_dry_run_plans_every_step_within_the_default_budget():
@@ -27,7 +27,9 @@ def test_dry_run_plans_every_step_within_the_default_budget():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     total, budget = map(float, re.search(r"planned total: (\d+) s of (\d+) s", out.stdout).groups())
-    assert budget == ds.DEFAULT_BUDGET_S == 480
+    assert budget == ds.DEFAULT_BUDGET_S
+    # the steps, the merge after them and ~40 s of start (imports, the plan, the archive) fit in one device call
+    assert ds.DEFAULT_BUDGET_S + ds.MERGE_S + 40 <= ds.DEVICE_CALL_S == 600
     assert total == sum(step.estimate_s for step in ds.STEPS) <= budget
     assert "dropped" not in out.stdout
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ") and " s " in line
@@ -87,6 +89,60 @@ def test_a_failed_preflight_stops_the_session(tmp_path):
     assert [r["status"] for r in s.results] == ["failed", "skipped: the preflight failed"]
 
 
+def test_dram_step_sizes_the_gpu_run_at_1b_with_both_modes(tmp_path, monkeypatch):
+    """On a GPU the step times the 1B list, fp32 and bf16 + fp32 masters only (no GPU is needed to see the call)."""
+    s, calls = _session(tmp_path, budget_s=60), []
+    monkeypatch.setattr(s, "python", lambda step, args, **kw: calls.append((step, args)) or 1)
+    record = ds.dram_step(s, deadline=time.monotonic() + 60)
+    assert record["status"] == "failed" and "dram" not in record
+    ((step, args),) = calls
+    assert step == "bench-dram" and args[0].endswith("mixed_precision.py")
+    assert args[args.index("--lists") + 1] == "1b"
+    assert args[args.index("--modes") + 1:args.index("--modes") + 3] == ["fp32", "bf16, master weights"]
+    assert "--smoke" not in args and args[args.index("--rep-ms") + 1] == "1"
+
+
+def test_dram_step_records_both_modes_as_fractions_of_copy_bandwidth(tmp_path):
+    """The step's CPU form (bench/mixed_precision.py --smoke in triton's interpreter): its record,
+    the session's JSON and markdown carry each mode's bytes, GB/s and fraction of the same run's copy."""
+    from mechgpu import traffic
+
+    s = ds.Session(out=tmp_path, smoke=True, budget_s=600, warmup_ms=1, rep_ms=1, device="cpu")
+    record = {"step": "bench-dram", "what": "dram", "estimate_s": 20, "wall_s": 1.0,
+              **ds.dram_step(s, deadline=time.monotonic() + SMOKE_TIMEOUT_S)}
+    assert record["status"] == "ok", _tail_log(tmp_path / "cpu-session" / "bench-dram.log")
+    dram = record["dram"]
+    assert dram["copy_gbps"] > 0 and dram["list"]["params"] == 3000 and dram["timing"]["method"]
+    assert [r["mode"] for r in dram["rows"]] == list(ds.DRAM_MODES)
+    fp32, master = dram["rows"]
+    assert fp32["bytes_per_param"] == traffic.optimizer_step_bytes("AdamW") == 28
+    assert master["bytes_per_param"] == traffic.optimizer_step_bytes("AdamW", 2, 4, master=True) == 30
+    for r in dram["rows"]:
+        assert r["bytes"] == r["bytes_per_param"] * 3000 and r["ms"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["ms"] / 1e6, rel=1e-12)
+        assert r["copy_fraction"] == pytest.approx(r["gbps"] / dram["copy_gbps"], rel=1e-12)
+    s.results.append(record)
+    ds.write_summary(s)
+    doc = json.loads((tmp_path / "cpu-session.json").read_text())
+    assert doc["steps"][0]["dram"] == dram
+    md = (tmp_path / "cpu-session.md").read_text()
+    assert "## DRAM throughput of the AdamW step, without ncu" in md
+    assert f"{dram['copy_gbps']:,.1f} GB/s in the same run" in md
+    for r in dram["rows"]:
+        assert f"| {r['mode']} | {r['bytes_per_param']} | {r['ms']:.3f} | {r['gbps']:,.1f} | " \
+               f"{r['copy_fraction']:.1%} |" in md, md
+    ratio = master["copy_fraction"] / fp32["copy_fraction"]
+    assert f"bf16, master weights reaches {ratio:.2f}x the fp32 step's fraction of copy bandwidth." in md
+    assert bench.session_findings(record) == (
+        f"fp32 {fp32['gbps']:,.0f} GB/s, {fp32['copy_fraction']:.0%} of copy; bf16, master weights "
+        f"{master['gbps']:,.0f} GB/s, {master['copy_fraction']:.0%} of copy (copy {dram['copy_gbps']:,.0f} GB/s)")
+    assert f"| bench-dram | ok | {bench.session_findings(record)} |" in md
+
+
+def _tail_log(path: Path) -> str:
+    return path.read_text()[-4000:] if path.exists() else f"no {path}"
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="7" failures="1" errors="2" skipped="3"/></testsuites>')
@@ -112,6 +168,8 @@ def test_cpu_smoke_session_runs_every_step(tmp_path):
     check = json.loads((out / "cpu-check.json").read_text())
     assert check["failed"] == 0 and check["checks"] == steps["check"]["checks"] > 200 and check["quick"]
     assert "without compute-sanitizer" in steps["sanitizer"]["note"]
+    assert [r["mode"] for r in steps["bench-dram"]["dram"]["rows"]] == list(ds.DRAM_MODES)
+    assert "## DRAM throughput of the AdamW step" in (out / "cpu-session.md").read_text()
     # the benchmarks merged as `mechgpu bench` merges them, with the session's selections
     merged = json.loads((out / "cpu.json").read_text())
     assert merged["smoke"] and merged["session"] == {"warmup_ms": ds.SESSION_WARMUP_MS, "rep_ms": ds.SESSION_REP_MS}

@@ -55,6 +55,8 @@ def test_telemetry_matches_float64(case, dtype, precision):
             torch.testing.assert_close(telemetry["update_ratio"].double(), (update_sq / param_sq).sqrt(),
                                        rtol=2e-5, atol=0)
             assert 0.0 <= telemetry["lost_update_fraction"].item() <= 1.0
+            if not opt.can_lose_updates:  # the figure's lost-update panel is left out only where this holds
+                assert telemetry["lost_update_fraction"].item() == 0.0
         ours = opt.last_update_norm.double()
         everything = sum((_stored(opt, p) - b).square().sum() for p, b in zip(params, before)).sqrt()
         torch.testing.assert_close(ours, everything.to(ours.device), rtol=1e-5, atol=0, equal_nan=True)
@@ -72,6 +74,7 @@ def test_lost_updates_to_bf16_rounding(master):
         opt.step()
     lost = opt.last_telemetry[0]["lost_update_fraction"].item()
     assert (lost == 0.0) if master else (lost > 0.99), lost
+    assert opt.can_lose_updates is not master
 
 
 def test_nonfinite_grads_are_counted_when_the_step_is_skipped():

@@ -340,6 +340,14 @@ class FusedOptimizer:
         return [telemetry_from_sums(row) for row in self._telemetry]
 
     @property
+    def can_lose_updates(self) -> bool:
+        """Whether telemetry's ``lost_update_fraction`` can be non-zero: some param is stored in
+        bf16/fp16 without an fp32 master copy, so rounding the updated value back to the param's
+        dtype can leave it unchanged. False for fp32 params and with ``master_weights``."""
+        return any(p.dtype in (torch.bfloat16, torch.float16) and not self._uses_master(p)
+                   for group in self.param_groups for p in group["params"])
+
+    @property
     def last_telemetry_sums(self) -> torch.Tensor | None:
         """The last step's telemetry sums over every group, fp64 ``[TELEMETRY_FIELDS.width]``, to add
         across ranks (FSDP2 shards) before ``telemetry_from_sums``."""

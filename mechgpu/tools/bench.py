@@ -371,6 +371,10 @@ def session_findings(record: dict) -> str:
         return f"{record.get('checks', '?')} checks, {record.get('failed', '?')} failed"
     if name == "sanitizer":
         return record.get("memcheck") or record.get("note", "")
+    if record.get("dram"):
+        dram = record["dram"]
+        modes = "; ".join(f"{r['mode']} {r['gbps']:,.0f} GB/s, {r['copy_fraction']:.0%} of copy" for r in dram["rows"])
+        return f"{modes} (copy {dram['copy_gbps']:,.0f} GB/s)"
     return ", ".join(record.get("files", []))
 
 

@@ -201,32 +201,86 @@ def print_summary(s: dict[str, Any], trainer: Trainer) -> None:
     else:
         print(f"memory: {mem} (peak allocation is measured on CUDA only)")
     if "update_ratio" in h[-1]:
-        print(f"step size ||dp||/||p|| {h[0]['update_ratio']:.2e} -> {h[-1]['update_ratio']:.2e}; "
-              f"non-finite grads {sum(int(r['nonfinite_grads']) for r in h)}; updates lost to "
-              f"{trainer.params[0].dtype} rounding {100 * h[-1]['lost_update_fraction']:.1f}% (last step)")
+        line = (f"step size ||dp||/||p|| {h[0]['update_ratio']:.2e} -> {h[-1]['update_ratio']:.2e}; "
+                f"non-finite grads {sum(int(r['nonfinite_grads']) for r in h)}")
+        if _can_lose_updates(trainer):
+            line += (f"; updates lost to {trainer.params[0].dtype} rounding "
+                     f"{100 * h[-1]['lost_update_fraction']:.1f}% (last step)")
+        print(line)
     if trainer.log_dir is not None:
         files = [trainer.log_dir / name for name in ("train_log.csv", "train_log.jsonl", "summary.json")]
         if "update_ratio" in h[-1]:
-            files.append(plot_telemetry(h, trainer.log_dir / "telemetry.png"))
+            files.append(plot_telemetry(trainer, trainer.log_dir / "telemetry.png"))
         print(f"log: {', '.join(map(str, files))}")
 
 
-def plot_telemetry(history: list[dict], out: Path) -> Path:
-    """The optimizer's step-size telemetry over the run: ||dp||/||p|| and the updates lost to rounding."""
+def _can_lose_updates(trainer: Trainer) -> bool:
+    """Whether the optimizer's lost-update fraction can be non-zero (bf16/fp16 params without masters)."""
+    return bool(getattr(trainer.optimizer, "can_lose_updates", False))
+
+
+def telemetry_figure(trainer: Trainer):
+    """Whether the step size is healthy, from ``trainer.history`` (a mechgpu optimizer made with
+    ``telemetry=True``), one panel each, over integer steps: the loss (and eval loss); the step size
+    ||dp||/||p|| on a log axis (a skipped step, 0, leaves a gap); the non-finite grad elements; and,
+    only where the optimizer ``can_lose_updates``, the % of changed elements whose update was lost
+    to rounding. Returns the matplotlib Figure (Agg), for the caller to save and close."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    steps = [r["step"] for r in history]
-    fig, (ratio, lost) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    ratio.semilogy(steps, [r["update_ratio"] for r in history])
-    ratio.set_ylabel("||dp|| / ||p||")
-    lost.plot(steps, [100 * r["lost_update_fraction"] for r in history])
-    lost.set_ylabel("updates lost to rounding (%)")
-    lost.set_xlabel("step")
-    fig.suptitle("step-size telemetry, summed inside mechgpu's update kernel")
+    h = trainer.history
+    steps = [r["step"] for r in h]
+    lossy = _can_lose_updates(trainer)
+    panels = 4 if lossy else 3
+    heights = (3, 3, 1.5, 2.5)[:panels]  # the counts are mostly 0: a short panel
+    fig, axes = plt.subplots(panels, 1, figsize=(6.4, 0.75 * sum(heights) + 0.9), sharex=True,
+                             gridspec_kw={"height_ratios": heights})
+    loss, ratio, nonfinite = axes[:3]
+    loss.plot(steps, [r["loss"] for r in h], label="train")
+    evals = [(r["step"], r["eval_loss"]) for r in h if "eval_loss" in r]
+    if evals:
+        loss.plot(*zip(*evals), "o-", label="eval")
+        loss.legend(fontsize=8)
+    loss.set_title("loss", fontsize=9)
+    ratio.semilogy(steps, [r["update_ratio"] if r["update_ratio"] > 0 else math.nan for r in h])
+    ratio.set_title("step size ||dp|| / ||p|| (log)", fontsize=9)
+    counts = [int(r["nonfinite_grads"]) for r in h]
+    nonfinite.bar(steps, counts, width=0.8, color="tab:red")
+    nonfinite.set_title(f"non-finite grad elements ({sum(counts):,} in all)", fontsize=9)
+    nonfinite.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _from_zero(nonfinite, top=1)
+    if not any(counts):
+        nonfinite.text(0.5, 0.5, "no inf or NaN grads", transform=nonfinite.transAxes, ha="center", va="center",
+                       fontsize=8, color="gray")
+    if lossy:
+        lost = axes[3]
+        lost.plot(steps, [100 * r["lost_update_fraction"] for r in h], color="tab:purple")
+        lost.set_title("updates lost to rounding (% of changed elements)", fontsize=9)
+        _from_zero(lost, top=1)
+    loss.set_ylim(bottom=max(0.0, loss.get_ylim()[0]))  # autoscale's margin may dip below 0
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.tick_params(which="both", labelsize=8)
+    axes[-1].set_xlabel("step")
+    fig.suptitle("step-size telemetry, summed inside mechgpu's update kernel", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _from_zero(ax, top: float = 0.0) -> None:
+    """A non-negative quantity's axis: from 0 (never below), up to at least ``top``."""
+    ax.set_ylim(0, max(ax.get_ylim()[1], top))
+
+
+def plot_telemetry(trainer: Trainer, out: Path) -> Path:
+    """``telemetry_figure`` of ``trainer``, saved to ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = telemetry_figure(trainer)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
