@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 from conftest import Recorder
+from mechgpu.kernels.quant8 import absmax_count
 from torch import nn
 
 import mechgpu.optim as mo
 from mechgpu.cli import main
+from mechgpu.optim.quant8 import MIN_8BIT_NUMEL, STATE_8BIT
 from mechgpu.tools.gpt import CharGPT, TokenLoss, init_gpt
 from mechgpu.traffic import optimizer_state_bytes
 from mechgpu.train import BlockProfile, BudgetTooSmall, Trainer, make_plan, plan_frontier, predict
@@ -113,7 +115,7 @@ def test_budgets_from_tight_to_loose(probes):
     before = copy.deepcopy(model.state_dict())
     candidates = probes.candidates()
     peaks = sorted({c.peak_bytes for c in candidates})
-    assert peaks[0] > probes.static_bytes
+    assert peaks[0] > probes.least_static_bytes
     budgets = [*peaks, 2 * peaks[-1]]
     choices = [choose(probes, budget) for budget in budgets]
     for budget, choice in zip(budgets, choices):
@@ -138,7 +140,7 @@ def test_budgets_from_tight_to_loose(probes):
 def test_a_budget_too_small_names_the_least_needed(probes):
     least = min(c.peak_bytes for c in probes.candidates())
     with pytest.raises(BudgetTooSmall, match="below the static memory alone") as info:
-        choose(probes, probes.static_bytes - 1)
+        choose(probes, probes.least_static_bytes - 1)
     assert "the least any configuration needs is" in str(info.value) and f"({least} bytes)" in str(info.value)
     with pytest.raises(BudgetTooSmall, match=rf"too small for any configuration.*\({least} bytes\)"):
         choose(probes, least - 1)
@@ -189,7 +191,7 @@ def test_cli_writes_fit_json(tmp_path, capsys):
     assert "predicted tokens/s" in out and "<- chosen" in out and "peak memory: predicted" in out, out
     report = json.loads((tmp_path / "fit.json").read_text())
     assert {"budget_bytes", "chosen", "predicted_peak_bytes", "measured_peak_bytes", "tokens_per_s"} <= report.keys()
-    assert set(report["chosen"]) == {"micro_batch", "accum_steps", "checkpoint"}
+    assert set(report["chosen"]) == {"micro_batch", "accum_steps", "checkpoint", "state_dtype"}
     assert report["budget_bytes"] == 64 * 2**20
     assert report["chosen"]["micro_batch"] * report["chosen"]["accum_steps"] == 2
     assert report["measured_peak_bytes"] <= report["predicted_peak_bytes"] <= report["budget_bytes"]
@@ -233,6 +235,64 @@ def test_table_shows_per_size_the_least_memory_the_fastest_fitting_and_no_checkp
         for row, c in zip(shown, expected):
             assert f"  {describe_segments(c.segments)}  " in row and format_bytes(c.peak_bytes) in row, (row, c)
     assert choice.chosen == fastest and sum("<- chosen" in r for r in rows) == 1
+
+
+@pytest.fixture(scope="module")
+def wide_probes():
+    """A model whose matrices have >= MIN_8BIT_NUMEL elements, so that 8-bit states apply to them."""
+    torch.manual_seed(0)
+    model = CharGPT(VOCAB, CONTEXT, 64, 2, HEADS, 0.0)
+    init_gpt(model, 0)
+    assert any(p.numel() >= MIN_8BIT_NUMEL for p in model.parameters())
+    return probe(model, TokenLoss(), _adamw, _sampler(), global_batch=GLOBAL_BATCH, micro_batches=[1, 4],
+                 blocks="blocks", repeats=1)
+
+
+def _state_bytes(params: list[torch.Tensor], state_dtype) -> int:
+    """AdamW's state bytes by the byte model: per tensor two states and a step counter; 8-bit states
+    are a code per element and an fp32 absmax per block, for tensors of at least MIN_8BIT_NUMEL."""
+    total = 0
+    for p in params:
+        if state_dtype == STATE_8BIT and p.numel() >= MIN_8BIT_NUMEL:
+            total += 2 * (p.numel() + 4 * absmax_count(p.numel()))
+        else:
+            size = 2 if state_dtype == torch.bfloat16 else 4
+            total += optimizer_state_bytes("AdamW", size) * p.numel()
+        total += 4
+    return total
+
+
+def test_state_precision_is_a_fourth_axis(wide_probes, tmp_path):
+    """fp32, bf16 and 8-bit states: measured state bytes equal the byte model; a budget only 8-bit
+    states fit chooses them (and runs within it), one that bf16 fits but fp32 does not chooses the
+    faster of bf16 and 8-bit, and one that every precision fits chooses the fastest of all."""
+    probes = wide_probes
+    params = list(probes.job.model.parameters())
+    assert [s.state_dtype for s in probes.states] == [torch.float32, torch.bfloat16, STATE_8BIT]
+    for state in probes.states:
+        assert state.optimizer_state_bytes == _state_bytes(params, state.state_dtype), state
+    assert probes.static["optimizer_state_bytes"] == probes.states[0].optimizer_state_bytes
+    candidates = probes.candidates()
+    least = {s.state_dtype: min(c.peak_bytes for c in candidates if c.state_dtype == s.state_dtype)
+             for s in probes.states}
+    assert least[STATE_8BIT] < least[torch.bfloat16] < least[torch.float32], least
+
+    only_8bit = choose(probes, least[STATE_8BIT])
+    assert only_8bit.chosen.state_dtype == STATE_8BIT and "8bit" in only_8bit.table()
+    no_fp32 = choose(probes, least[torch.bfloat16])
+    fitting = [c for c in candidates if c.peak_bytes <= least[torch.bfloat16]]
+    assert {c.state_dtype for c in fitting} == {torch.bfloat16, STATE_8BIT}
+    assert no_fp32.chosen.tokens_per_s == max(c.tokens_per_s for c in fitting)
+    loose = choose(probes, 2 * max(c.peak_bytes for c in candidates))
+    assert loose.chosen.tokens_per_s == max(c.tokens_per_s for c in candidates), "a loose budget lost speed"
+
+    result = confirm(only_8bit, steps=2)
+    # on CPU the measured peak is the static bytes (8-bit states included) and one micro-batch's saved activations
+    assert result.measured_peak_bytes == only_8bit.chosen.saved_bytes <= only_8bit.budget, result.report()
+    assert "optimizer states: 8bit" in result.report()
+    assert json.loads(result.write(tmp_path).read_text())["chosen"]["state_dtype"] == "8bit"
+    trainer, _ = result.apply(torch.utils.data.TensorDataset(*_sampler()(GLOBAL_BATCH)))
+    assert trainer.optimizer.state_dtype == STATE_8BIT
 
 
 def test_apply_gives_the_chosen_trainer_and_loader(probes):
