@@ -114,7 +114,16 @@ class OptimizerSpec:
         return {flag.name: flag.of(group) for flag in self.flags}
 
     def _flag(self, name: str) -> Flag:
-        return next(f for f in self.flags if f.name == name)
+        return self._flags_by_name[name]
+
+    @property
+    def _flags_by_name(self) -> dict[str, Flag]:
+        """``flags`` by name, made once (``state_keys`` runs at every step)."""
+        table = self.__dict__.get("_flag_table")
+        if table is None:
+            table = {f.name: f for f in self.flags}
+            object.__setattr__(self, "_flag_table", table)  # a cache of a frozen record's own field
+        return table
 
     def state_keys(self, group: dict) -> tuple[str | None, ...]:
         """Per state column, the state entry the group's options make, or None."""

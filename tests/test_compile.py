@@ -14,10 +14,8 @@ import subprocess
 import sys
 
 import pytest
-import triton.language as tl
 from conftest import HAS_CUDA, long, run_without_interpreter
 from mechgpu.kernels import aot
-from mechgpu.kernels.quant8 import QUANT_BLOCK
 
 from mechgpu.testing.optim_cases import FEATURED, one_per_rule
 
@@ -48,13 +46,6 @@ def shared_exemption(variant: aot.KernelVariant) -> tuple[int, str] | None:
         # the two-stage reduction: once per program, after the block loop, each field's sum across the
         # CTA's warps (one fp64 a warp) and the broadcast of the done-counter atomic's result
         allowed, why = allowed + 8 * variant.num_warps, [*why, "one cross-warp reduction after the block loop"]
-    if (name == "optimizer_kernel" and constexprs["STATE_DTYPE"] == tl.uint8
-            and constexprs["PARAM_DTYPE"] != tl.float32 and not constexprs["MASTER"]):
-        # 8-bit states beside 16-bit params without masters: the params stream 8 elements a thread
-        # (128-bit), an fp32 store at most 4, so the block maxima (one fp32 per QUANT_BLOCK elements,
-        # never the streams) change layout through shared memory: at most one state's worth
-        allowed += 4 * (constexprs["BLOCK"] // QUANT_BLOCK)
-        why.append("the 8-bit states' block maxima beside 16-bit params")
     if allowed:
         return allowed, "; ".join(why)
     if name == "activation_fwd_kernel" and constexprs["SAVE_MASK"]:
