@@ -295,6 +295,23 @@ def test_state_precision_is_a_fourth_axis(wide_probes, tmp_path):
     assert trainer.optimizer.state_dtype == STATE_8BIT
 
 
+def test_a_precision_the_optimizer_refuses_is_left_out():
+    """RMSprop's centered=True refuses 8-bit states: fit considers fp32 and bf16 only, and the
+    optimizer keeps the state dtype it was made with."""
+    torch.manual_seed(0)
+    model = CharGPT(VOCAB, CONTEXT, 64, 1, HEADS, 0.0)
+    made = []
+
+    def centered(m):
+        made.append(mo.RMSprop(m.parameters(), lr=1e-3, centered=True))
+        return made[-1]
+
+    probes = probe(model, TokenLoss(), centered, _sampler(), global_batch=2, micro_batches=[2], blocks="blocks",
+                   repeats=1)
+    assert [s.state_dtype for s in probes.states] == [torch.float32, torch.bfloat16]
+    assert made[0].state_dtype == torch.float32
+
+
 def test_apply_gives_the_chosen_trainer_and_loader(probes):
     """FitResult.apply: a Trainer with the chosen accumulation and checkpoint plan (and the
     options given), a DataLoader at the chosen micro-batch size; one step is one global batch."""

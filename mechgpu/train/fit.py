@@ -12,8 +12,9 @@ torch.distributed is initialised), three stages, each a public function that ``f
      one step converts the states, the fastest of ``repeats`` more is timed, and the states' bytes
      are measured. Fewer state bytes mean a smaller static memory and, the step being memory-bound
      on a GPU, a faster step (``mechgpu.traffic.optimizer_step_bytes``); the timing says so where it
-     is true (in the CPU interpreter 8-bit steps are slower, and are chosen only to fit). Any other
-     optimizer keeps its own state (``state_dtype`` None);
+     is true (in the CPU interpreter 8-bit steps are slower, and are chosen only to fit). A
+     precision the optimizer's options refuse (RMSprop's ``centered=True`` with 8-bit states) is
+     left out. Any other optimizer keeps its own state (``state_dtype`` None);
    - for each micro-batch size (by default every divisor of the global batch per rank, rising),
      the blocks' profile (``profile_blocks``: saved bytes a_i, input bytes x_i, forward seconds
      t_i) and the faster of ``repeats`` timed forward and backward passes without checkpointing
@@ -365,7 +366,11 @@ def probe(model: nn.Module, loss_fn: Callable, optimizer_factory: Callable[[nn.M
             for state_dtype in STATE_DTYPES:
                 if state_dtype not in state_steps:
                     optimizer.state_dtype = state_dtype  # the next step converts the states
-                    seconds, other = _timed_steps(trainer, first, repeats)
+                    try:
+                        seconds, other = _timed_steps(trainer, first, repeats)
+                    except ValueError:  # refused before any write (RMSprop's centered=True with 8-bit)
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
                     state_steps[state_dtype] = (other["optimizer_state_bytes"], seconds)
             optimizer.state_dtype = own
         least_static = sum(static.values()) - static["optimizer_state_bytes"] + min(
