@@ -66,7 +66,7 @@ def whole_vectors(numel):
 
 
 @triton.jit
-def rows(x, ALIGNED: tl.constexpr):
+def rows(x, ALIGNED: tl.constexpr, THREADS: tl.constexpr = 0):
     """A BLOCK-long block as rows to reduce along axis 1 within each thread: [BLOCK // ROW, ROW] of
     consecutive elements when ALIGNED (a thread holds runs of 4 or 8), else [BLOCK // STRIDED_ROW,
     STRIDED_ROW] of elements BLOCK // STRIDED_ROW apart (a thread holds every (BLOCK / 8)-th; rows of
@@ -75,11 +75,16 @@ def rows(x, ALIGNED: tl.constexpr):
     Grid-stride reductions keep one accumulator per row across a program's blocks (``zero_rows``)
     and reduce across the CTA once, after the block loop: a block-wide ``tl.sum`` in the loop costs
     two barriers (and shared memory) every block. The rows only place the work; any layout gives
-    the same sums."""
+    the same sums.
+
+    ``THREADS`` (unaligned only): the threads of the launch, for a part of a block (a thread then
+    holds x.shape[0] / THREADS elements of it, THREADS apart); 0 for a whole block."""
     if ALIGNED:
         return tl.reshape(x, (x.shape[0] // ROW, ROW))
-    else:
+    elif THREADS == 0:
         return tl.trans(tl.reshape(x, (STRIDED_ROW, x.shape[0] // STRIDED_ROW)))
+    else:
+        return tl.trans(tl.reshape(x, (x.shape[0] // THREADS, THREADS)))
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from . import _launch
 from ._launch import TL_DTYPES, device_guard, mixed_width_warps, register_budget
 from .multi_tensor import (
     PARTIALS_WIDTH,
+    STRIDED_ROW,
     VECTOR,
     MultiTensorPlan,
     TableLayout,
@@ -145,13 +146,14 @@ def _grad_control(control_ptr, grad_scale_ptr, found_inf_ptr, CLIP: tl.constexpr
 
 @triton.jit
 def _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """(tensor index, table row, element count, offsets, is-full-block) of block-table entry ``item``.
+    """(tensor index, table row, element count, offsets, first offset, is-full-block) of block-table
+    entry ``item``.
 
     A skipped step sees an element count of 0, so every access is masked off.
     """
     tensor_idx, row, numel, offs, start = block_slice(table_ptr, blocks_ptr, item, _NCOL, _COL_NUMEL, BLOCK, ALIGNED)
     numel = tl.where(skip, 0, numel)
-    return tensor_idx, row, numel, offs, start + BLOCK <= numel
+    return tensor_idx, row, numel, offs, start, start + BLOCK <= numel
 
 
 @triton.jit
@@ -224,31 +226,52 @@ _NTELEMETRY = tl.constexpr(TELEMETRY_FIELDS.width)
 
 
 @triton.jit
-def _nonfinite(g, mask, ALIGNED: tl.constexpr):
+def _nonfinite(g, mask, ALIGNED: tl.constexpr, THREADS: tl.constexpr = 0):
     """Per row (``multi_tensor.rows``) of g, its non-finite elements (int32)."""
     bad = (g != g) | (tl.abs(g) == float("inf"))
     if mask is not None:
         bad = bad & mask
-    return tl.sum(rows(bad.to(tl.int32), ALIGNED), axis=1)
+    return tl.sum(rows(bad.to(tl.int32), ALIGNED, THREADS), axis=1)
 
 
 @triton.jit
-def _block_telemetry(p_old, p_new, stored, g, mask, ALIGNED: tl.constexpr):
+def _loaded_telemetry(p_old, g, mask, ALIGNED: tl.constexpr, THREADS: tl.constexpr):
+    """A block's (||p_old||^2, non-finite g) per row (``multi_tensor.rows``), fp64 and int32: taken as
+    soon as p and g are loaded, so that g is not held through the update for them."""
+    if mask is not None:
+        p_old = tl.where(mask, p_old, 0.0)
+    return (tl.sum(rows(p_old * p_old, ALIGNED, THREADS), axis=1).to(tl.float64),
+            _nonfinite(g, mask, ALIGNED, THREADS))
+
+
+#: Parts of a block an unaligned update with TELEMETRY updates one after the other, 2 elements a
+#: thread each: beside p_old and the per-thread accumulators 8 at once spilled 116 to 826 B on sm_90a
+#: (Adam, RMSprop; 2 parts still 8 to 44 B), 4 parts none, at 94 registers at most
+_UNALIGNED_PARTS = tl.constexpr(4)
+
+
+@triton.jit
+def _add_stats(a, b):
+    """The sum of two ``_block_telemetry`` tuples."""
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4]
+
+
+@triton.jit
+def _block_telemetry(loaded, p_old, p_new, stored, mask, ALIGNED: tl.constexpr, THREADS: tl.constexpr):
     """One block's (||p_old||^2, ||stored - p_old||^2, non-finite g, lost updates, changed) per row of
     ROW elements (``multi_tensor.rows``: within one thread, no barrier), the sums fp64 and the counts
-    int32: the update norm is of what the step stored, the lost updates those whose p_new != p_old
-    rounded back to p_old."""
+    int32, the first and third ``loaded`` (``_loaded_telemetry``): the update norm is of what the step
+    stored, the lost updates those whose p_new != p_old rounded back to p_old."""
     delta = stored - p_old
     changed = p_new != p_old
     lost = changed & (stored == p_old)
     if mask is not None:
-        p_old = tl.where(mask, p_old, 0.0)
         delta = tl.where(mask, delta, 0.0)
         changed = changed & mask
         lost = lost & mask
-    return (tl.sum(rows(p_old * p_old, ALIGNED), axis=1).to(tl.float64),
-            tl.sum(rows(delta * delta, ALIGNED), axis=1).to(tl.float64), _nonfinite(g, mask, ALIGNED),
-            tl.sum(rows(lost.to(tl.int32), ALIGNED), axis=1), tl.sum(rows(changed.to(tl.int32), ALIGNED), axis=1))
+    return (loaded[0], tl.sum(rows(delta * delta, ALIGNED, THREADS), axis=1).to(tl.float64), loaded[1],
+            tl.sum(rows(lost.to(tl.int32), ALIGNED, THREADS), axis=1),
+            tl.sum(rows(changed.to(tl.int32), ALIGNED, THREADS), axis=1))
 
 
 # Stochastic rounding's Philox seed: distinct primes, so (tensor, step) pairs map to distinct seeds.
@@ -410,7 +433,7 @@ def _store_state(ptr, absmax_ptr, value, offs, mask, KIND: tl.constexpr):
 def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
                 RULE: tl.constexpr, STATE0: tl.constexpr, STATE1: tl.constexpr, STATE2: tl.constexpr,
                 FLAGS: tl.constexpr, SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-                TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr):
+                TELEMETRY: tl.constexpr, ALIGNED: tl.constexpr, THREADS: tl.constexpr = 0):
     """One block: load p, g and the state columns the launch uses (STATE0..2, from the spec: each
     a ``STATE_*`` kind), update by RULE, store. ``ptrs`` is (param, grad, state0, state1, state2,
     master, absmax0, absmax1, absmax2), ``hypers``
@@ -420,6 +443,9 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening = hypers
     p, g = _load_param_grad(param_ptr, master_ptr, grad_ptr, offs, mask, multiplier, SCALE_GRAD, MASTER)
     p_old = p
+    loaded = (0.0, 0)
+    if TELEMETRY:
+        loaded = _loaded_telemetry(p_old, g, mask, ALIGNED, THREADS)
     s0 = _load_state(state0_ptr, absmax0_ptr, offs, mask, STATE0, g)
     s1 = _load_state(state1_ptr, absmax1_ptr, offs, mask, STATE1, g)
     s2 = _load_state(state2_ptr, absmax2_ptr, offs, mask, STATE2, g)
@@ -450,7 +476,7 @@ def _rule_block(ptrs, offs, mask, multiplier, seed, hypers, scalars,
     stored = _store_param(param_ptr, master_ptr, p, offs, mask, seed, MASTER, STOCHASTIC)
     stats = (0.0, 0.0, 0, 0, 0)
     if TELEMETRY:
-        stats = _block_telemetry(p_old, p, stored, g, mask, ALIGNED)
+        stats = _block_telemetry(loaded, p_old, p, stored, mask, ALIGNED, THREADS)
     return stats
 
 
@@ -581,7 +607,7 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
                 g = tl.load(_table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED) + offs, mask=valid, other=0.0)
                 nonfinite += _nonfinite(g.to(tl.float32), valid, ALIGNED)
     for item in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-        tensor_idx, row, numel, offs, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
+        tensor_idx, row, numel, offs, start, full = _block_slice(table_ptr, blocks_ptr, item, skip, BLOCK, ALIGNED)
         param_ptr = _table_ptr(row, _COL_PARAM, PARAM_DTYPE, ALIGNED)
         grad_ptr = _table_ptr(row, _COL_GRAD, PARAM_DTYPE, ALIGNED)
         state0_ptr = _state_ptr(row, _COL_STATE0, STATE0, grad_ptr, STATE_DTYPE, ALIGNED)
@@ -596,7 +622,22 @@ def optimizer_kernel(table_ptr, blocks_ptr, scalars_ptr, done_ptr, partials_ptr,
         ptrs = (param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, master_ptr, absmax0_ptr, absmax1_ptr,
                 absmax2_ptr)
         hypers = (lr, beta1_weight, beta2, one_minus_beta2, eps, weight_decay, momentum, one_minus_dampening)
-        if full:  # unmasked, so full vectors
+        if TELEMETRY and not ALIGNED:
+            # in _UNALIGNED_PARTS parts, masked, one after the other; each thread keeps its row
+            # (multi_tensor.rows with THREADS), so no shuffle or barrier
+            part = start + tl.arange(0, BLOCK // _UNALIGNED_PARTS)
+            stats = _rule_block(ptrs, part, part < numel, multiplier, block_seed, hypers, tensor_scalars,
+                                RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                                SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                                TELEMETRY=TELEMETRY, ALIGNED=ALIGNED, THREADS=BLOCK // STRIDED_ROW)
+            for _ in tl.static_range(1, _UNALIGNED_PARTS):
+                part += BLOCK // _UNALIGNED_PARTS
+                stats = _add_stats(stats, _rule_block(
+                    ptrs, part, part < numel, multiplier, block_seed, hypers, tensor_scalars,
+                    RULE=RULE, STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
+                    SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
+                    TELEMETRY=TELEMETRY, ALIGNED=ALIGNED, THREADS=BLOCK // STRIDED_ROW))
+        elif full:  # unmasked, so full vectors
             stats = _rule_block(ptrs, offs, None, multiplier, block_seed, hypers, tensor_scalars, RULE=RULE,
                                 STATE0=STATE0, STATE1=STATE1, STATE2=STATE2, FLAGS=FLAGS,
                                 SCALE_GRAD=CLIP or UNSCALE, MASTER=MASTER, STOCHASTIC=STOCHASTIC,
@@ -857,6 +898,7 @@ def aot_variants() -> list:
     everything = StepControl(clip=torch.zeros(2), skip_nonfinite=True, grad_scale=torch.ones(()),
                              found_inf=torch.zeros(()), telemetry=torch.zeros(TELEMETRY_FIELDS.width,
                                                                               dtype=torch.float64))
+    telemetry_only = StepControl(telemetry=everything.telemetry)
 
     def arguments(spec, options: dict, dtype=torch.float32, aligned=True, **more) -> tuple[dict, dict]:
         more.setdefault("lr", 1e-3)
@@ -898,6 +940,18 @@ def aot_variants() -> list:
             variants.append(launched_variant(f"{spec.name.lower()}[{mode}]", optimizer_kernel,
                                              arguments(spec, spec.aot_options, dtype, **more)[1], True,
                                              **(expect[0] if expect else {})))
+        # telemetry over unaligned tensors: its per-thread row accumulators (multi_tensor.rows) beside
+        # each mixed-precision mode's streams; element by element, no 128-bit access
+        unaligned = (
+            ("fp32", torch.float32, {}),
+            ("bf16,master", torch.bfloat16, dict(precision=Precision(master=True))),
+            ("fp16,master,clip,amp", torch.float16, dict(control=everything, precision=Precision(master=True))),
+            ("bf16,fp32-states", torch.bfloat16, {}),
+        )
+        for mode, dtype, more in unaligned:
+            more.setdefault("control", telemetry_only)
+            variants.append(launched_variant(f"{spec.name.lower()}[{mode},unaligned,telemetry]", optimizer_kernel,
+                                             arguments(spec, spec.aot_options, dtype, False, **more)[1], False))
     # the per-tensor prologue: scalar gathers, no 128-bit accesses
     for spec in rules:
         variants.append(launched_variant(f"step_prologue[{spec.name.lower()}]", step_prologue_kernel,

@@ -262,10 +262,12 @@ def test_weight_decay_groups_train_as_torchs(bias):
 # ----------------------------------------------------------------------------------
 # memory layout: unaligned views, permuted params
 # ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("telemetry", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @by_rule
-def test_unaligned_and_permuted_params(case, device):
-    """Views at odd storage offsets (no 16-byte alignment) and transposed params stay correct."""
+def test_unaligned_and_permuted_params(case, device, telemetry):
+    """Views at odd storage offsets (no 16-byte alignment) and transposed params stay correct; with
+    telemetry too (the unaligned launch then updates each block in parts)."""
     base = torch.randn(5000, device=device)
     def params():
         return [
@@ -276,7 +278,7 @@ def test_unaligned_and_permuted_params(case, device):
         ]
     ours_p, ref_p = params(), params()
     assert ours_p[1].data_ptr() % 16 != 0 and not ours_p[3].is_contiguous()
-    ours = getattr(mo, case.optimizer)(ours_p, lr=1e-2, **case.options)
+    ours = getattr(mo, case.optimizer)(ours_p, lr=1e-2, telemetry=telemetry, **case.options)
     ref = getattr(torch.optim, case.optimizer)(ref_p, lr=1e-2, **case.options)
     gen = torch.Generator().manual_seed(8)
     for _ in range(4):
