@@ -41,13 +41,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--task", choices=sorted(PARITY), default="mlp",
+                        help="mlp: the teacher-student MLP (final full-data MSE); gpt: the tour's character "
+                             "GPT (final held-out cross-entropy per character)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{'optimizer':10s} {'state_dtype':>14s} {'final loss (mean of seeds)':>28s} {'vs fp32':>8s}")
-    for optimizer, options in PARITY.items():
+    for optimizer, options in PARITY[args.task].items():
         losses = {}
         for state_dtype in (torch.float32, torch.bfloat16, "8bit"):
-            runs = [parity_loss(optimizer, {**options, "state_dtype": state_dtype}, args.steps, seed, device)
+            runs = [parity_loss(optimizer, {**options, "state_dtype": state_dtype}, args.steps, seed, device,
+                                 args.task)
                     for seed in range(args.seeds)]
             losses[state_dtype] = statistics.mean(runs)
             ratio = losses[state_dtype] / losses[torch.float32] - 1
@@ -55,7 +59,8 @@ def main() -> None:
                   f"{100 * ratio:+7.2f}%", flush=True)
         bnb_class = _bitsandbytes_twin(optimizer)
         if bnb_class is not None:
-            runs = [parity_loss(bnb_class, options, args.steps, seed, device) for seed in range(args.seeds)]
+            runs = [parity_loss(bnb_class, options, args.steps, seed, device, args.task)
+                    for seed in range(args.seeds)]
             loss = statistics.mean(runs)
             print(f"{optimizer:10s} {'bnb ' + bnb_class.__name__:>14s} {loss:28.6f} "
                   f"{100 * (loss / losses[torch.float32] - 1):+7.2f}%", flush=True)
