@@ -1,14 +1,20 @@
 """Training parity of 8-bit optimizer states: final loss against fp32 and bf16 states.
 
-``mechgpu.testing.parity``'s teacher-student MLP (a noisy tanh teacher, a 32-128-64-8 student,
-two of whose three weights get 8-bit states) trained by mechgpu's AdamW, RMSprop and SGD with
-momentum, with each ``state_dtype``, and bitsandbytes' 8-bit twin where it imports (it runs on a CPU);
-prints the final full-data loss and its ratio to fp32's.
-On a CPU the kernels run in Triton's interpreter (a few minutes at the default 400 steps).
+Two tasks of ``mechgpu.testing.parity`` (its docstring describes them), each trained by mechgpu's
+AdamW, RMSprop and SGD with momentum with each ``state_dtype``, and bitsandbytes' 8-bit twin
+where it imports (it runs on a CPU); prints the final loss and its ratio to fp32's:
 
-    python bench/quant8_parity.py [--steps 400] [--seeds 3]
+- ``--task mlp`` (default): a teacher-student MLP (a noisy tanh teacher, a 32-128-64-8 student,
+  two of whose three weights get 8-bit states); the final full-data MSE.
+- ``--task gpt``: the tour's character GPT (2 blocks of width 64, context 32, stdlib source);
+  the final mean cross-entropy per character on 8 fixed held-out batches of 16 windows.
 
-Measured here (2-core CPU, interpreter; ``--steps 300 --seeds 2``; bitsandbytes 0.50.2 from a
+On a CPU the kernels run in Triton's interpreter (a few minutes for the MLP at the default 400
+steps; the GPT's 8-bit steps take about a second each there).
+
+    python bench/quant8_parity.py [--task {mlp,gpt}] [--steps 400] [--seeds 3]
+
+MLP, measured here (2-core CPU, interpreter; ``--steps 300 --seeds 2``; bitsandbytes 0.50.2 from a
 separate run of the same problem, ``PYTHONPATH`` to its wheel):
 
 optimizer  state_dtype        final loss   vs fp32
