@@ -7,15 +7,27 @@ Adagrad too (torch's own Adagrad cannot be: it has no ``capturable``).
 import pytest
 import torch
 from conftest import gpu, requires_cuda
+from mechgpu.kernels.optim_spec import SPECS
 
 import mechgpu.optim as mo
 from mechgpu.testing.optim_cases import FEATURED
 
 
+def _takes_8bit(case) -> bool:
+    """Whether the case's options allow 8-bit states (``OptimizerSpec.not_8bit``)."""
+    spec = SPECS[case.optimizer]
+    return not any(f.name in spec.not_8bit and f.of(case.options) for f in spec.flags)
+
+
+#: every featured case with fp32 states, and with 8-bit ones where its options allow them (the
+#: 4,097-element param below gets 8-bit codes and block maxima, at addresses fixed after warm-up)
+CAPTURED = [(c, torch.float32) for c in FEATURED] + [(c, "8bit") for c in FEATURED if _takes_8bit(c)]
+
+
 @gpu
 @requires_cuda
-@pytest.mark.parametrize("case", FEATURED, ids=lambda c: c.optimizer)
-def test_captured_step_with_clip_and_tensor_lr_scheduler(case):
+@pytest.mark.parametrize(("case", "state_dtype"), CAPTURED, ids=lambda v: getattr(v, "optimizer", str(v)))
+def test_captured_step_with_clip_and_tensor_lr_scheduler(case, state_dtype):
     torch.manual_seed(0)
     sizes = (1000, 4097, 3)
     params = [torch.randn(n, device="cuda", requires_grad=True) for n in sizes]
@@ -25,6 +37,7 @@ def test_captured_step_with_clip_and_tensor_lr_scheduler(case):
     # torch's capturable (its step counter on the device), where torch's twin has one
     kwargs = {**case.options, **({"capturable": True} if case.torch_takes("capturable") else {})}
     lr = torch.tensor(0.05, device="cuda")
+    kwargs["state_dtype"] = state_dtype
     opt = getattr(mo, case.optimizer)(params, lr=lr, max_grad_norm=1.0, **kwargs)
     ref_opt = getattr(mo, case.optimizer)(ref, lr=torch.tensor(0.05, device="cuda"), max_grad_norm=1.0, **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
