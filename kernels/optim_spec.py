@@ -129,6 +129,10 @@ class OptimizerSpec:
         """Per state column, the state entry the group's options make, or None."""
         return tuple(s.key if s.flag is None or self._flag(s.flag).of(group) else None for s in self.states)
 
+    def takes_8bit(self, group: dict) -> bool:
+        """Whether the group's options allow 8-bit states (none of ``not_8bit``'s flags set)."""
+        return not any(self._flag(name).of(group) for name in self.not_8bit)
+
     def needed_by(self, key: str) -> str | None:
         """The option that makes state ``key`` exist, for messages ("amsgrad=True"), or None."""
         state = next((s for s in self.states if s.key == key), None)

@@ -12,16 +12,10 @@ from mechgpu.kernels.optim_spec import SPECS
 import mechgpu.optim as mo
 from mechgpu.testing.optim_cases import FEATURED
 
-
-def _takes_8bit(case) -> bool:
-    """Whether the case's options allow 8-bit states (``OptimizerSpec.not_8bit``)."""
-    spec = SPECS[case.optimizer]
-    return not any(f.name in spec.not_8bit and f.of(case.options) for f in spec.flags)
-
-
 #: every featured case with fp32 states, and with 8-bit ones where its options allow them (the
 #: 4,097-element param below gets 8-bit codes and block maxima, at addresses fixed after warm-up)
-CAPTURED = [(c, torch.float32) for c in FEATURED] + [(c, "8bit") for c in FEATURED if _takes_8bit(c)]
+CAPTURED = [(c, torch.float32) for c in FEATURED] + [(c, "8bit") for c in FEATURED
+                                                           if SPECS[c.optimizer].takes_8bit(c.options)]
 
 
 @gpu
