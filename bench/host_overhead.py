@@ -1,8 +1,11 @@
-"""Benchmark: the host time of an AdamW ``step()``, mechgpu against torch's own host floor.
+"""Benchmark: the host time of an AdamW ``step()``, with and without clipping, mechgpu against
+torch's own host floor.
 
 What it measures
 ----------------
-The host work of one step, in steady state, for the tensor counts of the parameter lists
+The host work of one step, in steady state, of two cases (``step_overhead.CASES``): ``AdamW``,
+and ``AdamW + clip`` (mechgpu's ``max_grad_norm=1.0``, clipping in the step; torch's
+``clip_grad_norm_(params, 1.0, foreach=True)`` then the step), for the tensor counts of the parameter lists
 of ``bench/optim.py``: ``gpt2-small`` (148 tensors), ``1b`` (183: the 1B list) and
 ``10k-x-1k`` (10,000). Host work scales with the number of tensors, not their size, so every
 tensor here has one element: the lists' counts, not their 1.01e9 parameters (which a GPU
@@ -10,11 +13,12 @@ would not wait for anyway: no side synchronises inside ``step()``).
 
 Like for like, in one process, with the kernels stubbed on every side:
 
-* ``mechgpu_us``: ``mechgpu.optim.AdamW`` with the triton launch stubbed out
+* ``mechgpu_us``: ``mechgpu.optim.AdamW`` with the triton launches stubbed out
   (``step_overhead.LaunchStub``): validation, the confirmation of every address, table
   uploads and argument assembly;
 * ``torch_fused_us``: ``torch.optim.AdamW(fused=True)`` with its kernels
-  (``torch._fused_adamw_`` and the ``torch._foreach_*`` ops) replaced by no-ops
+  (``torch._fused_adamw_`` and the ``torch._foreach_*`` ops, ``_foreach_norm`` and ``_foreach_mul_``
+  of the clip among them) replaced by no-ops; the clip's few ops on its 0-d norm run
   (``TorchKernelStub``): ``_init_group``, the grouping by device and dtype, the dispatch.
   This is torch's host floor, what a GPU user pays before the first kernel is queued;
 * ``torch_foreach_us``: the same for ``foreach=True``;
@@ -28,7 +32,8 @@ Like for like, in one process, with the kernels stubbed on every side:
 * the phases of that step (median µs per step): ``confirm`` (``_GroupCache.confirm`` or
   ``confirm_fast``, and ``_record_fast``: every address, grad and state checked), ``uploads``
   (``_GroupCache.upload_grads``: moved grad addresses into the device tables) and ``launch``
-  (``FusedOptimizer._launch``: argument assembly and triton's launch path).
+  (``FusedOptimizer._launch``: argument assembly and triton's launch path) and, with clipping,
+  ``norm`` (``_NormOverCaches.launch``: the norm's table update and launch).
 
 Grads are fresh tensors every step (a backward gives that), each step is timed alone after
 untimed warm-up steps, median of 30. The goal (issue 24): ``fraction_of_fused`` at most
@@ -40,6 +45,7 @@ How to run
     python bench/host_overhead.py                      # a table
     python bench/host_overhead.py --json -             # the rows as JSON on stdout only
     python bench/host_overhead.py --out bench/results --label after   # host-overhead-<device>[-label].json/.md
+    python bench/host_overhead.py --cases AdamW        # one case
     python bench/host_overhead.py --smoke              # a few steps on the smallest list
 """
 
@@ -65,11 +71,11 @@ import step_overhead  # noqa: E402
 import torch  # noqa: E402
 from optim import PARAM_LISTS  # noqa: E402
 
-import mechgpu.optim  # noqa: E402
 from mechgpu.optim import _fused  # noqa: E402
 
 BENCHMARK = "host-overhead"
-CASE, REGIME, NUMEL = "AdamW", "new", 1
+CASES = ("AdamW", "AdamW + clip")  # step_overhead.CASES: AdamW, and AdamW with clipping to norm 1.0
+REGIME, NUMEL = "new", 1
 STEPS, WARMUP_STEPS = 30, 5
 SMOKE = {"lists": ("gpt2-small",), "steps": 3, "warmup": 1}
 GOAL, AIM = 0.5, 0.25  # mechgpu's host time with its launch, as a fraction of torch fused's floor
@@ -77,7 +83,8 @@ TORCH_FLAGS = {"torch fused": "fused", "torch foreach": "foreach"}
 # (name, class, method): the phases of mechgpu's step, timed by wrapping the method
 PHASES = (("confirm", _fused._GroupCache, "confirm"), ("confirm", _fused._GroupCache, "confirm_fast"),
           ("confirm", _fused.FusedOptimizer, "_record_fast"),
-          ("uploads", _fused._GroupCache, "upload_grads"), ("launch", _fused.FusedOptimizer, "_launch"))
+          ("uploads", _fused._GroupCache, "upload_grads"), ("launch", _fused.FusedOptimizer, "_launch"),
+          ("norm", _fused._NormOverCaches, "launch"))
 
 
 class TorchKernelStub:
@@ -158,11 +165,11 @@ class PhaseTimer:
             setattr(cls, method, fn)
 
 
-def time_mechgpu(count: int, *, steps: int, warmup: int, stubbed: bool) -> tuple[float, dict[str, float]]:
-    """Median µs of a mechgpu AdamW step over ``count`` one-element tensors, and its phases."""
+def time_mechgpu(case: str, count: int, *, steps: int, warmup: int, stubbed: bool) -> tuple[float, dict[str, float]]:
+    """Median µs of a mechgpu step of ``case`` over ``count`` one-element tensors, and its phases."""
     torch.manual_seed(0)
     params = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
-    step = mechgpu.optim.AdamW(params).step
+    step = step_overhead.make_step(case, step_overhead.MECHGPU, params)
     timer = PhaseTimer()
 
     def timed_step() -> None:
@@ -183,26 +190,28 @@ def time_mechgpu(count: int, *, steps: int, warmup: int, stubbed: bool) -> tuple
     return statistics.median(times), timer.medians(warmup)
 
 
-def time_torch(implementation: str, count: int, *, steps: int, warmup: int) -> float:
-    """Median µs of torch's AdamW step (``fused`` or ``foreach``) with its kernels stubbed."""
+def time_torch(implementation: str, case: str, count: int, *, steps: int, warmup: int) -> float:
+    """Median µs of torch's step of ``case`` (``fused`` or ``foreach``; with clipping,
+    ``clip_grad_norm_(foreach=True)`` first) with its kernels stubbed."""
     torch.manual_seed(0)
     params = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
-    opt = torch.optim.AdamW(params, **{TORCH_FLAGS[implementation]: True})
+    step = step_overhead.make_step(case, implementation, params)
     with TorchKernelStub(host_steps=implementation == "torch foreach") as stub:
-        times, _, _ = step_overhead.time_steps(opt.step, params, REGIME, steps=steps, warmup=warmup, stub=None)
+        times, _, _ = step_overhead.time_steps(step, params, REGIME, steps=steps, warmup=warmup, stub=None)
     if stub.calls == 0:
         raise RuntimeError(f"{implementation}: no stubbed kernel was called, so its kernels ran")
     return statistics.median(times)
 
 
-def interleaved(count: int, *, steps: int, warmup: int) -> dict:
+def interleaved(case: str, count: int, *, steps: int, warmup: int) -> dict:
     """mechgpu's step (unstubbed: in the compile-only child, triton's launch path) and torch fused's
     (kernels stubbed), one step of each in turn, so that both are timed in the same moments of a
     busy machine: the medians, and mechgpu's phases."""
     torch.manual_seed(0)
     ours = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
     theirs = step_overhead.make_params(count, NUMEL, torch.device("cpu"))
-    steps_of = {"mechgpu": mechgpu.optim.AdamW(ours).step, "torch fused": torch.optim.AdamW(theirs, fused=True).step}
+    steps_of = {"mechgpu": step_overhead.make_step(case, step_overhead.MECHGPU, ours),
+                "torch fused": step_overhead.make_step(case, "torch fused", theirs)}
     params_of = {"mechgpu": ours, "torch fused": theirs}
     times: dict[str, list[float]] = {name: [] for name in steps_of}
     timer = PhaseTimer()
@@ -225,9 +234,10 @@ def interleaved(count: int, *, steps: int, warmup: int) -> dict:
             "phases_us": timer.medians(warmup)}
 
 
-def with_launch(lists: tuple[str, ...], *, steps: int, warmup: int) -> dict[str, dict]:
-    """Per list, mechgpu's step through triton's real launch path, from a compile-only child."""
-    command = [sys.executable, __file__, WITH_LAUNCH, "--steps", str(steps), "--warmup", str(warmup), *lists]
+def with_launch(cases: tuple[str, ...], lists: tuple[str, ...], *, steps: int, warmup: int) -> dict[str, dict]:
+    """Per case and list, mechgpu's step through triton's real launch path, from a compile-only child."""
+    command = [sys.executable, __file__, WITH_LAUNCH, "--steps", str(steps), "--warmup", str(warmup),
+               "--cases", *cases, "--lists", *lists]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
@@ -235,32 +245,38 @@ def with_launch(lists: tuple[str, ...], *, steps: int, warmup: int) -> dict[str,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(lists: tuple[str, ...], *, steps: int, warmup: int) -> list[dict]:
-    launched = with_launch(lists, steps=steps, warmup=warmup)
+def run(cases: tuple[str, ...], lists: tuple[str, ...], *, steps: int, warmup: int) -> list[dict]:
+    launched = with_launch(cases, lists, steps=steps, warmup=warmup)
     rows = []
-    for name in lists:
-        count = len(PARAM_LISTS[name]())
-        ours, phases = time_mechgpu(count, steps=steps, warmup=warmup, stubbed=True)
-        fused = time_torch("torch fused", count, steps=steps, warmup=warmup)
-        foreach = time_torch("torch foreach", count, steps=steps, warmup=warmup)
-        real = launched[name]
-        rows.append({"list": name, "tensors": count, "mechgpu_us": ours, "torch_fused_us": fused,
-                     "torch_foreach_us": foreach, "mechgpu_with_launch_us": real["median_us"],
-                     "torch_fused_interleaved_us": real["torch_fused_us"],
-                     "fraction_of_fused": real["median_us"] / real["torch_fused_us"], "goal": GOAL, "aim": AIM,
-                     "phases_us": real["phases_us"], "stubbed_phases_us": phases})
+    for case in cases:
+        for name in lists:
+            rows.append(row(case, name, launched[case][name], steps=steps, warmup=warmup))
     return rows
+
+
+def row(case: str, name: str, real: dict, *, steps: int, warmup: int) -> dict:
+    """One row: ``case`` on list ``name``, the in-process timings beside the compile-only child's ``real``."""
+    count = len(PARAM_LISTS[name]())
+    ours, phases = time_mechgpu(case, count, steps=steps, warmup=warmup, stubbed=True)
+    fused = time_torch("torch fused", case, count, steps=steps, warmup=warmup)
+    foreach = time_torch("torch foreach", case, count, steps=steps, warmup=warmup)
+    return {"case": case, "list": name, "tensors": count, "mechgpu_us": ours, "torch_fused_us": fused,
+            "torch_foreach_us": foreach, "mechgpu_with_launch_us": real["median_us"],
+            "torch_fused_interleaved_us": real["torch_fused_us"],
+            "fraction_of_fused": real["median_us"] / real["torch_fused_us"], "goal": GOAL, "aim": AIM,
+            "phases_us": real["phases_us"], "stubbed_phases_us": phases}
 
 
 def to_markdown(results: dict) -> str:
     label = f" ({results['label']})" if results.get("label") else ""
     head = [
-        f"# Host time of an AdamW step(): mechgpu against torch's host floor{label}",
+        f"# Host time of an AdamW step(), with and without clipping: mechgpu against torch's host floor{label}",
         "",
         f"{results['device']} · torch {results['torch']} · triton {results['triton']} · {results['date']} · "
         f"{results['cpus']} CPUs, 1-minute load {results['load_average']:.2f} at the start",
         "",
-        "One-element fp32 tensors, a fresh grad per param every step, median of "
+        "One-element fp32 tensors, a fresh grad per param every step (*AdamW + clip*: mechgpu's "
+        "`max_grad_norm=1.0` against torch's `clip_grad_norm_(foreach=True)` then its step), median of "
         f"{results['steps']} steps after {results['warmup']} untimed. torch's kernels (`torch._fused_adamw_`, "
         "`torch._foreach_*`) and mechgpu's triton launch are stubbed by no-ops in the same process; "
         "*with launch* is mechgpu's step through triton's real launch path in a compile-only process "
@@ -270,14 +286,14 @@ def to_markdown(results: dict) -> str:
         f"Goal: with launch <= {GOAL:.0%} of torch fused; aim {AIM:.0%}.",
         "",
     ]
-    header = ["list", "tensors", "mechgpu µs (launch stubbed)", "torch fused µs", "torch foreach µs",
+    header = ["case", "list", "tensors", "mechgpu µs (launch stubbed)", "torch fused µs", "torch foreach µs",
               "mechgpu with launch µs", "torch fused µs, interleaved", "with launch / fused", "confirm µs",
-              "uploads µs", "launch µs"]
-    rows = [[r["list"], f"{r['tensors']:,}", f"{r['mechgpu_us']:,.0f}", f"{r['torch_fused_us']:,.0f}",
+              "uploads µs", "launch µs", "norm µs"]
+    rows = [[r["case"], r["list"], f"{r['tensors']:,}", f"{r['mechgpu_us']:,.0f}", f"{r['torch_fused_us']:,.0f}",
              f"{r['torch_foreach_us']:,.0f}", f"{r['mechgpu_with_launch_us']:,.0f}",
              f"{r['torch_fused_interleaved_us']:,.0f}", f"{r['fraction_of_fused']:.2f}x",
-             *(f"{r['phases_us'][k]:,.0f}" for k in ("confirm", "uploads", "launch"))] for r in results["rows"]]
-    return "\n".join(head + [common.markdown_table(header, rows, text_columns=1)])
+             *(f"{r['phases_us'][k]:,.0f}" for k in ("confirm", "uploads", "launch", "norm"))] for r in results["rows"]]
+    return "\n".join(head + [common.markdown_table(header, rows, text_columns=2)])
 
 
 def worker(argv: list[str]) -> int:
@@ -286,11 +302,11 @@ def worker(argv: list[str]) -> int:
     parser.add_argument(WITH_LAUNCH, action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("lists", nargs="+")
+    parser.add_argument("--cases", nargs="+")
+    parser.add_argument("--lists", nargs="+")
     args = parser.parse_args(argv)
-    out = {}
-    for name in args.lists:
-        out[name] = interleaved(len(PARAM_LISTS[name]()), steps=args.steps, warmup=args.warmup)
+    out = {case: {name: interleaved(case, len(PARAM_LISTS[name]()), steps=args.steps, warmup=args.warmup)
+                  for name in args.lists} for case in args.cases}
     print(json.dumps(out))
     return 0
 
@@ -304,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout, nothing else)")
     parser.add_argument("--out", type=Path, help="write host-overhead-<device>[-<label>].json and .md here")
     parser.add_argument("--label", help="names the run (before, after) in the report and the file names")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES, help="the steps to time (default: both)")
     args = parser.parse_args(argv)
     lists, steps, warmup = ((SMOKE["lists"], SMOKE["steps"], SMOKE["warmup"]) if args.smoke
                             else (tuple(PARAM_LISTS), STEPS, WARMUP_STEPS))
     load = os.getloadavg()[0]
-    rows = run(lists, steps=steps, warmup=warmup)
+    rows = run(tuple(args.cases), lists, steps=steps, warmup=warmup)
     if args.json == "-":
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0

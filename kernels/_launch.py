@@ -122,12 +122,14 @@ class Bound:
     puts new values in the slots if they keep triton's choice (a float for a float; a tensor of
     the same dtype, device and alignment for a tensor), ``run`` launches on the current stream."""
 
-    __slots__ = ("compiled", "launcher", "grid", "device", "template", "slots")
+    __slots__ = ("compiled", "launcher", "grid", "device", "template", "slots", "own", "own_spec")
 
     @classmethod
-    def of(cls, kernel, grid: tuple, arguments: dict, values: dict) -> Bound | None:
+    def of(cls, kernel, grid: tuple, arguments: dict, values: dict, own: torch.Tensor | None = None) -> Bound | None:
         """The bound form of the launch ``launch(kernel, grid, arguments)`` just made, with the
-        arguments named in ``values`` as its slots; None where triton's launcher cannot be bound."""
+        arguments named in ``values`` as its slots; None where triton's launcher cannot be bound.
+        ``own``: a buffer of the caller's that slots may hold (a spare pointer for an unused argument),
+        whose dtype, device and address never change: taken without its checks."""
         if not _LEAN or not isinstance(kernel, _JITFunction) or kernel in _UNBINDABLE:
             return None
         device = _driver.active.get_current_device()
@@ -139,6 +141,7 @@ class Bound:
         bound.compiled, bound.grid, bound.device = compiled, tuple(grid) + (1,) * (3 - len(grid)), device
         bound.launcher = compiled.run  # loaded by the launch just made
         bound.template = [arguments[name] for name in names]
+        bound.own, bound.own_spec = own, None if own is None else _tensor_spec(own)
         bound.slots = []
         for position, name in enumerate(names):
             if name in values:
@@ -153,10 +156,14 @@ class Bound:
 
     def fill(self, values: dict) -> list | None:
         args = self.template.copy()
+        own = self.own
         for position, name, spec in self.slots:
             value = values[name]
             if type(value) is float:
                 if spec is not float:
+                    return None
+            elif value is own:
+                if self.own_spec != spec:
                     return None
             elif not isinstance(value, torch.Tensor) or _tensor_spec(value) != spec:
                 return None

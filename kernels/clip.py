@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._launch import device_guard, mixed_width_warps
 from .multi_tensor import (
     PARTIALS_WIDTH,
@@ -364,13 +365,13 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
         # zeroed in-stream before the launch (a memset a CUDA graph captures): a counter an aborted
         # launch left non-zero cannot spoil this norm
         plan.done.zero_()
-        grad_norm_kernel[(plan.grid,)](
-            plan.table, plan.blocks, plan.done, partials, workspace, out,
-            grad_scale if grad_scale is not None else out,
-            float(norm_type) if math.isfinite(norm_type) else 0.0, float(max_norm), plan.num_blocks,
-            KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None, ALIGNED=aligned,
-            BLOCK=plan.block, num_warps=plan.num_warps,
-        )
+        _launch.launch(grad_norm_kernel, (plan.grid,), dict(
+            table_ptr=plan.table, blocks_ptr=plan.blocks, done_ptr=plan.done, partials_ptr=partials,
+            acc_ptr=workspace, out_ptr=out, grad_scale_ptr=grad_scale if grad_scale is not None else out,
+            norm_type=float(norm_type) if math.isfinite(norm_type) else 0.0, max_norm=float(max_norm),
+            num_blocks=plan.num_blocks, KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None,
+            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
+        ))
 
 
 def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float, max_norm: float,

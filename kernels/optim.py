@@ -710,7 +710,7 @@ class StepControl:
     telemetry: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Precision:
     """How params and states are stored: state dtype (torch.uint8: 8-bit codes with block maxima,
     ``quant8.py``), fp32 master copy, stochastic rounding."""
@@ -845,13 +845,8 @@ _STEP_VALUE_ARGUMENTS = frozenset(("lr", "weight_decay", "beta1", "beta2", "eps"
 
 
 def _frozen(value):
-    """A launch argument as part of a dict key."""
-    kind = type(value)
-    if kind is dict:
-        return tuple(value.items())
-    if kind is Precision:
-        return tuple(vars(value).values())
-    return value
+    """A launch argument as part of a dict key (a Precision is one: frozen)."""
+    return tuple(value.items()) if type(value) is dict else value
 
 
 def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, **arguments) -> None:
@@ -880,7 +875,7 @@ def launch(plan: MultiTensorPlan, param_dtype: torch.dtype, rule: int, **argumen
     with device_guard(plan.device):
         for kernel, grid, kwargs in launches:
             _launch.launch(kernel, grid, kwargs)
-        bound = [_launch.Bound.of(kernel, grid, kwargs, step) for kernel, grid, kwargs in launches]
+        bound = [_launch.Bound.of(kernel, grid, kwargs, step, own=plan.table) for kernel, grid, kwargs in launches]
     if None not in bound:
         plan.launches[key] = bound
 

@@ -6,8 +6,8 @@ stream 0, target sm_90), and turns every launch into triton's own ``warmup=True`
 the specialisation key is computed, the kernel compiled and cached in
 ``device_caches`` exactly as on a GPU, and nothing is launched. A compiled kernel's own
 launcher (``CompiledKernel.run``, which ``kernels._launch.launch`` calls once it has bound a
-kernel) is a no-op: the driver call is all that is left out. mechgpu's optimizers are
-told that their kernels run on CPU tensors, so a real ``step()`` goes through its real
+kernel) is a no-op: the driver call is all that is left out. mechgpu's optimizers and
+``mechgpu.clip`` are told that their kernels run on CPU tensors, so a real ``step()`` goes through its real
 launchers. The params never change; only what triton compiles and caches is real.
 """
 
@@ -68,6 +68,7 @@ def _no_module(self) -> None:
 
 CompiledKernel._init_handles = _no_module
 
+import mechgpu.clip as _clip  # noqa: E402  (its kernels decorated now, before anything sets TRITON_INTERPRET)
 import mechgpu.optim._fused as _fused  # noqa: E402
 
-_fused.kernels_run_on = lambda device: True
+_fused.kernels_run_on = _clip.kernels_run_on = lambda device: True

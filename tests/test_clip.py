@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, count_atomics
+from conftest import DEVICES, HAS_CUDA, KERNEL_DEVICE, count_atomics
 
 import mechgpu
 import mechgpu.optim as mo
@@ -151,6 +151,57 @@ def test_clip_in_step_matches_torch_clip_then_step(case, device):
         assert all(torch.equal(a.grad, g) for a, g in zip(ours, grads))  # ours are not rescaled
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_in_step_norm_over_confirmed_caches_follows_every_change(monkeypatch):
+    """Once every group launches from its confirmed cache, the step's norm reads the grads the
+    caches confirmed (``_fused._NormOverCaches``, no per-tensor grouping). Between steps the grads
+    move, a group is added, a grad goes missing, a param goes unaligned, an fp16 group joins: each
+    step's norm and params equal torch's clip_grad_norm_ then step, and the path taken is the one
+    expected (the general norm where a cache was rebuilt or a bucket is unaligned)."""
+    from mechgpu.optim import _fused
+
+    fast_steps = []
+    launch = _fused._NormOverCaches.launch
+    monkeypatch.setattr(_fused._NormOverCaches, "launch",
+                        lambda self, *a: fast_steps.append(len(self.plan.numels)) or launch(self, *a))
+    gen = torch.Generator().manual_seed(11)
+    ours = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (7, 1000, 4097, 33)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt = mo.AdamW([{"params": ours[:2]}], lr=1e-2, max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW([{"params": ref[:2]}], lr=1e-2)
+    storage = torch.empty(33 + 1, device=KERNEL_DEVICE)
+    # per step: what changes before it, and whether its norm reads the caches (tensors in the norm table)
+    plan = [(None, None), ("grads move", 2), ("grads move", 2), ("group added", None), ("grads move", 3),
+            ("grad missing", None), ("grads move", None), ("grads move", 3), ("unaligned param", None),
+            ("grads move", None),
+            ("aligned again", None), ("grads move", 4)]
+    for change, fast in plan:
+        if change == "group added":
+            opt.add_param_group({"params": ours[2:3], "lr": 5e-3})
+            ref_opt.add_param_group({"params": ref[2:3], "lr": 5e-3})
+        if change == "unaligned param":  # 4 bytes into a fresh storage: the new bucket is unaligned
+            opt.add_param_group({"params": [ours[3]]})
+            ref_opt.add_param_group({"params": [ref[3]]})
+            with torch.no_grad():
+                ours[3].data = storage[1:].copy_(ours[3])
+        if change == "aligned again":
+            with torch.no_grad():
+                ours[3].data = ours[3].detach().clone()
+        grads = [torch.randn(a.shape, generator=gen).to(KERNEL_DEVICE) for a in ours]
+        for a, b, g in zip(ours, ref, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        if change == "grad missing":
+            ours[1].grad = ref[1].grad = None
+        stepped = [p for group in ref_opt.param_groups for p in group["params"] if p.grad is not None]
+        before = len(fast_steps)
+        opt.step()
+        norm_ref = torch.nn.utils.clip_grad_norm_(stepped, 1.0)
+        ref_opt.step()
+        assert fast_steps[before:] == ([] if fast is None else [fast]), change
+        torch.testing.assert_close(opt.last_grad_norm.cpu(), norm_ref.cpu(), rtol=1e-5, atol=0)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

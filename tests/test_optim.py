@@ -192,6 +192,46 @@ def test_add_param_group_closure_zero_grad_and_none_grads():
     assert all(p.grad is None for p in ours_p)
 
 
+@pytest.mark.parametrize("subclass", [False, True], ids=["class", "subclass_with_own_step"])
+def test_step_hooks_and_profiler_event_as_torchs(subclass):
+    """The step runs torch's step pre and post hooks (global and the optimizer's, a pre hook's new
+    arguments included) once each, in torch's order, and a profiler records the step under torch's
+    name, as torch's own optimizer does; also for a subclass whose own ``step`` (which torch's
+    constructor wraps) calls ours. (torch's own base step, wrapped too once any instance of it was made,
+    runs the hooks a second time there: the subclass case checks ours against the single run.)"""
+    import torch.optim.optimizer as torch_optimizer
+
+    def build(base):
+        if not subclass:
+            return base
+        return type(f"My{base.__name__}", (base,), {"step": lambda self, *a, **k: base.step(self, *a, **k)})
+
+    calls: dict[str, list[str]] = {}
+    runs = {}
+    for name, cls in (("torch", build(torch.optim.AdamW)), ("ours", build(mo.AdamW))):
+        params = make_params((3, 1000), KERNEL_DEVICE)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = cls(params, lr=1e-2)
+        seen = calls[name] = []
+        opt.register_step_pre_hook(lambda o, a, k, seen=seen: seen.append("pre") or (a, {**k, "closure": lambda: 7.0}))
+        opt.register_step_post_hook(lambda o, a, k, seen=seen: seen.append(f"post:{k['closure']()}"))
+        pre = torch_optimizer.register_optimizer_step_pre_hook(lambda o, a, k, seen=seen: seen.append("global pre"))
+        post = torch_optimizer.register_optimizer_step_post_hook(lambda o, a, k, seen=seen: seen.append("global post"))
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                runs[name] = opt.step()
+        finally:
+            pre.remove()
+            post.remove()
+        events = [e.key for e in prof.key_averages() if e.key.startswith("Optimizer.step#")]
+        assert events == [f"Optimizer.step#{cls.__name__}.step"], events
+    assert calls["ours"] == ["global pre", "pre", "post:7.0", "global post"]
+    assert runs["ours"] == 7.0  # the closure the pre hook put in
+    if not subclass:
+        assert calls["torch"] == calls["ours"] and runs["torch"] == runs["ours"]
+
+
 @by_name
 def test_signature_matches_torch(case):
     """torch's parameters, in torch's order, then mechgpu's keyword-only options."""
