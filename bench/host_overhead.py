@@ -84,7 +84,7 @@ TORCH_FLAGS = {"torch fused": "fused", "torch foreach": "foreach"}
 PHASES = (("confirm", _fused._GroupCache, "confirm"), ("confirm", _fused._GroupCache, "confirm_fast"),
           ("confirm", _fused.FusedOptimizer, "_record_fast"),
           ("uploads", _fused._GroupCache, "upload_grads"), ("launch", _fused.FusedOptimizer, "_launch"),
-          ("norm", _fused._NormOverCaches, "launch"))
+          ("norm", getattr(_fused, "_NormOverCaches", None), "launch"))  # None in a "before" checkout
 
 
 class TorchKernelStub:
@@ -153,7 +153,7 @@ class PhaseTimer:
 
     def __enter__(self) -> PhaseTimer:
         for name, cls, method in PHASES:
-            fn = cls.__dict__.get(method)
+            fn = None if cls is None else cls.__dict__.get(method)
             if fn is None:  # an older mechgpu (a "before" run) has no such step
                 continue
             self._saved.append((cls, method, fn))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 import triton.language as tl
@@ -172,6 +173,25 @@ class Bound:
 
     def run(self, args: list) -> None:
         _run(self.compiled, self.launcher, self.grid, self.device, args)
+
+
+def launch_bound(launches: dict, key: tuple, kernel, grid: tuple, make_arguments: Callable[[], dict],
+                 values: dict, own: torch.Tensor | None = None) -> None:
+    """``launch(kernel, grid, make_arguments())``, through the ``Bound`` kept in ``launches`` (a plan's)
+    under ``key`` once there is one: only ``values`` (the arguments that change from launch to launch,
+    by name; ``make_arguments()`` holds them too) are filled in. ``key`` must name everything else
+    ``make_arguments`` depends on."""
+    bound = launches.get(key)
+    if bound is not None:
+        args = bound.fill(values)
+        if args is not None:
+            bound.run(args)
+            return
+    arguments = make_arguments()
+    launch(kernel, grid, arguments)
+    bound = Bound.of(kernel, grid, arguments, values, own=own)
+    if bound is not None:
+        launches[key] = bound
 
 
 # Multi-tensor kernels: one program handles one BLOCK-sized slice of one tensor.

@@ -360,18 +360,21 @@ def grad_norm(plan: MultiTensorPlan, workspace: torch.Tensor, out: torch.Tensor,
               grad_scale: torch.Tensor | None = None) -> None:
     """Launch the norm over every tensor in ``plan`` (table rows from ``norm_rows``)."""
     kind = norm_kind(norm_type)
-    partials = plan.workspace("norm_partials", (plan.grid, WORKSPACE_SIZE), torch.float64)
+    values = dict(partials_ptr=plan.workspace("norm_partials", (plan.grid, WORKSPACE_SIZE), torch.float64),
+                  acc_ptr=workspace, out_ptr=out, grad_scale_ptr=grad_scale if grad_scale is not None else out,
+                  norm_type=float(norm_type) if math.isfinite(norm_type) else 0.0, max_norm=float(max_norm))
+    variant = dict(KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None, ALIGNED=aligned)
+
+    def arguments() -> dict:
+        return dict(table_ptr=plan.table, blocks_ptr=plan.blocks, done_ptr=plan.done, **values,
+                    num_blocks=plan.num_blocks, **variant, BLOCK=plan.block, num_warps=plan.num_warps)
+
     with device_guard(plan.device):
         # zeroed in-stream before the launch (a memset a CUDA graph captures): a counter an aborted
         # launch left non-zero cannot spoil this norm
         plan.done.zero_()
-        _launch.launch(grad_norm_kernel, (plan.grid,), dict(
-            table_ptr=plan.table, blocks_ptr=plan.blocks, done_ptr=plan.done, partials_ptr=partials,
-            acc_ptr=workspace, out_ptr=out, grad_scale_ptr=grad_scale if grad_scale is not None else out,
-            norm_type=float(norm_type) if math.isfinite(norm_type) else 0.0, max_norm=float(max_norm),
-            num_blocks=plan.num_blocks, KIND=kind, FINALIZE=finalize, UNSCALE=grad_scale is not None,
-            ALIGNED=aligned, BLOCK=plan.block, num_warps=plan.num_warps,
-        ))
+        _launch.launch_bound(plan.launches, ("grad_norm", *variant.values()), grad_norm_kernel, (plan.grid,),
+                             arguments, values)
 
 
 def grad_norm_finalize(workspace: torch.Tensor, out: torch.Tensor, *, norm_type: float, max_norm: float,

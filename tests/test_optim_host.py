@@ -188,13 +188,14 @@ import mechgpu.optim as mo
 from triton.compiler.compiler import CompiledKernel
 
 calls, runs = [], []
-KERNELS = ("step_prologue_kernel", "optimizer_kernel")
+KERNELS = ("step_prologue_kernel", "optimizer_kernel", "grad_norm_kernel")
 
 
-def recording_launcher(self):  # each compiled optimizer kernel's launcher records its arguments
+def recording_launcher(self):  # each compiled kernel's launcher records its arguments
     if self._run is None:
         self.function = 0
-        self._run = (lambda *args: calls.append(args)) if self.name in KERNELS else (lambda *args: None)
+        name = self.name
+        self._run = (lambda *args: calls.append((name, *args))) if name in KERNELS else (lambda *args: None)
 
 
 CompiledKernel._init_handles = recording_launcher
@@ -211,11 +212,11 @@ for p in params:
     p.grad = torch.randn_like(p)
 opt = mo.{name}(params, lr=1e-3, **{options!r})
 steps = []
-for lr in (1e-3, 1e-3, 2e-3):  # triton's launch, then the bound one with the same and a new lr
+for lr in (1e-3, 1e-3, 1e-3, 2e-3):  # triton's launches, then the bound ones with the same and a new lr
     opt.param_groups[0]["lr"] = lr
     calls.clear(); runs.clear()
     opt.step()
-    steps.append({{"runs": list(runs), "calls": [[*args[:4], *map(shown, args[9:])] for args in calls]}})
+    steps.append({{"runs": list(runs), "calls": [[*args[:5], *map(shown, args[10:])] for args in calls]}})
 print(json.dumps(steps))
 """
 
@@ -223,16 +224,31 @@ print(json.dumps(steps))
 @pytest.mark.parametrize("name,options", [("AdamW", {}), ("SGD", {"momentum": 0.9}),
                                           ("Adam", {"amsgrad": True, "max_grad_norm": 1.0})])
 def test_bound_launch_passes_what_triton_passes(name, options):
+    """Each kernel's bound launch hands the launcher what triton's own launch of it (the first step's)
+    handed. The clip norm's first step reads the grads through ``mechgpu.clip``'s table, later ones
+    through the confirmed caches' own (``_NormOverCaches``): the same but for those tables' addresses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = BOUND_LAUNCH.format(tests=TESTS, name=name, options=options)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    first, same, new_lr = json.loads(out.stdout.strip().splitlines()[-1])
-    optimizer_kernels = {"step_prologue_kernel", "optimizer_kernel"}
-    assert optimizer_kernels <= set(first["runs"]), first["runs"]  # triton's own launch, which binds
-    assert not optimizer_kernels & set(same["runs"] + new_lr["runs"]), (same["runs"], new_lr["runs"])
-    assert first["calls"] == same["calls"]  # grid, stream, function, every argument
-    changed = [(a, b) for call_a, call_b in zip(first["calls"], new_lr["calls"]) for a, b in zip(call_a, call_b)
+    steps = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = {"step_prologue_kernel", "optimizer_kernel"}
+    if "max_grad_norm" in options:
+        kernels.add("grad_norm_kernel")
+    assert {call[0] for s in steps for call in s["calls"]} == kernels
+    assert kernels <= set(steps[0]["runs"]), steps[0]["runs"]  # triton's own launch, which binds
+    assert not any(s["runs"] for s in steps[1:]), [s["runs"] for s in steps]
+
+    def typed(calls):  # tensors by dtype only
+        return [[a[2] if isinstance(a, list) and a[0] == "tensor" else a for a in call] for call in calls]
+
+    for kernel in kernels:
+        calls = [[c[1:] for c in s["calls"] if c[0] == kernel] for s in steps]  # grid, stream, function, arguments
+        assert calls[1] == calls[2] and typed(calls[0]) == typed(calls[1]), kernel
+        if kernel != "grad_norm_kernel":
+            assert calls[0] == calls[1], kernel  # the same tables: every address too
+    same, new_lr = steps[2], steps[3]
+    changed = [(a, b) for call_a, call_b in zip(same["calls"], new_lr["calls"]) for a, b in zip(call_a, call_b)
                if a != b]
     assert changed and all(a[0] == b[0] == "float" for a, b in changed), changed  # only the lr-derived floats
     assert [a[1] for a, _ in changed] == [1e-3] * len(changed) and [b[1] for _, b in changed] == [2e-3] * len(changed)

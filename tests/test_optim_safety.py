@@ -369,6 +369,10 @@ def _eps_none(opt, params):
     opt.param_groups[1]["eps"] = None
 
 
+def _betas_one_value(opt, params):  # torch's step: "not enough values to unpack (expected 2, got 1)"
+    opt.param_groups[1]["betas"] = (0.9,)
+
+
 def _storage_freed(opt, params):
     p = params[5]
     opt.state[p][_first_key(opt, p)].untyped_storage().resize_(0)  # as FSDP frees storage
@@ -404,6 +408,7 @@ REJECTED = {  # mutation -> (configs, exception, message)
                           r"the grad of param 1 of group 1 has shape \(5,\), its param \(2,\)"),
     "eps_none": (_eps_none, ["Adam", "RMSprop"], TypeError,
                  "group 1's eps must be a real number or a one-element real tensor, not None"),
+    "betas_one_value": (_betas_one_value, ["Adam"], ValueError, r"group 1's betas must hold 2 values, not \(0\.9,\)"),
     "state_storage_freed": (_storage_freed, ["Adam", "SGD-momentum"], RuntimeError,
                             r"'\w+''s storage holds 0 bytes, too few for its elements"),
     "shared_step": (_shared_step, ["Adam", "RMSprop"], RuntimeError,

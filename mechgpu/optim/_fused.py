@@ -429,12 +429,10 @@ class FusedOptimizer:
         return () if self._spec.makes_missing_states else self._entry_keys(group)
 
     def _launch(self, plan: MultiTensorPlan, dtype: torch.dtype, group: dict, aligned: bool,
-                control: StepControl, precision: Precision) -> None:
+                control: StepControl, precision: Precision, hypers: dict) -> None:
         spec = self._spec
-        optim_kernels.launch(plan, dtype, spec.rule, aligned=aligned,
-                             states=spec.states_used(group),
-                             flags=spec.kernel_flags(group), control=control, precision=precision,
-                             **self._hypers(group, plan.device))
+        optim_kernels.launch(plan, dtype, spec.rule, aligned=aligned, states=spec.states_used(group),
+                             flags=spec.kernel_flags(group), control=control, precision=precision, **hypers)
 
     def _init_mechgpu(self, options: _options.Options) -> None:
         for name in _options.NAMES:
@@ -454,32 +452,32 @@ class FusedOptimizer:
     def _options(self) -> _options.Options:
         return _options.Options(**{name: getattr(self, name) for name in _options.NAMES})
 
-    def _check_options(self) -> None:
+    def _check_options(self) -> tuple:
         """mechgpu's options, checked at construction and again at every step (they are plain
-        attributes a user may set). Values equal to the last ones that passed are not checked
-        again: ``Options.check`` reads nothing but them."""
+        attributes a user may set), and their values. Values equal to the last ones that passed are
+        not checked again: ``Options.check`` reads nothing but them."""
         values = tuple(getattr(self, name) for name in _options.NAMES)
         if values != self.__dict__.get("_checked_options"):
             self._options().check()
             self._checked_options = values
+        return values
 
-    def _check_hyperparameters(self, group_index: int, group: dict, device: torch.device) -> None:
-        """Every hyperparameter the kernel reads is a real number, or a one-element real tensor on
-        the CPU (read as a number) or on the params' ``device`` (read by the kernel)."""
+    def _hypers(self, group_index: int, group: dict, device: torch.device) -> dict:
+        """The group's hyperparameters as the launch's keyword arguments (the spec's ``hypers``),
+        each checked: a real number, or a one-element real tensor on the CPU (passed as a number:
+        no device synchronisation) or on the params' ``device`` (read by the kernel)."""
+        arguments = {}
         for key, names in self._spec.hypers.items():
-            for value in group[key] if isinstance(names, tuple) else (group[key],):
-                if isinstance(value, torch.Tensor):
-                    if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
-                        if value.device.type == "cpu" or value.device == device:
-                            continue
-                        raise self._error(f"group {group_index}'s tensor {key} is on {value.device}, its params "
-                                          f"on {device}; put it on one of them (or the CPU)")
-                elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                    continue
-                shown = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
-                    else repr(value)
-                raise self._error(f"group {group_index}'s {key} must be a real number or a one-element "
-                                  f"real tensor, not {shown}", TypeError)
+            value = group[key]
+            if type(names) is not tuple:
+                arguments[names] = value if type(value) is float else self._hyper(group_index, key, value, device)
+                continue
+            if len(value) != len(names):
+                raise self._error(f"group {group_index}'s {key} must hold {len(names)} values, not {value!r}",
+                                  ValueError)
+            for name, item in zip(names, value):
+                arguments[name] = item if type(item) is float else self._hyper(group_index, key, item, device)
+        return arguments
 
     def _reset_buffers(self) -> None:
         """Drop every cache and device buffer the optimizer owns; the next step remakes them."""
@@ -739,26 +737,30 @@ class FusedOptimizer:
         counters = self.__dict__.get("_own_steps", {})
         return [counters.get(p) for p in params]
 
-    def _signature(self, group: dict) -> tuple:
-        """Everything besides the tensors that decides a group's table rows and kernels."""
-        return (self._state_keys(group), *(getattr(self, name) for name in _options.NAMES), self._rounding_seed)
+    def _signature(self, group: dict, options: tuple | None = None) -> tuple:
+        """Everything besides the tensors that decides a group's table rows and kernels (``options``:
+        the option values ``_check_options`` gave this step, else read now)."""
+        if options is None:
+            options = tuple(getattr(self, name) for name in _options.NAMES)
+        return (self._state_keys(group), *options, self._rounding_seed)
 
-    def _hyper(self, value, device: torch.device):
-        """A tensor hyperparameter on the params' device is read by the kernel; a CPU one is a float
-        (``_check_hyperparameters`` allows no other device)."""
-        if isinstance(value, torch.Tensor) and value.device != device:
-            return float(value)  # a CPU tensor: no device synchronisation
-        return value
-
-    def _hypers(self, group: dict, device: torch.device) -> dict:
-        """The group's hyperparameters as the launch's keyword arguments (the spec's ``hypers``)."""
-        arguments = {}
-        for key, names in self._spec.hypers.items():
-            if isinstance(names, tuple):
-                arguments.update(zip(names, (self._hyper(v, device) for v in group[key]), strict=True))
-            else:
-                arguments[names] = self._hyper(group[key], device)
-        return arguments
+    def _hyper(self, group_index: int, key: str, value, device: torch.device):
+        """One hyperparameter that is not a float, checked (``_hypers``): an int as it is, a tensor on
+        the params' device as it is (read by the kernel), a CPU tensor as a float."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+                if value.device == device:
+                    return value
+                if value.device.type == "cpu":
+                    return float(value)
+                raise self._error(f"group {group_index}'s tensor {key} is on {value.device}, its params "
+                                  f"on {device}; put it on one of them (or the CPU)")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        shown = f"{value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else repr(value)
+        raise self._error(f"group {group_index}'s {key} must be a real number or a one-element "
+                          f"real tensor, not {shown}", TypeError)
 
     # ------------------------------------------------------------------ step
     @_hooked_step
@@ -786,24 +788,24 @@ class FusedOptimizer:
 
     def _step(self, caches: dict[int, _GroupCache], loss):
         # 1. confirm or validate every group; nothing is written
-        self._check_options()
+        options = self._check_options()
         host = _host.loader.get()  # the compiled confirmation, once built
-        work, fallback_groups = [], []
+        work, fallback_groups, hypers = [], [], {}
         for group_index, group in enumerate(self.param_groups):
             cache = caches.get(group_index)
             if (cache is not None and cache.fast is not None
-                    and cache.confirm_fast(host, self, self._signature(group), group["params"])):
-                self._check_hyperparameters(group_index, group, cache.device)
+                    and cache.confirm_fast(host, self, self._signature(group, options), group["params"])):
+                hypers[group_index] = self._hypers(group_index, group, cache.device)
                 work.append((group_index, group, None, cache))  # params: read again only if needed
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            self._check_hyperparameters(group_index, group, _local(params[0]).device)
+            hypers[group_index] = self._hypers(group_index, group, _local(params[0]).device)
             grads = [p.grad for p in params]
             if cache is not None:
                 cache.fast, cache.moved = None, False  # made again once this step is confirmed
-            if cache is not None and cache.confirm(self, self._signature(group), params, grads):
+            if cache is not None and cache.confirm(self, self._signature(group, options), params, grads):
                 work.append((group_index, group, params, cache))
                 continue
             self._check_group(group_index, group, params)
@@ -869,7 +871,8 @@ class FusedOptimizer:
             if telemetry is not None:  # on the kernels' device
                 control = dataclasses.replace(control, telemetry=telemetry[group_index])
             for bucket in cache.buckets:
-                self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision)
+                self._launch(bucket.plan, bucket.dtype, group, bucket.aligned, control, bucket.precision,
+                             hypers[group_index])
         if host is not None:
             self._record_fast(host, work)
         return loss
