@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, HAS_CUDA, KERNEL_DEVICE, count_atomics
+from test_optim_safety import isolated
 
 import mechgpu
 import mechgpu.optim as mo
@@ -153,18 +154,22 @@ def test_clip_in_step_matches_torch_clip_then_step(case, device):
         torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
 
 
-def test_clip_in_step_norm_over_confirmed_caches_follows_every_change(monkeypatch):
+def test_clip_in_step_norm_over_confirmed_caches_follows_every_change():
     """Once every group launches from its confirmed cache, the step's norm reads the grads the
     caches confirmed (``_fused._NormOverCaches``, no per-tensor grouping). Between steps the grads
-    move, a group is added, a grad goes missing, a param goes unaligned, an fp16 group joins: each
+    move, a group is added, a grad goes missing, a param goes unaligned and aligned again: each
     step's norm and params equal torch's clip_grad_norm_ then step, and the path taken is the one
-    expected (the general norm where a cache was rebuilt or a bucket is unaligned)."""
+    expected (the general norm where a cache was rebuilt or a bucket is unaligned). In a child
+    process, as the safety suite's cases: a wrong address would crash it, not the run."""
+    isolated(_norm_over_caches_through_changes)
+
+
+def _norm_over_caches_through_changes() -> None:
     from mechgpu.optim import _fused
 
     fast_steps = []
     launch = _fused._NormOverCaches.launch
-    monkeypatch.setattr(_fused._NormOverCaches, "launch",
-                        lambda self, *a: fast_steps.append(len(self.plan.numels)) or launch(self, *a))
+    _fused._NormOverCaches.launch = lambda self, *a: fast_steps.append(len(self.plan.numels)) or launch(self, *a)
     gen = torch.Generator().manual_seed(11)
     ours = [torch.randn(n, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in (7, 1000, 4097, 33)]
     ref = [p.detach().clone().requires_grad_() for p in ours]
