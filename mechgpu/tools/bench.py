@@ -61,9 +61,9 @@ SUITE = (
 STANDALONE = {
     "step_overhead": "the host time of step() with launches stubbed out, not a kernel: run it alone, "
                      "with --label, before and after a change to the optimizers' Python",
-    "host_overhead": "the host time of an AdamW step() on the optim lists' tensor counts against torch fused's "
-                     "and foreach's with their kernels stubbed, and with triton's launch path (compile-only): "
-                     "a CPU measurement of Python, not a kernel",
+    "host_overhead": "the host time of an AdamW step(), with and without clipping, on the optim lists' tensor "
+                     "counts against torch fused's and foreach's with their kernels stubbed, and with triton's "
+                     "launch path (compile-only): a CPU measurement of Python, not a kernel",
     "device_session": "the one call a lent GPU gets: it runs the GPU tests, the checks, compute-sanitizer "
                       "and the core scripts of this suite at reduced sizes, within a time budget",
 }
