@@ -157,9 +157,9 @@ def store_state8(codes_ptr, absmax_ptr, x, offs, mask, UNSIGNED: tl.constexpr):
     else:
         top = _S_MAX
     # A block of zeros (zero states and grads, or lanes past the tensor's end, which the mask zeroed)
-    # has absmax 0, and its y must be 0: the divisor is made 1 there, so that no lane divides by 0,
-    # whatever the division's semantics (the interpreter's numpy, PTX's div.full or div.rn); a
-    # quotient of 0 selected away would still be computed (and warned about by numpy) in every lane.
+    # has absmax 0 and y = 0: its divisor is made 1, so that no lane divides by 0, whatever the
+    # division's semantics (the interpreter's numpy, PTX's div.full or div.rn). A where() choosing 0
+    # after top / absmax would still compute top / 0 in those lanes (numpy warns of it).
     y = magnitude * (top / tl.where(absmax > 0.0, absmax, 1.0))
     if UNSIGNED:
         code = _encode_magnitude(y, _U_MANTISSA, _U_BIAS, 255)
