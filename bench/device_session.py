@@ -22,8 +22,12 @@ The steps, in order (``--dry-run`` prints them with their estimates):
 5. the core benchmarks, with do_bench shortened to ``--warmup-ms``/``--rep-ms``: fp32 Adam,
    AdamW, SGD and RMSprop at 1B parameters against torch's best; AdamW + clip at 1B; relu and
    gelu forward and backward in bf16; sqrt checkpointing against none on the training model; and
-   the many-tensor list (10,000 x 1,000) timed as CUDA-graph replays, its host time beside it.
-   Each script measures the copy bandwidth in the same run.
+   the many-tensor list (10,000 x 1,000; AdamW, SGD, RMSprop) timed as CUDA-graph replays, its host
+   time beside it.
+   Each script measures the copy bandwidth in the same run. ``bench-clip`` times AdamW + clip with
+   fp32, bf16 and 8-bit states against torch's ``clip_grad_norm_`` + fused AdamW; its rows (bytes
+   from ``mechgpu.traffic``, GB/s, fraction of copy, torch's time over each) go into the step's
+   record (``clip``) and a table of the summary.
 6. ``bench-dram``: DRAM throughput without ncu: the AdamW step at 1B parameters in fp32 and in
    bf16 with fp32 masters (``bench/mixed_precision.py --lists 1b --modes ...``), each as effective
    GB/s (``mechgpu.traffic.optimizer_step_bytes`` / the median of do_bench's CUDA-event timings,
@@ -88,9 +92,11 @@ SESSION_WARMUP_MS = 25
 SESSION_REP_MS = 200
 XDIST_WORKERS = 8
 # The sanitizer's subset of `mechgpu check` (case-name substrings): one optimizer of each kind,
-# the state mutations (stale addresses), clip-in-step, every clip norm, relu's mask and gelu.
+# the state mutations (stale addresses), clip-in-step, 8-bit states (codes and per-block absmax,
+# a partial last block), every clip norm, relu's mask and gelu.
 SANITIZER_CASES = ("optim.Adam", "optim.SGD-nesterov", "optim.RMSprop-centered", "optim.state_mutations",
-                   "optim.max_grad_norm", "optim.master_weights", "clip.", "act.relu", "act.gelu")
+                   "optim.max_grad_norm", "optim.master_weights", "optim.state_dtype_8bit", "clip.", "act.relu",
+                   "act.gelu")
 # Read from nvidia-smi in the preflight; nothing is set.
 GPU_QUERY = ("name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
              "power.draw,power.limit,temperature.gpu,persistence_mode,compute_mode")
@@ -315,6 +321,38 @@ def fit_step(s: Session, deadline: float) -> dict:
     return {"status": "ok", **found}
 
 
+def _bench_result(s: Session, step: str, found: dict) -> dict:
+    """The JSON a bench step (``bench_step``) wrote, from what it found."""
+    return json.loads((s.steps_dir / step / found["files"][0]).read_text())
+
+
+#: bench/clip.py's variants that bench-clip's record keeps: mechgpu's clip in the step with fp32, bf16 and
+#: 8-bit states, and torch's clip_grad_norm_ + fused AdamW, which each is timed against
+CLIP_VARIANTS, CLIP_TORCH = ("b", "f", "g"), "d"
+_CLIP = bench_step("bench-clip", "clip", ("--lists", "1b"))
+
+
+def clip_step(s: Session, deadline: float) -> dict:
+    """``bench/clip.py`` (the 1B list on a GPU), with the state precisions' rows lifted into the record:
+    ``clip`` holds, per CLIP_VARIANTS row (``rows``) and for CLIP_TORCH's (``torch``), the states, bytes,
+    ms, GB/s, fraction of copy and torch's ms over the row's (``vs_torch``)."""
+    found = _CLIP(s, deadline)
+    if found["status"] != "ok":
+        return found
+    doc = _bench_result(s, "bench-clip", found)
+    (list_name,) = doc["lists"]
+    by = {r["variant"]: r for r in doc["rows"]}
+    missing = [v for v in (*CLIP_VARIANTS, CLIP_TORCH) if v not in by]
+    if missing:
+        return {**found, "status": "failed", "error": f"bench/clip.py wrote no variant {', '.join(missing)}"}
+    keys = ("variant", "implementation", "state_dtype", "bytes_per_param", "bytes", "ms", "gbps", "copy_fraction")
+    rows = {v: {**{k: by[v][k] for k in keys}, "vs_torch": by[CLIP_TORCH]["ms"] / by[v]["ms"]}
+            for v in (*CLIP_VARIANTS, CLIP_TORCH)}
+    return {**found, "clip": {"list": {"name": list_name, **doc["lists"][list_name]}, "copy_gbps": doc["copy"]["gbps"],
+                              "timing": doc["timing"], "rows": [rows[v] for v in CLIP_VARIANTS],
+                              "torch": rows[CLIP_TORCH]}}
+
+
 #: bench/mixed_precision.py's modes that bench-dram compares: the fp32 step and bf16 + fp32 masters
 DRAM_MODES = ("fp32", "bf16, master weights")
 _DRAM = bench_step("bench-dram", "mixed_precision", ("--lists", "1b"), ("--modes", *DRAM_MODES))
@@ -326,7 +364,7 @@ def dram_step(s: Session, deadline: float) -> dict:
     found = _DRAM(s, deadline)
     if found["status"] != "ok":
         return found
-    doc = json.loads((s.steps_dir / "bench-dram" / found["files"][0]).read_text())
+    doc = _bench_result(s, "bench-dram", found)
     rows = [{k: r[k] for k in ("mode", "bytes_per_param", "bytes", "ms", "gbps", "copy_fraction")}
             for r in doc["rows"]]
     if [r["mode"] for r in rows] != list(DRAM_MODES):
@@ -341,15 +379,23 @@ def dram_step(s: Session, deadline: float) -> dict:
 ESTIMATES_BASIS = {
     "preflight": "an offline editable install (~10 s) and one import probe with CUDA start (~10 s)",
     "gpu-tests": "411 tests; triton compiles ~150 kernel variants at 1-2 s each, spread over 8 xdist workers",
-    "check": "~225 quick checks on small tensors, most kernels already compiled by the tests",
-    "sanitizer": "~60 checks under memcheck, which slows each launch 10-100x; no allocator cache",
+    "check": "~245 quick checks on small tensors, most kernels already compiled by the tests; the 20 8-bit "
+             "checks (optim.state_dtype_8bit) compile 4 kernel variants (~1.5 s each) and run a float64 "
+             "reference step on the host",
+    "sanitizer": "~80 checks under memcheck, which slows each launch 10-100x; no allocator cache; the 8-bit "
+                 "states' 5 optimizers x 3 steps add ~5 s",
     "bench-optim": "4 + 4 GB of fp32 params and grads at 1B; 10 implementations x (3 warm-up steps, "
                    "0.25 s of do_bench, 20 host-timed steps) at 7-30 ms a step; a 1 GiB copy",
-    "bench-clip": "5 variants at 1B, each a redraw, 3 warm-up steps and 0.25 s of do_bench",
+    "bench-clip": "7 variants at 1B, each a redraw, 3 warm-up steps and 0.25 s of do_bench (~1 s); the bf16- and "
+                  "8-bit-state variants (f, g) compile their update kernels with clip (~1.5 s each): 25 s for "
+                  "the 5 fp32 variants + 5 s",
     "bench-activations": "relu and gelu, bf16, 256M elements: 12 do_bench calls and the saved-bytes runs",
-    "bench-train": "building the 24 x 1024 model twice and 12 bf16 steps of 16 x 512 tokens, none and sqrt",
-    "bench-optim-many": "10,000 tensors: 10 implementations, each eager, host-timed and a graph capture; "
-                        "mechgpu's first step builds a 10,000-row table on the host",
+    "bench-train": "building the 24 x 1024 model twice and 8 bf16 steps of 16 x 512 tokens (3 warm-up, 5 timed), "
+                   "none and sqrt; 12 steps before bench-clip's state precisions took 5 s of the budget",
+    "bench-optim-many": "10,000 tensors: AdamW, SGD and RMSprop, 7 implementations, each eager, host-timed and a "
+                        "graph capture; mechgpu's first step builds a 10,000-row table on the host. Adam (its "
+                        "kernel and host path are AdamW's; bench-optim times it at 1B) left this list to pay "
+                        "for bench-clip's and the checks' 8-bit additions: 40 s with it",
     "bench-dram": "a 3.8 GiB copy, then 2 modes at 1B (16 GB of params, grads and states each): 3 warm-up "
                   "steps and 0.25 s of do_bench at ~10 ms a step; the fp32 kernel compiled by bench-optim, "
                   "the bf16 + master one by the GPU tests (else ~5 s); ~8 s of imports",
@@ -360,21 +406,22 @@ ESTIMATES_BASIS = {
 STEPS = (
     Step("preflight", 25, "offline install, imports, versions, GPU name/SMs/memory/clocks", preflight),
     Step("gpu-tests", 150, "pytest -m gpu -x", gpu_tests),
-    Step("check", 45, "mechgpu check --quick --json", check),
-    Step("sanitizer", 55, "compute-sanitizer memcheck over optimizer, state-mutation, clip and activation checks",
-         sanitizer),
+    Step("check", 50, "mechgpu check --quick --json", check),
+    Step("sanitizer", 60, "compute-sanitizer memcheck over optimizer, state-mutation, 8-bit-state, clip and "
+         "activation checks", sanitizer),
     Step("bench-optim", 45, "Adam, AdamW, SGD, RMSprop at 1B fp32 against torch fused and foreach",
          bench_step("bench-optim", "optim", ("--lists", "1b"), ("--no-compile",))),
-    Step("bench-clip", 25, "AdamW + clip at 1B: fused, separate, torch",
-         bench_step("bench-clip", "clip", ("--lists", "1b"))),
+    Step("bench-clip", 30, "AdamW + clip at 1B: fused, separate, torch; fp32, bf16 and 8-bit states",
+         clip_step),
     Step("bench-activations", 25, "relu and gelu, bf16, forward and backward, 256M elements",
          bench_step("bench-activations", "activations", ("--sizes", "256M"),
                     ("--activations", "relu", "gelu", "--dtypes", "bf16", "--no-compile"))),
-    Step("bench-train", 45, "training model: sqrt checkpointing against none",
-         bench_step("bench-train", "train", ("--steps", "12"), ("--rows", "mechgpu-none", "mechgpu-sqrt"),
+    Step("bench-train", 40, "training model: sqrt checkpointing against none",
+         bench_step("bench-train", "train", ("--steps", "8"), ("--rows", "mechgpu-none", "mechgpu-sqrt"),
                     timed=False)),
-    Step("bench-optim-many", 40, "10,000 x 1,000: CUDA-graph replay and host time per step",
-         bench_step("bench-optim-many", "optim", ("--lists", "10k-x-1k"), ("--no-compile",))),
+    Step("bench-optim-many", 30, "10,000 x 1,000, AdamW, SGD and RMSprop: CUDA-graph replay and host time per step",
+         bench_step("bench-optim-many", "optim", ("--lists", "10k-x-1k"),
+                    ("--no-compile", "--optimizers", "AdamW", "SGD", "RMSprop"))),
     Step("bench-dram", 20, "DRAM throughput of AdamW at 1B, fp32 against bf16 + fp32 masters, each as a "
          "fraction of copy bandwidth in the same run", dram_step),
     Step("fit", 25, "mechgpu fit unconstrained, then with a quarter of that peak as the budget", fit_step),
@@ -499,13 +546,38 @@ def to_markdown(doc: dict) -> str:
     rows = [[r["step"], r["status"], session_findings(r), f"{r['estimate_s']:.0f}",
              "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in doc["steps"]]
     table = markdown_table(["step", "status", "found", "estimate s", "wall s"], rows, text_columns=3)
-    return "\n".join(head + [table, ""] + dram_markdown(doc))
+    return "\n".join(head + [table, ""] + clip_markdown(doc) + dram_markdown(doc))
+
+
+def _finding(doc: dict, key: str) -> dict | None:
+    """The record entry ``key`` (``clip``, ``dram``) of the step that has one, or None."""
+    return next((r[key] for r in doc["steps"] if r.get(key)), None)
+
+
+def clip_markdown(doc: dict) -> list[str]:
+    """The bench-clip step's table of state precisions (none where it did not finish)."""
+    clip = _finding(doc, "clip")
+    if clip is None:
+        return []
+    from _common import markdown_table
+
+    info = clip["list"]
+    text = ["## AdamW + clip to max norm: fp32, bf16 and 8-bit states against torch", "",
+            f"{info['name']} list ({info['tensors']:,} tensors, {info['params']:,} params), fp32 params and grads; "
+            "B/param from `mechgpu.traffic` over the list's tensors; GB/s = bytes / the median step time "
+            f"({clip['timing']['method']}); copy {clip['copy_gbps']:,.1f} GB/s in the same run; torch x: torch's "
+            "clip_grad_norm_ + fused AdamW's ms over the row's.", ""]
+    rows = [[f"({r['variant']}) {r['implementation']}", r["state_dtype"], f"{r['bytes_per_param']:.4g}",
+             f"{r['ms']:.3f}", f"{r['gbps']:,.1f}", f"{r['copy_fraction']:.1%}", f"{r['vs_torch']:.2f}"]
+            for r in [*clip["rows"], clip["torch"]]]
+    return text + [markdown_table(["variant", "states", "B/param", "ms", "GB/s", "of copy", "torch x"], rows,
+                                  text_columns=2), ""]
 
 
 def dram_markdown(doc: dict) -> list[str]:
     """The bench-dram step's table (none where it did not finish): per mode, effective GB/s and
     its fraction of the copy bandwidth measured in the same run."""
-    dram = next((r["dram"] for r in doc["steps"] if r.get("dram")), None)
+    dram = _finding(doc, "dram")
     if dram is None:
         return []
     from _common import markdown_table

@@ -1,8 +1,11 @@
 """Training parity of 8-bit optimizer states: final loss against fp32 and bf16 states.
 
 Two tasks of ``mechgpu.testing.parity`` (its docstring describes them), each trained by mechgpu's
-AdamW, RMSprop and SGD with momentum with each ``state_dtype``, and bitsandbytes' 8-bit twin
-where it imports (it runs on a CPU); prints the final loss and its ratio to fp32's:
+AdamW, RMSprop and SGD with momentum with each ``state_dtype``, and by the 8-bit twins of
+bitsandbytes (``AdamW8bit``, ``RMSprop8bit``, ``SGD8bit``) and torchao (``torchao.optim.AdamW8bit``;
+torchao has no 8-bit RMSprop or SGD) where they import (both run on a CPU: torchao compiles its
+per-param step with torch.compile, inductor's C++ backend there); prints the final loss and its
+ratio to fp32's:
 
 - ``--task mlp`` (default): a teacher-student MLP (a noisy tanh teacher, a 32-128-64-8 student,
   two of whose three weights get 8-bit states); the final full-data MSE.
@@ -15,13 +18,17 @@ steps; the GPT's 8-bit steps take about a second each there).
     python bench/quant8_parity.py [--task {mlp,gpt}] [--steps 400] [--seeds 3]
 
 MLP, measured here (2-core CPU, interpreter; ``--steps 300 --seeds 2``; bitsandbytes 0.50.2 from a
-separate run of the same problem, ``PYTHONPATH`` to its wheel):
+separate run of the same problem, ``PYTHONPATH`` to its wheel; torchao 0.18.0 likewise, its wheel
+from ``pip download torchao==0.18.0 --no-deps`` unpacked on ``PYTHONPATH``: its CUDA extensions
+fail to load on this CPU machine, which its 8-bit optimizers do not need; the AdamW rows of that
+run were this table's, to the digit):
 
 optimizer  state_dtype        final loss   vs fp32
 AdamW      float32              0.015436    +0.00%
 AdamW      bfloat16             0.015490    +0.35%
 AdamW      8bit                 0.014678    -4.91%
 AdamW      bnb AdamW8bit        0.014954    -3.12%
+AdamW      torchao AdamW8bit    0.014958    -3.09%
 RMSprop    float32              0.019864    +0.00%
 RMSprop    bfloat16             0.019899    +0.18%
 RMSprop    8bit                 0.019327    -2.71%
@@ -78,12 +85,12 @@ def main() -> None:
             ratio = losses[state_dtype] / losses[torch.float32] - 1
             print(f"{optimizer:10s} {str(state_dtype).replace('torch.', ''):>14s} {losses[state_dtype]:28.6f} "
                   f"{100 * ratio:+7.2f}%", flush=True)
-        bnb_class = _bitsandbytes_twin(optimizer)
-        if bnb_class is not None:
-            runs = [parity_loss(bnb_class, options, args.steps, seed, device, args.task)
-                    for seed in range(args.seeds)]
+        for label, twin in (("bnb", _bitsandbytes_twin(optimizer)), ("torchao", _torchao_twin(optimizer))):
+            if twin is None:
+                continue
+            runs = [parity_loss(twin, options, args.steps, seed, device, args.task) for seed in range(args.seeds)]
             loss = statistics.mean(runs)
-            print(f"{optimizer:10s} {'bnb ' + bnb_class.__name__:>14s} {loss:28.6f} "
+            print(f"{optimizer:10s} {label + ' ' + twin.__name__:>14s} {loss:28.6f} "
                   f"{100 * (loss / losses[torch.float32] - 1):+7.2f}%", flush=True)
 
 
@@ -94,6 +101,16 @@ def _bitsandbytes_twin(optimizer: str):
     except ImportError:
         return None
     return getattr(bnb.optim, f"{optimizer}8bit", None)
+
+
+def _torchao_twin(optimizer: str):
+    """torchao's 8-bit optimizer of the same rule (``torchao.optim``: block-wise dynamic map, 256 per block,
+    8-bit only for tensors of >= 4,096 elements that 256 divides), where it imports: AdamW only."""
+    try:
+        import torchao.optim
+    except ImportError:
+        return None
+    return getattr(torchao.optim, f"{optimizer}8bit", None)
 
 
 if __name__ == "__main__":

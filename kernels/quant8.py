@@ -156,7 +156,11 @@ def store_state8(codes_ptr, absmax_ptr, x, offs, mask, UNSIGNED: tl.constexpr):
         top = _U_MAX
     else:
         top = _S_MAX
-    y = magnitude * tl.where(absmax > 0.0, top / absmax, 0.0)
+    # A block of zeros (zero states and grads, or lanes past the tensor's end, which the mask zeroed)
+    # has absmax 0 and y = 0: its divisor is made 1, so that no lane divides by 0, whatever the
+    # division's semantics (the interpreter's numpy, PTX's div.full or div.rn). A where() choosing 0
+    # after top / absmax would still compute top / 0 in those lanes (numpy warns of it).
+    y = magnitude * (top / tl.where(absmax > 0.0, absmax, 1.0))
     if UNSIGNED:
         code = _encode_magnitude(y, _U_MANTISSA, _U_BIAS, 255)
         code = tl.where((code == 0) & (y > 0.0), 1, code)  # a positive value never becomes 0

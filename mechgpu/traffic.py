@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernels.optim_spec import SPECS
-from .kernels.quant8 import QUANT_BLOCK
+from .kernels.quant8 import QUANT_BLOCK, absmax_count
 
 FP32 = 4
 BF16 = 2
@@ -22,6 +22,18 @@ MASK_BYTES = 1 / 8  # a bit-packed mask: one bit per element
 #: bytes per element of an 8-bit state (``state_dtype="8bit"``): a uint8 code, plus one fp32 absmax per
 #: QUANT_BLOCK elements (exact for tensors whose size QUANT_BLOCK divides; more for a partial last block)
 STATE_8BIT = 1 + FP32 / QUANT_BLOCK
+
+def state_8bit_size(numel: int) -> float:
+    """Bytes per element of one state of a tensor of ``numel`` elements under ``state_dtype="8bit"``:
+    ``STATE_8BIT`` where QUANT_BLOCK divides ``numel`` (a partial last block keeps a whole absmax), and
+    FP32 for a tensor under ``MIN_8BIT_NUMEL``, which keeps fp32 states. The state_size of
+    ``optimizer_step_bytes`` for a list of tensors of mixed sizes, one tensor at a time."""
+    from .optim.quant8 import MIN_8BIT_NUMEL  # the optimizer's own threshold
+
+    if numel < MIN_8BIT_NUMEL:
+        return FP32
+    return 1 + FP32 * absmax_count(numel) / numel
+
 
 def optimizer_step_bytes(optimizer: str, param_size: int = FP32, state_size: float = FP32, *, master: bool = False,
                          **options) -> float:

@@ -91,18 +91,23 @@ def test_wrong_activation_forward_fails(monkeypatch, capsys):
     assert "FAIL" in out and re.search(r"^6 checks, 3 failed", out, re.M)
 
 
-def test_wrong_optimizer_step_fails(monkeypatch):
-    """Adam's launcher with a 5% larger lr: every Adam trajectory is off; SGD is untouched."""
+def _wrong_adam_launch(monkeypatch, argument: str, factor: float) -> None:
+    """Adam's launches (not the other rules') with ``argument`` multiplied by ``factor``."""
     from mechgpu.kernels import optim as optim_kernels
 
     original = optim_kernels.launch
 
-    def wrong_lr(plan, dtype, rule, **kwargs):
+    def wrong(plan, dtype, rule, **kwargs):
         if rule == optim_kernels.ADAM:
-            kwargs["lr"] = kwargs["lr"] * 1.05
+            kwargs[argument] = kwargs[argument] * factor
         original(plan, dtype, rule, **kwargs)
 
-    monkeypatch.setattr(optim_kernels, "launch", wrong_lr)
+    monkeypatch.setattr(optim_kernels, "launch", wrong)
+
+
+def test_wrong_optimizer_step_fails(monkeypatch):
+    """Adam's launcher with a 5% larger lr: every Adam trajectory is off; SGD is untouched."""
+    _wrong_adam_launch(monkeypatch, "lr", 1.05)
     rows = check.run_checks(KERNEL_DEVICE, quick=True, only=["optim.Adam-amsgrad", "optim.SGD-momentum"], seed=0)
     results = _by_check(rows)
     assert results[("optim.Adam-amsgrad", "params, 3 steps", "fp32")] is False
@@ -111,6 +116,40 @@ def test_wrong_optimizer_step_fails(monkeypatch):
     assert all(r.passed for r in rows if r.case == "optim.SGD-momentum")
     assert check.run(parse("--quick", "--device", KERNEL_DEVICE, "--only", "optim.Adam-amsgrad"),
                      select_device=_select_device) == 1
+
+
+def test_wrong_8bit_step_fails(monkeypatch):
+    """Adam's launcher with half the beta1: the 8-bit states' codes, absmax and the params are off the
+    float64 reference of the scheme; SGD's 8-bit rows are untouched."""
+    _wrong_adam_launch(monkeypatch, "beta1", 0.5)
+    rows = check.run_checks(KERNEL_DEVICE, quick=True, only=["optim.state_dtype_8bit"], seed=0)
+    results = _by_check(rows)
+    for what in ("params", "8-bit codes", "absmax"):
+        dtype = "8bit" if what == "8-bit codes" else "fp32"
+        assert results[("optim.state_dtype_8bit", f"Adam {what}", dtype)] is False, what
+    assert all(passed for (_, name, _), passed in results.items() if name.startswith("SGD-nesterov"))
+
+
+def test_code_errors_rule():
+    """8-bit codes: one code off at a few ties passes, two codes off or too many ties fail; distance is
+    along the value axis (signed code 128 + c is -c: 0 and 128 are both zero, 1 and 129 two apart)."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(8)
+    assert compare.code_errors([(codes, codes.clone(), True, "same")]).passed
+    one_tie = codes.clone()
+    one_tie[5] += 1
+    errs = compare.code_errors([(one_tie, codes, True, "tie")])
+    assert errs.passed and errs.max_abs == 1 and errs.max_rel == 1 / codes.numel()
+    two_off = codes.clone()
+    two_off[5] += 2
+    assert "2 codes from the reference's, at index 5" in compare.code_errors([(two_off, codes, True, "x")]).failures[0]
+    signed = torch.tensor([1], dtype=torch.uint8)
+    assert compare.code_errors([(signed, torch.tensor([129], dtype=torch.uint8), False, "s")]).max_abs == 2
+    assert compare.code_errors([(torch.tensor([0], dtype=torch.uint8), torch.tensor([128], dtype=torch.uint8),
+                                 False, "zero")]).max_abs == 0
+    many = codes.clone()
+    many[:3] += 1  # 3 of 2048 > 0.1%
+    assert "3 of 2048 codes off" in compare.code_errors([(many, codes, True, "many")]).failures[0]
+    assert not compare.code_errors([(codes.float(), codes, True, "dtype")]).passed
 
 
 def test_wrong_grad_norm_fails(monkeypatch):

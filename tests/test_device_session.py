@@ -89,13 +89,19 @@ def test_a_failed_preflight_stops_the_session(tmp_path):
     assert [r["status"] for r in s.results] == ["failed", "skipped: the preflight failed"]
 
 
-def test_dram_step_sizes_the_gpu_run_at_1b_with_both_modes(tmp_path, monkeypatch):
-    """On a GPU the step times the 1B list, fp32 and bf16 + fp32 masters only (no GPU is needed to see the call)."""
+def _gpu_call(tmp_path: Path, monkeypatch, run, finding: str) -> tuple[str, list[str]]:
+    """The one command a bench step's ``run`` gives on a GPU (the command fails here, so the step does)."""
     s, calls = _session(tmp_path, budget_s=60), []
     monkeypatch.setattr(s, "python", lambda step, args, **kw: calls.append((step, args)) or 1)
-    record = ds.dram_step(s, deadline=time.monotonic() + 60)
-    assert record["status"] == "failed" and "dram" not in record
+    record = run(s, deadline=time.monotonic() + 60)
+    assert record["status"] == "failed" and finding not in record
     ((step, args),) = calls
+    return step, args
+
+
+def test_dram_step_sizes_the_gpu_run_at_1b_with_both_modes(tmp_path, monkeypatch):
+    """On a GPU the step times the 1B list, fp32 and bf16 + fp32 masters only (no GPU is needed to see the call)."""
+    step, args = _gpu_call(tmp_path, monkeypatch, ds.dram_step, "dram")
     assert step == "bench-dram" and args[0].endswith("mixed_precision.py")
     assert args[args.index("--lists") + 1] == "1b"
     assert args[args.index("--modes") + 1:args.index("--modes") + 3] == ["fp32", "bf16, master weights"]
@@ -137,6 +143,57 @@ def test_dram_step_records_both_modes_as_fractions_of_copy_bandwidth(tmp_path):
         f"fp32 {fp32['gbps']:,.0f} GB/s, {fp32['copy_fraction']:.0%} of copy; bf16, master weights "
         f"{master['gbps']:,.0f} GB/s, {master['copy_fraction']:.0%} of copy (copy {dram['copy_gbps']:,.0f} GB/s)")
     assert f"| bench-dram | ok | {bench.session_findings(record)} |" in md
+
+
+def test_clip_step_sizes_the_gpu_run_at_1b(tmp_path, monkeypatch):
+    """On a GPU bench-clip times the 1B list, every variant (no GPU is needed to see the call)."""
+    step, args = _gpu_call(tmp_path, monkeypatch, ds.clip_step, "clip")
+    assert step == "bench-clip" and args[0].endswith("clip.py")
+    assert args[args.index("--lists") + 1] == "1b" and "--smoke" not in args
+
+
+def test_clip_step_records_each_state_precision_against_torch(tmp_path):
+    """The step's CPU form (bench/clip.py --smoke in triton's interpreter): its record, the session's
+    markdown, its findings and the merged bandwidth table carry fp32, bf16 and 8-bit states against
+    torch's clip_grad_norm_ + fused AdamW, with bytes counted here from first principles."""
+    from mechgpu.kernels.quant8 import absmax_count
+
+    from mechgpu import traffic
+
+    s = ds.Session(out=tmp_path, smoke=True, budget_s=600, warmup_ms=1, rep_ms=1, device="cpu")
+    record = {"step": "bench-clip", "what": "clip", "estimate_s": 30, "wall_s": 1.0,
+              **ds.clip_step(s, deadline=time.monotonic() + SMOKE_TIMEOUT_S)}
+    assert record["status"] == "ok", _tail_log(tmp_path / "cpu-session" / "bench-clip.log")
+    clip = record["clip"]
+    numels = [1000, 41 * 127, 1000]  # bench/clip.py's smoke list: one tensor over MIN_8BIT_NUMEL
+    assert clip["list"]["params"] == sum(numels) and clip["copy_gbps"] > 0
+    fp32, bf16, q8 = clip["rows"]
+    assert [r["state_dtype"] for r in clip["rows"]] == ["fp32", "bf16", "8-bit"]
+    assert [r["variant"] for r in clip["rows"]] == list(ds.CLIP_VARIANTS) and clip["torch"]["variant"] == "d"
+    n = sum(numels)
+    # per element: g read, p read and written (3 x 4 B), the norm reads g (4 B), two states read and written
+    assert fp32["bytes"] == (12 + 4 + 2 * 2 * 4) * n
+    assert bf16["bytes"] == (12 + 4 + 2 * 2 * 2) * n
+    big = 41 * 127  # uint8 codes and an fp32 absmax per block, the partial last block whole
+    assert q8["bytes"] == pytest.approx((12 + 4) * n + 2 * 2 * (4 * 2000 + big + 4 * absmax_count(big)), rel=1e-12)
+    assert clip["torch"]["bytes"] == (12 + 4 + 8 + 2 * 2 * 4) * n  # torch's clip also rescales g: 8 B more
+    for r in [*clip["rows"], clip["torch"]]:
+        assert r["bytes_per_param"] == pytest.approx(r["bytes"] / n, rel=1e-12) and r["ms"] > 0
+        assert r["vs_torch"] == pytest.approx(clip["torch"]["ms"] / r["ms"], rel=1e-12)
+        assert r["copy_fraction"] == pytest.approx(r["gbps"] / clip["copy_gbps"], rel=1e-12)
+    assert traffic.state_8bit_size(big) == pytest.approx((big + 4 * absmax_count(big)) / big, rel=1e-12)
+    s.results.append(record)
+    ds.write_summary(s)
+    md = (tmp_path / "cpu-session.md").read_text()
+    assert "## AdamW + clip to max norm: fp32, bf16 and 8-bit states against torch" in md
+    for r in [*clip["rows"], clip["torch"]]:
+        assert f"| ({r['variant']}) {r['implementation']} | {r['state_dtype']} | {r['bytes_per_param']:.4g} | " \
+               f"{r['ms']:.3f} |" in md, md
+    assert "8-bit states" in bench.session_findings(record) and "x torch" in bench.session_findings(record)
+    doc = json.loads((tmp_path / "cpu-session" / "bench-clip" / record["files"][0]).read_text())
+    kernels = {r["kernel"]: r for r in bench.bandwidth_rows({"benchmarks": {"clip": doc}})}
+    assert set(kernels) == {f"AdamW + clip{states} (1k-5k-1k)" for states in ("", ", bf16 states", ", 8-bit states")}
+    assert all(r["torch_implementation"] == clip["torch"]["implementation"] for r in kernels.values())
 
 
 def _tail_log(path: Path) -> str:

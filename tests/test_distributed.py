@@ -13,10 +13,17 @@ and one rank holds empty shards) and DDP (replicated params; grads all-reduced, 
 scenario as views into DDP's buckets, most at offsets that are not 16-byte aligned).
 max_norm is far below the grad norm, so every step clips. The kernels run in triton's
 interpreter (TRITON_INTERPRET=1 in the workers).
+
+FSDP2 with 8-bit states (``fsdp_adamw_8bit``): torch has no 8-bit states, so mechgpu's runs are
+compared with the same 8-bit optimizer in one process on the unsharded model and the whole batch
+(whose blocks the shards share: see ``_dist_worker.MODEL_8BIT``), to fp32 tolerance but at
+quantization ties; and with torch's fp32 AdamW, whose updates they follow within the 8-bit
+scheme's error (``UPDATE_RTOL_8BIT``).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import _dist_worker as worker
@@ -31,7 +38,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 RTOL, ATOL = 1e-5, 1e-6
 TIMEOUT_S = 300  # all scenarios together; they take ~30 s
 MECHGPU_VARIANTS = ("mechgpu_clip", "mechgpu_fused")
-FSDP = [name for name, spec in worker.SCENARIOS.items() if spec[0] == "fsdp"]
+FSDP = [name for name, spec in worker.SCENARIOS.items() if spec[0] == "fsdp" and name not in worker.EIGHT_BIT]
 DDP = [name for name, spec in worker.SCENARIOS.items() if spec[0] == "ddp"]
 
 
@@ -170,3 +177,64 @@ def test_ddp_replicas_stay_identical(results, scenario):
         assert not torch.equal(torch.stack(first["losses"]), torch.stack(second["losses"])), (
             "each rank should see its own shard of the batch")
 
+
+
+#: 8-bit states against torch's fp32 AdamW: each param's update (final - initial) within this
+#: fraction of torch's, in norm (the Adam direction's quantization error, ~3% an element)
+UPDATE_RTOL_8BIT = 0.05
+#: FSDP2's 8-bit run against the single-process one: the grads differ by the order of the
+#: reduce-scatter's sums, which moves a code only where a value sits on a rounding tie; each
+#: param's update within this fraction of the single-process run's, in norm
+UPDATE_RTOL_SHARDED = 1e-4
+
+
+def _updates(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p - q.detach() for p, q in zip(params, worker.make_model_8bit().parameters(), strict=True)]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("scenario", worker.EIGHT_BIT)
+def test_fsdp2_8bit_states(results, scenario):
+    """Every rank quantizes the same params, by their global numel (the 8,064-element weight whose rank-1
+    shard has 3,968 elements too), keeping its own shard's codes and block maxima; the run follows the
+    single-process 8-bit run and torch's fp32 AdamW; each rank's state_dict resumes bit for bit."""
+    from mechgpu.optim.quant8 import ABSMAX_SUFFIX, MIN_8BIT_NUMEL, absmax_count
+
+    ranks = results(scenario)
+    shapes = [(out, fan_in) if dim == 2 else (out,) for fan_in, out in worker.MODEL_8BIT for dim in (2, 1)]
+    global_numels = [math.prod(shape) for shape in shapes]
+    assert any(n >= MIN_8BIT_NUMEL for n in global_numels) and any(n < MIN_8BIT_NUMEL for n in global_numels)
+    for rank, res in enumerate(ranks):
+        assert not [w for w in res["warnings"] if "mechgpu" in w], res["warnings"]
+        rows = [-(-shape[0] // 2) if rank == 0 else shape[0] // 2 for shape in shapes]
+        local_numels = [r * math.prod(shape[1:]) for r, shape in zip(rows, shapes)]
+        assert res["torch"]["local_numels"] == local_numels
+        assert local_numels[2] == (4096 if rank == 0 else 3968)  # the 63 x 128 weight: over and under 4,096
+        single = res[worker.SINGLE]
+        for variant in MECHGPU_VARIANTS:
+            got, where = res[variant], f"{scenario} rank {rank} {variant}"
+            assert got["param_types"] == ["DTensor"]
+            for i, (n, n_local) in enumerate(zip(global_numels, local_numels)):
+                layout = got["state_layout"][i]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    dtype, kind, numel = layout[key]
+                    if n >= MIN_8BIT_NUMEL:
+                        assert (dtype, kind, numel) == ("torch.uint8", "Tensor", n_local), (where, i, key, layout)
+                        assert layout[key + ABSMAX_SUFFIX] == ("torch.float32", "Tensor", absmax_count(n_local))
+                    else:
+                        assert (dtype, kind) == ("torch.float32", "DTensor") and key + ABSMAX_SUFFIX not in layout
+            _close(torch.stack(got["global_losses"]), torch.stack(single["global_losses"]),
+                   f"{where}: global loss per step against the single-process 8-bit run")
+            _close(torch.stack(got["norms"]), torch.stack(single["norms"]),
+                   f"{where}: grad norm per step against the single-process 8-bit run")
+            ours, alone, fp32 = _updates(got["params"]), _updates(single["params"]), _updates(res["torch"]["params"])
+            for i, (u, v, w) in enumerate(zip(ours, alone, fp32, strict=True)):
+                assert _relative(u, v) <= UPDATE_RTOL_SHARDED, (where, i, _relative(u, v))
+                assert _relative(u, w) <= UPDATE_RTOL_8BIT, (where, i, _relative(u, w))
+        assert res["mechgpu_fused"]["resumed_equal"] == [True] * len(shapes), res["mechgpu_fused"]["resumed_equal"]
+    for variant in worker.VARIANTS:
+        for i, (p, q) in enumerate(zip(ranks[0][variant]["params"], ranks[1][variant]["params"], strict=True)):
+            assert torch.equal(p, q), f"{scenario} {variant}: full param {i} differs between ranks"

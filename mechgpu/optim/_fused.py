@@ -652,8 +652,9 @@ class FusedOptimizer:
         return self.master_weights and p.dtype != torch.float32
 
     def _quantized(self, p: torch.Tensor) -> bool:
-        """Whether p's states are 8-bit: ``state_dtype="8bit"`` and at least MIN_8BIT_NUMEL elements."""
-        return self.state_dtype == STATE_8BIT and _local(p).numel() >= MIN_8BIT_NUMEL
+        """Whether p's states are 8-bit: ``state_dtype="8bit"`` and at least MIN_8BIT_NUMEL elements in
+        the whole param (a DTensor's global numel: every rank decides alike, whatever its shard's size)."""
+        return self.state_dtype == STATE_8BIT and p.numel() >= MIN_8BIT_NUMEL
 
     def _float_state_dtype(self) -> torch.dtype:
         """The dtype of states that are not 8-bit (those of small tensors under ``"8bit"``: fp32)."""

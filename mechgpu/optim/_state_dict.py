@@ -62,9 +62,11 @@ def state_problem(state: dict, p: torch.Tensor, local: bool) -> str | None:
             if local and (t.layout is not torch.strided or t.is_nested or t.device.type == "meta"):
                 kind = "nested" if t.is_nested else str(t.layout)
                 return f"{key!r} is a {kind} tensor on {t.device}; it must be a dense tensor with data"
-            value_shape = t.shape if local else value.shape
-            if value_shape != shape:
-                return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(shape)}"
+            value_shape, expected_shape = (t.shape if local else value.shape), shape
+            if quantized and value is t and _local(p) is not p:
+                expected_shape = _local(p).shape  # a DTensor param's codes are its local shard's (plain tensors)
+            if value_shape != expected_shape:
+                return f"{key!r} has shape {tuple(value_shape)}, the param {tuple(expected_shape)}"
             if quantized:
                 problem = _quantized_problem(state, key, t.numel() if local else value.numel(), local)
                 if problem is not None:

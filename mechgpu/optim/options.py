@@ -37,6 +37,11 @@ class Options:
       ``state_dict()`` holds each 8-bit state as uint8 codes (``key``, the param's shape) and fp32
       block maxima (``key + "_absmax"``); ``dequantized_state_dict`` turns it into torch's layout,
       and ``load_state_dict`` of a torch (fp32) state_dict quantizes it at the next step.
+      Under FSDP2 (DTensor params) the threshold is the param's global numel, so every rank
+      quantizes the same params, and each rank's blocks start at its own shard: the codes and
+      block maxima are the local shard's, plain tensors. Each rank's ``state_dict()`` saved and
+      loaded by that rank round-trips; ``torch.distributed.checkpoint``, which takes a plain tensor
+      for a replicated one and would keep one rank's codes, is not supported with 8-bit states.
       RMSprop's ``centered=True`` is refused with it (``OptimizerSpec.not_8bit`` says why).
     * ``stochastic_rounding``: bf16 params without master weights are rounded
       stochastically, so small updates are not lost to round-to-nearest.

@@ -25,6 +25,11 @@ optimizer params, bf16/fp16                rtol eps, atol one subnormal step, pl
 optimizer states (fp32)                    rtol 1e-5, atol 1e-6 max|state| (over all params);
                                            in the trajectories plus 2 |torch fp32 - torch fp64|
 optimizer states (state_dtype=bf16)        rtol eps(bf16), atol 1e-6 max|state|
+optimizer states (state_dtype="8bit")      against the float64 reference of the scheme
+                                           (``oracles.quant8_reference_step``): each code at
+                                           most 1 code from the reference's (a rounding tie
+                                           that fp32 and float64 break apart), at most 0.1%
+                                           of the codes off; absmax rtol 1e-5
 norms (clip, last_grad_norm, telemetry)    fp32: rtol 1e-5; bf16/fp16: rtol eps
 activations, fp32                          rtol 4 eps (8 eps: gelu/silu backward)
 activations, bf16/fp16                     rtol eps
@@ -53,6 +58,10 @@ FP32_PARAM_TOL = f"rtol {FP32_PARAM_RTOL:g}, atol {FP32_PARAM_ATOL:g}"
 STATE_RTOL, STATE_ATOL_SCALE = 1e-5, 1e-6  # atol: STATE_ATOL_SCALE times the state's largest entry
 STATE_TOL = f"rtol {STATE_RTOL:g}, atol {STATE_ATOL_SCALE:g} max|s|"
 STATE_TOL_EXACT = STATE_TOL + " + 2 |torch32 - torch64|"
+#: 8-bit states against the float64 reference of the scheme: the most codes a code may sit from the
+#: reference's (a tie that fp32 and float64 round apart), and the most of the codes that may
+QUANT8_CODE_DISTANCE, QUANT8_TIE_FRACTION = 1, 1e-3
+QUANT8_TOL = f"<= {QUANT8_CODE_DISTANCE} code, <= {QUANT8_TIE_FRACTION:.1%} of codes"
 NORM_RTOL = 1e-5  # an fp32 norm: accumulation error
 NORM_TOL = f"rtol {NORM_RTOL:.0e}"
 ACTIVATION_FP32_ULPS = 4  # an activation's default fp32 rtol, in ulps
@@ -215,4 +224,36 @@ def sample_errors(x: torch.Tensor, target: Target, what: str = "") -> Errors:
     if z_var > STD_ERRORS:
         errs.fail(f"{where}std {math.sqrt(var):.6g}, expected {target.std:.6g} "
                   f"(variance off by {z_var:.1f} standard errors, n={n})")
+    return errs
+
+
+def code_errors(pairs: list[tuple[torch.Tensor, torch.Tensor, bool, str]]) -> Errors:
+    """8-bit state codes against the reference's, over every (ours, reference, unsigned, what) in
+    ``pairs`` together: max_abs is the largest distance in codes (along the value axis: a signed
+    code's sign bit makes it negative), max_rel the fraction of codes off the reference's, and the
+    check fails past QUANT8_CODE_DISTANCE or QUANT8_TIE_FRACTION (err/tol: the larger ratio)."""
+    def rank(codes: torch.Tensor, unsigned: bool) -> torch.Tensor:
+        c = codes.detach().cpu().long()
+        return c if unsigned else torch.where(c >= 128, -(c - 128), c)
+
+    errs = Errors()
+    off = compared = 0
+    for ours, ref, unsigned, what in pairs:
+        if ours.dtype != torch.uint8 or ours.shape != ref.shape:
+            errs.fail(f"{what}: {ours.dtype} {tuple(ours.shape)}, expected uint8 codes {tuple(ref.shape)}")
+            continue
+        distance = (rank(ours, unsigned) - rank(ref, unsigned)).abs()
+        if distance.numel():
+            worst = int(distance.max())
+            errs.max_abs = max(errs.max_abs, float(worst))
+            if worst > QUANT8_CODE_DISTANCE:
+                i = int(distance.reshape(-1).argmax())
+                errs.fail(f"{what}: a code {worst} codes from the reference's, at index {i}")
+        off += int((distance != 0).sum())
+        compared += distance.numel()
+    if compared:
+        errs.max_rel = off / compared
+        errs.err_over_tol = max(errs.max_abs / QUANT8_CODE_DISTANCE, errs.max_rel / QUANT8_TIE_FRACTION)
+        if off > QUANT8_TIE_FRACTION * compared:
+            errs.fail(f"{off} of {compared} codes off the reference's, over {QUANT8_TIE_FRACTION:.1%}")
     return errs

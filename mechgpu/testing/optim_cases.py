@@ -4,7 +4,7 @@ Each ``OptimInfo`` record is one optimizer: its lr, the ``variants`` whose traje
 against ``torch.optim`` (``foreach=False``; fp32 over several steps and two param groups, bf16/fp16
 where each step must equal torch's fp32 step from the same point, rounded once), the ``featured``
 configuration every fused option is checked with (``max_grad_norm``, ``skip_nonfinite``,
-``master_weights``, ``state_dtype=torch.bfloat16``, ``track_update_norm``, ``telemetry``,
+``master_weights``, ``state_dtype=torch.bfloat16`` and ``"8bit"``, ``track_update_norm``, ``telemetry``,
 ``torch.amp.GradScaler``, state mutations), and the ``mutated`` configurations
 tests/test_optim_safety.py mutates between steps. ``mechgpu check`` and the tests read the flat
 ``OptimCase`` tuples derived from it, so a new optimizer is one record.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.optim_spec import SPECS
+from ..kernels.optim_spec import NONNEGATIVE_KEYS, SPECS
 from .compare import (
     FP32_PARAM_ATOL,
     FP32_PARAM_RTOL,
@@ -29,17 +29,20 @@ from .compare import (
     LOW_PRECISION,
     NORM_RTOL,
     NORM_TOL,
+    QUANT8_TOL,
     STATE_ATOL_SCALE,
     STATE_RTOL,
     STATE_TOL,
     STATE_TOL_EXACT,
     Errors,
     Row,
+    code_errors,
     eps,
     exact_change,
     measure,
     one_ulp_tolerance,
 )
+from .oracles import quant8_initial_state, quant8_reference_step
 from .registry import Case, Context
 
 
@@ -418,6 +421,55 @@ def _bf16_states(ctx: Context) -> Iterator[Row]:
                       f"rtol {rtol:.2g}, atol {STATE_ATOL_SCALE:g} max|s|")
 
 
+def _8bit_states(ctx: Context) -> Iterator[Row]:
+    """state_dtype="8bit", each step against the float64 reference of the scheme from the same
+    params and states (``oracles.quant8_reference_step``: torch's step in float64 between the code
+    books' dequantize and quantize): params to fp32 tolerance, codes within a code of the
+    reference's but at few ties, absmax to rtol 1e-5; a tensor under ``MIN_8BIT_NUMEL`` keeps fp32
+    states, which follow torch's float64 step to the fp32 state tolerance. Every featured
+    configuration whose options allow 8-bit states (centered RMSprop's do not)."""
+    from mechgpu.optim.quant8 import ABSMAX_SUFFIX, MIN_8BIT_NUMEL
+
+    gen = ctx.generator()
+    for case in FEATURED:
+        if not SPECS[case.optimizer].takes_8bit(case.options):
+            continue
+        ours_p = [ctx.randn(n, gen).requires_grad_() for n in ctx.sizes]
+        ours = _optimizers(case, ours_p, _leaves(ours_p), state_dtype="8bit")[0]
+        params, absmax, fp32_states, pairs = Errors(), Errors(), Errors(), []
+        for step in range(ctx.steps):
+            _set_grads(ctx, gen, [ours_p])
+            before = [(p.detach().clone(), p.grad.clone(), {k: v.clone() for k, v in ours.state[p].items()})
+                      for p in ours_p]
+            ours.step()
+            for i, (p, (old, grad, state)) in enumerate(zip(ours_p, before)):
+                if not p.numel():
+                    continue
+                quantized = p.numel() >= MIN_8BIT_NUMEL
+                if step == 0 and quantized:  # the first step starts from torch's fresh state, quantized
+                    state = quant8_initial_state(case.optimizer, case.options, old)
+                ref = quant8_reference_step(case.optimizer, case.options, old, grad, state, case.lr,
+                                            quantized=quantized)
+                params.add(measure(p, ref["param"], rtol=FP32_PARAM_RTOL, atol=FP32_PARAM_ATOL,
+                                   dtype=torch.float32, what=f"step {step} param {i}"))
+                for key in (k for k in ref if k != "param" and not k.endswith(ABSMAX_SUFFIX)):
+                    what = f"step {step} param {i} {key}"
+                    if not quantized:
+                        fp32_states.add(measure(ours.state[p][key], ref[key], rtol=STATE_RTOL,
+                                                atol=STATE_ATOL_SCALE * float(ref[key].abs().max()),
+                                                dtype=torch.float32, what=what))
+                        continue
+                    pairs.append((ours.state[p][key].clone(), ref[key], key in NONNEGATIVE_KEYS, what))
+                    absmax.add(measure(ours.state[p][key + ABSMAX_SUFFIX], ref[key + ABSMAX_SUFFIX], rtol=STATE_RTOL,
+                                       atol=0.0, dtype=torch.float32, what=what + ABSMAX_SUFFIX))
+        if not pairs:
+            params.fail(f"no param of at least {MIN_8BIT_NUMEL} elements among sizes {ctx.sizes}: nothing quantized")
+        yield ctx.row(f"{case.name} params", torch.float32, params, FP32_PARAM_TOL)
+        yield ctx.row(f"{case.name} 8-bit codes", "8bit", code_errors(pairs), QUANT8_TOL)
+        yield ctx.row(f"{case.name} absmax", torch.float32, absmax, f"rtol {STATE_RTOL:g}")
+        yield ctx.row(f"{case.name} fp32 states (< {MIN_8BIT_NUMEL})", torch.float32, fp32_states, STATE_TOL)
+
+
 def _update_norm(ctx: Context) -> Iterator[Row]:
     """last_update_norm against the float64 norm of p_after - p_before over every param."""
     gen = ctx.generator()
@@ -525,6 +577,7 @@ CASES = (
     Case("optim.skip_nonfinite", _skip_nonfinite),
     Case("optim.master_weights", _master_weights),
     Case("optim.state_dtype_bf16", _bf16_states),
+    Case("optim.state_dtype_8bit", _8bit_states),
     Case("optim.track_update_norm", _update_norm),
     Case("optim.telemetry", _telemetry),
     Case("optim.grad_scaler", _grad_scaler),

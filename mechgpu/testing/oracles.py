@@ -1,4 +1,5 @@
-"""Float64 references: activations' values and derivatives, and the distributions init must draw.
+"""Float64 references: activations' values and derivatives, the distributions init must draw, and
+the step of an optimizer with 8-bit states (the scheme of ``mechgpu.optim.quant8``).
 
 gelu's oracle is torch's formula written as x erfc(-x/sqrt2)/2 (and x sigmoid(2a) for 'tanh'):
 torch's own 1 + erf(x/sqrt2) cancels to 0 below x = -8 even in float64. The init targets come
@@ -117,3 +118,61 @@ def xavier_std(shape: tuple[int, ...], gain: float) -> float:
 def kaiming_std(shape: tuple[int, ...], a: float, mode: str, nonlinearity: str) -> float:
     fan = torch.nn.init._calculate_correct_fan(torch.empty(shape, device="meta"), mode)
     return torch.nn.init.calculate_gain(nonlinearity, a) / math.sqrt(fan)
+
+
+# ----------------------------------------------------------------------------------
+# 8-bit optimizer states: torch's step in float64 between the scheme's dequantize and quantize
+# ----------------------------------------------------------------------------------
+def quant8_reference_step(optimizer: str, options: dict, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                          lr: float, *, quantized: bool = True) -> dict:
+    """One step of ``torch.optim.<optimizer>`` in float64 (``foreach=False``) from ``state`` as an
+    8-bit optimizer holds it (a key with a ``key + "_absmax"`` twin is dequantized in float64 by
+    ``mechgpu.optim.quant8.dequantize``; other tensors are taken as they are): ``{"param": float64,
+    key: ..., ...}`` with each new state quantized (uint8 codes and fp32 absmax, float64 rounding by
+    ``quant8.quantize``) where ``quantized``, else in float64. The code books are tables of values
+    there, not the kernel's bit operations: an independent reference of the same scheme."""
+    from mechgpu.kernels.optim_spec import NONNEGATIVE_KEYS
+    from mechgpu.optim.quant8 import ABSMAX_SUFFIX, dequantize, quantize
+
+    p64 = p.detach().double().cpu().clone().requires_grad_()
+    p64.grad = grad.detach().double().cpu()
+    opt = getattr(torch.optim, optimizer)([p64], lr=lr, foreach=False, **options)
+    ref_state = {}
+    for key, value in state.items():
+        if key.endswith(ABSMAX_SUFFIX):
+            continue
+        if key + ABSMAX_SUFFIX in state:
+            ref_state[key] = dequantize(value.cpu(), state[key + ABSMAX_SUFFIX].cpu(), key in NONNEGATIVE_KEYS,
+                                        torch.float64)
+        else:
+            ref_state[key] = value.detach().cpu().clone() if key == "step" else value.detach().double().cpu()
+    if ref_state:
+        opt.state[p64] = ref_state
+    opt.step()
+    out = {"param": p64.detach()}
+    for key, value in opt.state[p64].items():
+        if key == "step":
+            continue
+        if quantized:
+            out[key], out[key + ABSMAX_SUFFIX] = quantize(value, key in NONNEGATIVE_KEYS)
+        else:
+            out[key] = value
+    return out
+
+
+def quant8_initial_state(optimizer: str, options: dict, p: torch.Tensor) -> dict:
+    """The state an 8-bit optimizer's first step starts from, as ``quant8_reference_step`` reads it:
+    torch's fresh state (zeros, or Adagrad's ``initial_accumulator_value``) quantized; SGD's is empty
+    (torch makes the momentum buffer from the first grad)."""
+    from mechgpu.kernels.optim_spec import SPECS
+    from mechgpu.optim.quant8 import ABSMAX_SUFFIX, quantize
+
+    if optimizer == "SGD":
+        return {}
+    state = {"step": torch.tensor(0.0)}
+    fill = options.get("initial_accumulator_value", 0.0)
+    for s in SPECS[optimizer].states:
+        if s.flag is None or SPECS[optimizer].kernel_flags(options).get(s.flag):
+            state[s.key], state[s.key + ABSMAX_SUFFIX] = quantize(
+                torch.full(p.shape, fill if s.fill else 0.0, dtype=torch.float64), s.nonnegative)
+    return state

@@ -243,6 +243,9 @@ def bandwidth_rows(merged: dict) -> list[dict]:
         name = _largest(rows, "list", ("1b", "gpt2-small"))
         by = {r["variant"]: r for r in rows if r["list"] == name}
         add(f"AdamW + clip ({name})", by.get("b"), by.get("d"))
+        for variant in ("f", "g"):  # the state precisions (rows of a run before they existed: none)
+            if variant in by:
+                add(f"AdamW + clip, {by[variant]['state_dtype']} states ({name})", by[variant], by.get("d"))
     if "mixed_precision" in b:
         rows = b["mixed_precision"]["rows"]
         torch_fp32 = next((r for r in rows if r["implementation"] != "mechgpu"), None)
@@ -372,6 +375,11 @@ def session_findings(record: dict) -> str:
         return f"{record.get('checks', '?')} checks, {record.get('failed', '?')} failed"
     if name == "sanitizer":
         return record.get("memcheck") or record.get("note", "")
+    if record.get("clip"):
+        clip = record["clip"]
+        return "; ".join(f"{r['state_dtype']} states {r['gbps']:,.0f} GB/s, {r['copy_fraction']:.0%} of copy, "
+                         f"{r['vs_torch']:.2f}x torch" for r in clip["rows"]) + (
+            f" (torch {clip['torch']['gbps']:,.0f} GB/s; copy {clip['copy_gbps']:,.0f} GB/s)")
     if record.get("dram"):
         dram = record["dram"]
         modes = "; ".join(f"{r['mode']} {r['gbps']:,.0f} GB/s, {r['copy_fraction']:.0%} of copy" for r in dram["rows"])
