@@ -155,12 +155,12 @@ def test_clip_in_step_matches_torch_clip_then_step(case, device):
 
 
 def test_clip_in_step_norm_over_confirmed_caches_follows_every_change():
-    """Once every group launches from its confirmed cache, the step's norm reads the grads the
-    caches confirmed (``_fused._NormOverCaches``, no per-tensor grouping). Between steps the grads
-    move, a group is added, a grad goes missing, a param goes unaligned and aligned again: each
-    step's norm and params equal torch's clip_grad_norm_ then step, and the path taken is the one
-    expected (the general norm where a cache was rebuilt or a bucket is unaligned). In a child
-    process, as the safety suite's cases: a wrong address would crash it, not the run."""
+    """Where every group runs from a cache confirmed or built this step, the step's norm reads the
+    grads the caches hold (``_fused._NormOverCaches``, no per-tensor grouping). Between steps the
+    grads move, a group is added, a grad goes missing, a param goes unaligned and aligned again:
+    each step's norm and params equal torch's clip_grad_norm_ then step, and the path taken is the
+    one expected (the general norm while a bucket is unaligned). In a child process, as the safety
+    suite's cases: a wrong address would crash it, not the run."""
     isolated(_norm_over_caches_through_changes)
 
 
@@ -177,10 +177,9 @@ def _norm_over_caches_through_changes() -> None:
     ref_opt = torch.optim.AdamW([{"params": ref[:2]}], lr=1e-2)
     storage = torch.empty(33 + 1, device=KERNEL_DEVICE)
     # per step: what changes before it, and whether its norm reads the caches (tensors in the norm table)
-    plan = [(None, None), ("grads move", 2), ("grads move", 2), ("group added", None), ("grads move", 3),
-            ("grad missing", None), ("grads move", None), ("grads move", 3), ("unaligned param", None),
-            ("grads move", None),
-            ("aligned again", None), ("grads move", 4)]
+    plan = [(None, 2), ("grads move", 2), ("grads move", 2), ("group added", 3), ("grads move", 3),
+            ("grad missing", 2), ("grads move", 3), ("grads move", 3), ("unaligned param", None),
+            ("grads move", None), ("aligned again", 4), ("grads move", 4)]
     for change, fast in plan:
         if change == "group added":
             opt.add_param_group({"params": ours[2:3], "lr": 5e-3})
@@ -240,10 +239,16 @@ def test_skip_nonfinite_leaves_everything_untouched(case, device):
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before_params))
 
 
+def _norm_plans(opt) -> list:
+    """An optimizer's clip-norm plans: the general path's and the one over its caches."""
+    over_caches = [] if opt._norm_over_caches is None else [opt._norm_over_caches.plan]
+    return list(opt._norm_plans.values()) + over_caches
+
+
 def _uploads(opt) -> int:
     """Host-to-device table uploads an optimizer's plans have made so far."""
     plans = [b.plan for cache in opt._group_caches.values() for b in cache.buckets]
-    return sum(plan.uploads for plan in plans + list(opt._norm_plans.values()))
+    return sum(plan.uploads for plan in plans + _norm_plans(opt))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -275,7 +280,7 @@ def test_optimizers_of_equal_sizes_keep_their_own_tables(device):
             torch.testing.assert_close(opt.last_grad_norm.cpu(), norm_ref.cpu(), rtol=1e-5, atol=0)
             for a, b in zip(ours, ref):
                 torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6)
-    tables = [plan.table.data_ptr() for _, _, opt, _ in pairs for plan in opt._norm_plans.values()]
+    tables = [plan.table.data_ptr() for _, _, opt, _ in pairs for plan in _norm_plans(opt)]
     assert len(set(tables)) == len(tables) == 2
 
 

@@ -355,11 +355,12 @@ class _GroupCache:
 
 
 class _NormOverCaches:
-    """The clip norm of a step whose groups were all confirmed from their caches: one norm table over
-    their grads, in order, at the addresses the confirmation read (``_GroupCache.grad_ptrs``), with
-    the element counts and dtypes it confirmed. Rebuilt when the caches change; its address column
-    uploaded again when a cache's grads moved (``grad_version``). None of ``mechgpu.clip``'s
-    per-tensor grouping runs: ~550 µs of host time a step at 148 tensors."""
+    """The clip norm of a step whose groups all run from caches confirmed or built this step: one norm
+    table over their grads, in order, at the addresses the caches hold (``_GroupCache.grad_ptrs``,
+    confirmed or validated this step), with the element counts and dtypes they confirmed. Rebuilt
+    when the caches change; its address column uploaded again when a cache's grads moved
+    (``grad_version``). None of ``mechgpu.clip``'s per-tensor grouping runs: ~550 µs of host time a
+    step at 148 tensors."""
 
     def __init__(self, caches: list[_GroupCache]) -> None:
         self.caches = caches
@@ -835,19 +836,12 @@ class FusedOptimizer:
         device = devices.pop() if work else None
         grad_scale = self._amp_tensor("grad_scale", device) if work else None
         clip = None
-        norm_over_caches = False  # every group confirmed from its cache: the norm reads what they confirmed
         if self.max_grad_norm is not None and work:  # one norm over every grad, torch's groups' too
-            from ..clip import total_norm_into
-
             if self._clip_out is None or self._clip_out.device != device:
                 self._clip_out = torch.zeros(2, dtype=torch.float32, device=device)
             clip = self._clip_out
-            norm_over_caches = not fallback_groups and all(c is not None and c.norm_ready for *_, c in work)
-        if clip is not None and not norm_over_caches:
-            grads = [p.grad for _, group, params, _ in work
-                     for p in (params if params is not None else group["params"]) if p.grad is not None]
-            grads += [p.grad for g in fallback_groups for p in g["params"] if p.grad is not None]
-            total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
+            if fallback_groups:  # torch's step of those groups reads the coefficient: the norm comes first
+                self._general_norm(clip, work, fallback_groups, grad_scale)
         if fallback_groups:
             for cpu in {not kernels_run_on(_local(g["params"][0]).device) for g in fallback_groups}:
                 _warn_fallback(self._torch_name, cpu)
@@ -859,12 +853,8 @@ class FusedOptimizer:
                 cache = caches[group_index] = self._build_cache(group_index, group, params)
                 work[index] = (group_index, group, params, cache)
             cache.upload_grads()
-        if norm_over_caches:
-            caches_now = [cache for *_, cache in work]
-            norm = self._norm_over_caches
-            if norm is None or not norm.serves(caches_now):
-                norm = self._norm_over_caches = _NormOverCaches(caches_now)
-            norm.launch(clip, float(self.max_grad_norm), grad_scale)
+        if clip is not None and not fallback_groups:
+            self._norm_of_caches(clip, work, grad_scale)
 
         control = StepControl(clip=clip, skip_nonfinite=self.skip_nonfinite and clip is not None,
                               grad_scale=grad_scale, found_inf=self._amp_tensor("found_inf", device))
@@ -877,6 +867,30 @@ class FusedOptimizer:
         if host is not None:
             self._record_fast(host, work)
         return loss
+
+    def _general_norm(self, clip: torch.Tensor, work: list, fallback_groups: list[dict],
+                      grad_scale: torch.Tensor | None) -> None:
+        """The clip norm over every group's grads, torch's groups' too, through ``mechgpu.clip``."""
+        from ..clip import total_norm_into
+
+        grads = [p.grad for _, group, params, _ in work
+                 for p in (params if params is not None else group["params"]) if p.grad is not None]
+        grads += [p.grad for g in fallback_groups for p in g["params"] if p.grad is not None]
+        total_norm_into(clip, grads, 2.0, float(self.max_grad_norm), grad_scale, plans=self._norm_plans)
+
+    def _norm_of_caches(self, clip: torch.Tensor, work: list, grad_scale: torch.Tensor | None) -> None:
+        """The clip norm of a step whose groups the kernels step, all confirmed or built this step: over
+        the grads their caches hold (``_NormOverCaches``, made on the step that builds the caches, so
+        a step captured after one warm-up step uploads nothing), or the general norm where a cache
+        cannot say (DTensors, an unaligned bucket)."""
+        caches_now = [cache for *_, cache in work]
+        if not all(cache.norm_ready for cache in caches_now):
+            self._general_norm(clip, work, [], grad_scale)
+            return
+        norm = self._norm_over_caches
+        if norm is None or not norm.serves(caches_now):
+            norm = self._norm_over_caches = _NormOverCaches(caches_now)
+        norm.launch(clip, float(self.max_grad_norm), grad_scale)
 
     def _record_fast(self, host, work: list) -> None:
         """The compiled path's record of each group the Python path confirmed this step."""
